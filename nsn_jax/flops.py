@@ -1,0 +1,109 @@
+"""Analytic forward FLOPs and active parameters, per layer and per model, and the budget solver.
+
+Units: FLOPs *per input row* (one example of an MLP, one token of a sequence model), counting a
+multiply-add as 2 FLOPs and a bias add as 1. Every linear map in the model is counted — the NSN
+layers at their rank and the dense layers (e.g. the classifier) in full — because a budget is a
+fraction of what really runs. Activations are not counted; XLA's own count of a compiled program adds
+one FLOP per activation element (5% of the MLP's total at rank 2, under 1% at full rank), and
+`tests/test_flops.py` checks that analytic + activations equals XLA's count for every rank.
+
+"Fraction of dense" compares with the same model whose NSN layers are plain dense layers
+(d_in × d_out); "fraction of max rank" compares with the NSN model at its largest rank. Below the
+break-even rank r* = d_in·d_out / (d_in + d_out) a factorised layer is cheaper than dense.
+"""
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from nsn_jax.layers import NSNDense, Rank, check_static_rank, nsn_layers, resolve_rank
+
+
+def break_even_rank(d_in: int, d_out: int) -> float:
+  """The rank at which 2·r·(d_in + d_out) equals the dense 2·d_in·d_out."""
+  return d_in * d_out / (d_in + d_out)
+
+
+def _layer_rank(layer: NSNDense, rank: Rank) -> int:
+  rank = resolve_rank(rank, layer.path)
+  return layer.max_rank if rank is None else check_static_rank(
+      rank, layer.max_rank, f"layer {layer.path!r}")
+
+
+def nsn_layer_flops(layer: NSNDense, rank: Rank = None) -> int:
+  """Forward FLOPs per row of one NSN layer at `rank` (int or profile; None = R)."""
+  r = _layer_rank(layer, rank)
+  return 2 * r * (layer.in_features + layer.out_features) + _bias_size(layer)
+
+
+def dense_flops(d_in: int, d_out: int, use_bias: bool = True) -> int:
+  """Forward FLOPs per row of a dense d_in → d_out layer."""
+  return 2 * d_in * d_out + (d_out if use_bias else 0)
+
+
+def _bias_size(layer) -> int:
+  return 0 if layer.bias is None else layer.out_features
+
+
+def _unfactorised_flops(model: nnx.Module) -> int:
+  """FLOPs per row of the plain dense layers (nnx.Linear), which run in full at every rank."""
+  return sum(dense_flops(node.in_features, node.out_features, node.bias is not None)
+             for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear))
+
+
+def model_flops(model: nnx.Module, rank: Rank = None) -> int:
+  """Forward FLOPs per row of the whole model at a global rank or per-layer profile."""
+  nsn = sum(nsn_layer_flops(layer, rank) for layer in nsn_layers(model).values())
+  return nsn + _unfactorised_flops(model)
+
+
+def dense_model_flops(model: nnx.Module) -> int:
+  """FLOPs per row of the same model with every NSN layer a plain dense layer."""
+  nsn = sum(dense_flops(layer.in_features, layer.out_features, layer.bias is not None)
+            for layer in nsn_layers(model).values())
+  return nsn + _unfactorised_flops(model)
+
+
+def total_params(model: nnx.Module) -> int:
+  """Every parameter the model stores (all ranks' factors included)."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def active_params(model: nnx.Module, rank: Rank = None) -> int:
+  """Parameters a forward pass at `rank` reads: the factors' prefixes plus everything else."""
+  unused = sum((layer.max_rank - _layer_rank(layer, rank)) *
+               (layer.in_features + layer.out_features)
+               for layer in nsn_layers(model).values())
+  return total_params(model) - unused
+
+
+def max_rank(model: nnx.Module) -> int:
+  """The largest rank a global rank may take: the smallest R among the model's NSN layers."""
+  layers = nsn_layers(model)
+  if not layers:
+    raise ValueError("the model has no NSN layers.")
+  return min(layer.max_rank for layer in layers.values())
+
+
+def rank_for_budget(model: nnx.Module, budget: float, relative_to: str = "max_rank") -> int:
+  """The largest global rank whose model FLOPs are ≤ budget × the reference.
+
+  relative_to: "max_rank" (the NSN model at R) or "dense" (the model with dense layers).
+  Model FLOPs grow strictly with rank, so the feasible ranks are a prefix 1..r; r is found by
+  bisection. Raises ValueError if even rank 1 exceeds the budget, naming the smallest budget.
+  """
+  if relative_to not in ("max_rank", "dense"):
+    raise ValueError(f"relative_to must be 'max_rank' or 'dense', got {relative_to!r}.")
+  if not budget > 0:
+    raise ValueError(f"budget must be a positive fraction, got {budget!r}.")
+  reference = model_flops(model) if relative_to == "max_rank" else dense_model_flops(model)
+  limit = budget * reference
+  lo, hi = 1, max_rank(model)
+  if model_flops(model, lo) > limit:
+    raise ValueError(
+        f"budget {budget:g} of {relative_to} FLOPs is below the cost of rank 1 "
+        f"({model_flops(model, 1) / reference:.4f} of {relative_to}).")
+  while lo < hi:  # invariant: rank lo fits
+    mid = (lo + hi + 1) // 2
+    lo, hi = (mid, hi) if model_flops(model, mid) <= limit else (lo, mid - 1)
+  return lo

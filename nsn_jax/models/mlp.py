@@ -1,0 +1,34 @@
+"""The paper's from-scratch model: image → flatten → NSN hidden layers → dense classifier."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nsn_jax.layers import NSNDense, Rank, name_nsn_layers
+
+
+class NSNMLP(nnx.Module):
+  """An MLP whose hidden layers are NSN layers sharing one rank argument.
+
+  The classifier stays dense (it is d_hidden × num_classes, too small to be worth factorising).
+  """
+
+  def __init__(self, input_dim: int, hidden: Sequence[int], num_classes: int, max_rank: int, *,
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    widths = [input_dim, *hidden]
+    self.hidden = nnx.List([
+        NSNDense(d_in, d_out, max_rank, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for d_in, d_out in zip(widths[:-1], widths[1:])])
+    self.head = nnx.Linear(widths[-1], num_classes, dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
+    name_nsn_layers(self)
+
+  def __call__(self, x: jax.Array, rank: Rank = None) -> jax.Array:
+    """x: (B, ...) images → logits (B, num_classes) at `rank` (int, jax int array or profile)."""
+    x = x.reshape(x.shape[0], -1)
+    for layer in self.hidden:
+      x = jax.nn.relu(layer(x, rank))
+    return self.head(x)
