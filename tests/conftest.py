@@ -9,3 +9,20 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_cpu_collective_call_terminate_timeout_seconds=30")
 os.environ.setdefault("PJRT_NPROC", "16")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402  (after the environment set-up above)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """A TFDS data_dir shared by the session; mnist5k is prepared into it on first use."""
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture
+def smoke_config(data_dir):
+  """configs/default.py:smoke reading data from the session's data_dir."""
+  from configs import default
+  config = default.get_config("smoke")
+  config.data.data_dir = data_dir
+  return config

