@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt requirements/off
 	touch $(STAMP)
 
 demo: setup
-	$(PY) train.py --config=configs/default.py --workdir=$(DEMO_DIR)
+	$(PY) train.py --config=configs/default.py --workdir=$(DEMO_DIR) --config.data.data_dir=runs/tfds
 	$(PY) eval.py --workdir=$(DEMO_DIR) --ranks=all --budgets=0.25,0.5,0.75
 
 test: setup

@@ -7,7 +7,7 @@ Writes DIR/eval/sweep.json, sweep.csv and frontier.png, and prints the table.
 """
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from nsn_jax.checkpoint import CheckpointError
 from nsn_jax.sweep import run_sweep
@@ -25,6 +25,7 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
   try:
     budgets = [float(b) for b in _BUDGETS.value]
     run_sweep(_WORKDIR.value, _RANKS.value, budgets, _REFERENCE.value, _BATCH.value)

@@ -36,7 +36,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.ranks = ml_collections.ConfigDict()
   c.ranks.kind = "fixed"             # fixed | anchor_variants
-  c.ranks.fixed = (64, 32, 16, 8, 4, 2, 1)
+  # Every rank up to 8, then powers of two. Ranks below 8 do not interpolate from trained
+  # neighbours (held-out ranks 3 and 5 fell ~4 points below trained 2 and 4 with the set
+  # 64, 32, ..., 2, 1); from 9 up, held-out ranks land between their trained neighbours.
+  c.ranks.fixed = (64, 32, 16, 8, 7, 6, 5, 4, 3, 2, 1)
   c.ranks.min_rank = 1               # anchor_variants: smallest rank drawn after warm-up
   c.ranks.num_variants = 1
   c.ranks.curriculum = "linear"      # linear | step | none
@@ -52,9 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.max_to_keep = 3
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = 1e-3
+  c.optimizer.learning_rate = 3e-3
   c.optimizer.warmup_steps = 100
-  c.optimizer.weight_decay = 0.0
+  c.optimizer.weight_decay = 0.1   # 4,000 training digits: an unregularised MLP overfits
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 1000

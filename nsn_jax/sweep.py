@@ -105,7 +105,8 @@ def run_sweep(workdir: str, ranks_spec: str = "all", budgets: list[float] = (),
     if verbose:
       print(f"  [{i + 1}/{len(ranks)}] rank {rank:4d}  accuracy {metrics['accuracy']:.4f}",
             flush=True)
-  write_outputs(rows, os.path.join(workdir, "eval"), f"{workdir} (step {step})")
+  write_outputs(rows, os.path.join(workdir, "eval"), f"{workdir} (step {step})",
+                budget_reference)
   if verbose:
     print(format_table(rows))
   return rows
@@ -126,7 +127,8 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def write_outputs(rows: list[dict], directory: str, title: str) -> None:
+def write_outputs(rows: list[dict], directory: str, title: str,
+                  budget_reference: str = "max_rank") -> None:
   """sweep.json, sweep.csv and frontier.png in `directory` (process 0 only)."""
   if jax.process_index() != 0:
     return
@@ -137,10 +139,10 @@ def write_outputs(rows: list[dict], directory: str, title: str) -> None:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-  plot_frontier(rows, os.path.join(directory, "frontier.png"), title)
+  plot_frontier(rows, os.path.join(directory, "frontier.png"), title, budget_reference)
 
 
-def plot_frontier(rows: list[dict], path: str, title: str) -> None:
+def plot_frontier(rows: list[dict], path: str, title: str, budget_reference: str) -> None:
   """Accuracy against FLOPs (fraction of the dense model); trained ranks filled, held-out hollow."""
   import matplotlib
   matplotlib.use("Agg")
@@ -157,9 +159,15 @@ def plot_frontier(rows: list[dict], path: str, title: str) -> None:
       ax.scatter([r["flops_frac_dense"] for r in points], [r["accuracy"] for r in points],
                  zorder=2, **style)
   for r in rows:
-    if r["budget"] is not None or r is rows[-1] or r is rows[0]:
-      ax.annotate(f"r={r['rank']}", (r["flops_frac_dense"], r["accuracy"]),
-                  textcoords="offset points", xytext=(4, -10), fontsize=8)
+    if r["budget"] is not None:
+      ax.axvline(r["flops_frac_dense"], color="0.5", linestyle=":", linewidth=1)
+      ax.annotate(f"budget {r['budget']:g} of {budget_reference} → r={r['rank']}",
+                  (r["flops_frac_dense"], 0.25),
+                  xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
+                  xytext=(-9, 0), textcoords="offset points")
+  for r in (rows[0], rows[-1]):
+    ax.annotate(f"r={r['rank']}", (r["flops_frac_dense"], r["accuracy"]),
+                textcoords="offset points", xytext=(4, -10), fontsize=8)
   ax.set_xlabel("forward FLOPs, fraction of the dense model")
   ax.set_ylabel("accuracy")
   ax.set_title(f"compute–accuracy frontier: {title}", fontsize=9)

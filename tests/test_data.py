@@ -1,12 +1,13 @@
 """Data layer: the offline mnist5k builder, the grain pipeline, and a prepared online dataset."""
 import ml_collections
 import numpy as np
-import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
 from nsn_jax.data import pipeline
 from nsn_jax.data.mnist5k import Mnist5k, mnist5k
+
+from fakes import FakeCifar10, fake_cifar
 
 
 def _config(data_dir, name="mnist5k", image_shape=(28, 28, 1), num_classes=10):
@@ -136,30 +137,6 @@ def test_missing_dataset_split_or_shape(tmp_path, mnist_dir):
     pipeline.data_source(_config(mnist_dir), "validation")
   with pytest.raises(ValueError, match=r"image_shape=\(32, 32, 3\)"):
     pipeline.data_source(_config(mnist_dir, image_shape=(32, 32, 3)), "test")
-
-
-class FakeCifar10(tfds.image_classification.Cifar10, skip_registration=True):
-  """TFDS's real cifar10 features and name with a few random images: what a user who prepared
-  cifar10 on a machine with network has on disk (Image features stored as PNG)."""
-
-  name = "cifar10"
-  SIZES = {"train": 40, "test": 20}
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {split: self._generate_examples(split) for split in self.SIZES}
-
-  def _generate_examples(self, split):
-    for i, (image, label) in enumerate(zip(*fake_cifar(split))):
-      # A PIL image is PNG-encoded by PIL; a numpy one would need TensorFlow.
-      yield i, {"id": f"{split}_{i:05d}", "image": PIL.Image.fromarray(image), "label": label}
-
-
-def fake_cifar(split):
-  """The split's uint8 (N, 32, 32, 3) images and int labels, 10 classes."""
-  n = FakeCifar10.SIZES[split]
-  rng = np.random.default_rng(len(split))
-  return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), [i % 10 for i in range(n)]
 
 
 def test_prepared_online_dataset(tmp_path):

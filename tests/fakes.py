@@ -1,0 +1,28 @@
+"""Stand-ins for datasets that need a network: built locally, read through the real code path."""
+import numpy as np
+import PIL.Image
+import tensorflow_datasets as tfds
+
+
+class FakeCifar10(tfds.image_classification.Cifar10, skip_registration=True):
+  """TFDS's real cifar10 features and name with a few random images: what a user who prepared
+  cifar10 on a machine with network has on disk (Image features stored as PNG)."""
+
+  name = "cifar10"
+  SIZES = {"train": 40, "test": 20}
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in self.SIZES}
+
+  def _generate_examples(self, split):
+    for i, (image, label) in enumerate(zip(*fake_cifar(split))):
+      # A PIL image is PNG-encoded by PIL; a numpy one would need TensorFlow.
+      yield i, {"id": f"{split}_{i:05d}", "image": PIL.Image.fromarray(image), "label": label}
+
+
+def fake_cifar(split):
+  """The split's uint8 (N, 32, 32, 3) images and int labels, 10 classes."""
+  n = FakeCifar10.SIZES[split]
+  rng = np.random.default_rng(len(split))
+  return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), [i % 10 for i in range(n)]
