@@ -1,0 +1,86 @@
+"""What every study does: train a config variant once, sweep its ranks, summarise, plot."""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from nsn_jax.metrics import say
+from nsn_jax.sweep import run_sweep
+from nsn_jax.train_lib import train_and_evaluate
+
+WORKDIR = flags.DEFINE_string("workdir", "runs/studies", "Root directory shared by studies.")
+SMOKE = flags.DEFINE_bool("smoke", False, "Seconds-long miniature (configs/default.py:smoke).")
+DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: TFDS's).")
+SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (ablation).")
+STEPS = flags.DEFINE_integer("steps", None, "Override train.steps (tests use a handful).")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """configs/default.py (or its smoke variant) with the study's data_dir."""
+  from configs import default
+  config = default.get_config("smoke" if SMOKE.value else None)
+  config.data.data_dir = DATA_DIR.value
+  if STEPS.value:
+    config.train.steps = STEPS.value
+    config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, STEPS.value - 1)
+    config.train.checkpoint_every = config.eval.every = STEPS.value
+  return config
+
+
+def main(run) -> None:
+  """Runs a study's `run()` under absl with orbax's per-file INFO logs silenced."""
+  def _main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    run()
+  app.run(_main)
+
+
+def train_and_sweep(config: ml_collections.ConfigDict, name: str) -> list[dict]:
+  """Sweep rows (every rank) of `config` trained in WORKDIR/name; reuses a finished run."""
+  workdir = os.path.join(WORKDIR.value, name)
+  sweep = os.path.join(workdir, "eval", "sweep.json")
+  done = os.path.join(workdir, "done.json")
+  if os.path.exists(done) and os.path.exists(sweep):
+    with open(done) as f:
+      if json.load(f) == json.loads(config.to_json_best_effort()):
+        say(f"[{name}] reusing the finished run in {workdir}")
+        with open(sweep) as f:
+          return json.load(f)
+  say(f"[{name}] training in {workdir}")
+  train_and_evaluate(config, workdir)
+  rows = run_sweep(workdir, "all", verbose=False)
+  with open(done, "w") as f:
+    f.write(config.to_json_best_effort())
+  return rows
+
+
+def accuracy_at(rows: list[dict], ranks) -> float:
+  """Mean accuracy over `ranks` (each must be in the sweep)."""
+  by_rank = {r["rank"]: r["accuracy"] for r in rows}
+  return float(np.mean([by_rank[r] for r in ranks]))
+
+
+def mean_std(values) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for a single value)."""
+  values = np.asarray(values, np.float64)
+  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def write_json(obj, path: str) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=1)
+
+
+def pyplot():
+  """matplotlib.pyplot on the headless Agg backend."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt

@@ -1,0 +1,44 @@
+"""Each reproduction study runs end to end as its CLI, at a tiny size, so the scripts cannot rot."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _study(name, workdir, data_dir, *flags):
+  proc = subprocess.run(
+      [sys.executable, "-m", f"nsn_jax.studies.{name}", f"--workdir={workdir}", "--smoke",
+       "--steps=3", f"--data_dir={data_dir}", *flags],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, f"{name}.json")) as f:
+    return json.load(f), proc.stdout, proc.stderr
+
+
+def test_studies_run_and_share_their_runs(tmp_path, data_dir):
+  truncation, table, _ = _study("truncation", tmp_path, data_dir, "--native_ranks=2,8")
+  assert truncation["ranks"] == list(range(1, 9))
+  assert len(truncation["nsn"]) == len(truncation["truncation"]) == 8
+  assert set(truncation["native"]) == {"2", "8"}
+  assert truncation["native"]["8"] == truncation["truncation"][-1]  # the same model at R
+  assert "truncation" in table and os.path.getsize(tmp_path / "truncation.png") > 10_000
+
+  ablation, table, _ = _study("ablation", tmp_path, data_dir, "--seeds=0", "--held_out=3,6")
+  assert ablation["held_out_ranks"] == [3, 6] and ablation["id_ranks"] == [1, 2, 4, 5, 7]
+  assert len(ablation["variants"]) == 6
+  for scores in ablation["variants"].values():
+    for part in ("anchor", "id", "ood"):
+      assert len(scores[part]["per_seed"]) == 1 and 0 <= scores[part]["mean_std"][0] <= 1
+  assert table.count("\n| ") == 6  # one markdown row per variant
+
+  internals, table, log = _study("internals", tmp_path, data_dir)
+  # Its two models are the truncation study's runs, not retrained.
+  assert "[nsn] reusing" in log and "[truncation] reusing" in log and "training in" not in log
+  assert set(internals["energy"]) == {"nsn", "truncation"}
+  assert len(internals["energy"]["nsn"]["hidden/0"]) == 8
+  for per_layer in internals["containment"].values():
+    assert all(0 <= v <= 1 + 1e-6 for v in per_layer["hidden/0"].values())
+  assert set(internals["log_variance_final"]) == {"2", "4", "8"}
+  assert os.path.getsize(tmp_path / "energy.png") > 10_000
