@@ -2,16 +2,24 @@
 
   python train.py --config=configs/default.py --workdir=runs/demo [--config.train.steps=500]
 
-Re-running with the same --workdir resumes from its newest checkpoint.
+Re-running with the same --workdir resumes from its newest checkpoint. On several hosts, run the
+same command on every host with --multihost (Cloud TPU VMs discover each other) or with
+--coordinator_address/--num_processes/--process_id; see docs/tpu.md.
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from nsn_jax import distributed
 from nsn_jax.train_lib import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Join a cluster that JAX discovers itself "
+                               "(Cloud TPU VM pod slices, SLURM).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the cluster.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -19,6 +27,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
+  distributed.initialize(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -47,6 +47,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ranks.num_stages = 4
   c.ranks.held_out = ()              # never drawn; reported as held-out by the sweep
 
+  c.mesh = ml_collections.ConfigDict()   # device axes; -1 = all remaining devices
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.rules = ()              # ((path regex, (axis|None, ...)), ...); () = the defaults
+
   c.train = ml_collections.ConfigDict()
   c.train.steps = 3000
   c.train.batch_size = 128

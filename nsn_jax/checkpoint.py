@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from nsn_jax.sharding import path_string
+
 ITEMS = ("params", "train", "metadata")
 
 
@@ -34,8 +36,7 @@ def abstract_tree(tree: Any) -> Any:
 def param_shapes(params: Any) -> dict[str, list[int]]:
   """{"hidden/0/a": [784, 64], ...} for a params tree: what metadata records for shape checks."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): list(x.shape)
-          for path, x in flat}
+  return {path_string(path): list(x.shape) for path, x in flat}
 
 
 class Checkpoints:

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from nsn_jax import flops
+from nsn_jax import flops, sharding
 from nsn_jax.checkpoint import CheckpointError, Checkpoints, abstract_tree
 from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
@@ -43,10 +43,12 @@ def parse_ranks(spec: str, max_rank: int) -> list[int]:
   return ranks
 
 
-def load_params(workdir: str):
+def load_params(workdir: str, mesh: jax.sharding.Mesh | None = None):
   """(model with restored parameters, checkpoint metadata, step) from workdir's checkpoint.
 
-  Only the `params` item is read: no optimizer state is restored.
+  Only the `params` item is read: no optimizer state is restored. With `mesh`, parameters are
+  restored directly into the layout the checkpoint's sharding rules give on that mesh, whatever
+  mesh wrote them; without, onto the default device.
   """
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
@@ -58,8 +60,13 @@ def load_params(workdir: str):
     config = ml_collections.ConfigDict(metadata["config"])
     model = nnx.eval_shape(lambda: build_model(config, seed=config.seed))
     state = nnx.state(model)
-    step, params, _, metadata = checkpoints.restore(
-        abstract_tree(nnx.to_pure_dict(state)))
+    target = abstract_tree(nnx.to_pure_dict(state))
+    if mesh is not None:
+      layout = sharding.tree_shardings(target, mesh, sharding.rules_from_config(
+          config.get("sharding")))
+      target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            target, layout)
+    step, params, _, metadata = checkpoints.restore(target)
   finally:
     checkpoints.close()
   nnx.replace_by_pure_dict(state, params)

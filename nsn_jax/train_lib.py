@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import nsn_jax
-from nsn_jax import flops
+from nsn_jax import flops, sharding
 from nsn_jax.checkpoint import Checkpoints, abstract_tree, param_shapes
 from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
@@ -50,6 +50,26 @@ def build_target(config: ml_collections.ConfigDict) -> TrainTarget:
   return TrainTarget(model, RankWeights(flops.max_rank(model)))
 
 
+def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """(graphdef, state, state shardings) of (TrainTarget, optimizer), laid out on `mesh`.
+
+  The state is traced as shapes first, its shardings derived from `config.sharding` rules, and
+  then materialised by one jitted init straight into that layout: no device ever holds the
+  whole model unless the rules replicate it.
+  """
+  tx = make_optimizer(config)
+
+  def init():
+    target = build_target(config)
+    return target, nnx.Optimizer(target, tx, wrt=nnx.Param)
+
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(init))
+  rules = sharding.rules_from_config(config.get("sharding"))
+  state_sharding = sharding.tree_shardings(abstract_state, mesh, rules)
+  state = jax.jit(lambda: nnx.split(init())[1], out_shardings=state_sharding)()
+  return graphdef, state, state_sharding
+
+
 def checkpoint_metadata(config, model: nnx.Module, source: RankSource, step: int) -> dict:
   """What a checkpoint says about itself; eval.py rebuilds the model from it."""
   return {
@@ -67,10 +87,11 @@ def checkpoint_metadata(config, model: nnx.Module, source: RankSource, step: int
 
 
 def _check_batch(config, mesh) -> None:
-  data = mesh.shape["data"]
-  if config.train.batch_size % data or config.train.batch_size % jax.process_count():
-    raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by the data "
-                     f"axis ({data} devices) and the process count ({jax.process_count()}).")
+  split = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.train.batch_size % split or config.train.batch_size % jax.process_count():
+    raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by the "
+                     f"data × fsdp axes ({split} devices) and the process count "
+                     f"({jax.process_count()}).")
 
 
 class _StopFlag:
@@ -96,12 +117,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   total_steps = config.train.steps
 
-  # ----- Mesh: a data-parallel axis over every device of every process. -----
-  mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  # ----- Mesh and sharding rules, from the config; checked before anything compiles. -----
+  mesh = sharding.make_mesh(config.mesh)
   _check_batch(config, mesh)
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
+  batch_sharding = sharding.batch_sharding(mesh)
 
   # ----- Input: this process's shard; batch `step` is the same on every (re)run. -----
   train_batches = pipeline.train_batches(
@@ -109,18 +129,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       jax.process_count())
   eval_images, eval_labels = pipeline.load_split(config.data, config.data.eval_split)
 
-  # ----- Model, log-variances, optimizer: built as shapes, then materialised replicated. -----
+  # ----- Model, log-variances, optimizer: shapes first, then created directly sharded. -----
   objective = Objective.named(config.objective.name, config.objective.logits_weight,
                               config.objective.ortho_weight)
-  tx = make_optimizer(config)
-
-  def init():
-    target = build_target(config)
-    return target, nnx.Optimizer(target, tx, wrt=nnx.Param)
-
-  target, optimizer = nnx.eval_shape(init)
-  graphdef, _ = nnx.split((target, optimizer))
-  state = jax.jit(lambda: nnx.split(init())[1], out_shardings=replicated)()
+  graphdef, state, state_sharding = create_train_state(config, mesh)
+  target = nnx.merge(graphdef, state)[0]
   source = rank_source_from_config(config.ranks, target.rank_weights.log_var.shape[0],
                                    total_steps, config.seed)
 
@@ -147,8 +160,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return nnx.state((target, optimizer)), {"total_loss": loss, **aux}
 
   train_step = jax.jit(train_step, donate_argnums=0,
-                       in_shardings=(replicated, batch_sharding, replicated),
-                       out_shardings=(replicated, replicated))
+                       in_shardings=(state_sharding, batch_sharding, replicated),
+                       out_shardings=(state_sharding, replicated))
   evaluator = RankEvaluator(nnx.graphdef(target.model), config.eval.batch_size)
 
   def evaluate(step: int) -> dict[str, float]:

@@ -108,7 +108,7 @@ def test_processes_read_disjoint_halves(mnist_dir):
   config = _config(mnist_dir)
   hosts = [pipeline.train_batches(config, batch_size=64, seed=1, process_index=p,
                                   process_count=2) for p in range(2)]
-  # 62 steps of 32 examples stay inside each host's first epoch (2,000 examples).
+  # 62 global batches of 64 stay inside the first epoch (4,000 examples).
   seen = []
   for ds in hosts:
     images = np.concatenate([ds[step]["image"] for step in range(62)])
@@ -116,6 +116,11 @@ def test_processes_read_disjoint_halves(mnist_dir):
     seen.append(set(_keys(images)))
     assert len(seen[-1]) == len(images)
   assert not seen[0] & seen[1]
+  # Together the hosts read exactly the one-process global batch: data order is topology-free.
+  single = pipeline.train_batches(config, batch_size=64, seed=1)
+  for step in (0, 61, 200):
+    np.testing.assert_array_equal(
+        np.concatenate([ds[step]["image"] for ds in hosts]), single[step]["image"])
   with pytest.raises(ValueError, match="not divisible"):
     pipeline.train_batches(config, batch_size=63, seed=1, process_count=2)
 

@@ -98,28 +98,31 @@ def train_batches(data_config: ml_collections.ConfigDict, batch_size: int, seed:
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """Infinite, shuffled training batches; `ds[step]` is this host's batch of global step `step`.
 
-  `batch_size` is global: each of the `process_count` hosts reads a disjoint shard of the split
-  and gets b = batch_size // process_count examples per step, {"image": float32 (b, H, W, C),
-  "label": int32 (b,)}. The order depends only on `seed` and is reshuffled every epoch.
+  `batch_size` is global. Grain shuffles and batches *global* record indices (reshuffled every
+  epoch, keyed by `seed` only); each of the `process_count` hosts then reads just its slice of
+  each global batch, b = batch_size // process_count examples: {"image": float32
+  (b, H, W, C), "label": int32 (b,)}. So the global batch of a step is the same whatever the
+  number of hosts, and a run resumed on another topology replays the same data.
 
-  Grain shuffles and batches record *indices*; each batch is then one vectorised gather. With
-  `data_config.cache` (default) the host's shard is read into memory once as uint8; otherwise
-  each batch is one batched read from the source. Reading record by record costs more than a
-  small model's training step.
+  With `data_config.cache` (default) the split is read into memory once as uint8 and each batch
+  is a vectorised gather; otherwise each batch is one batched read of only this host's records
+  (for datasets too large to hold). Reading record by record would cost more than a small
+  model's training step.
   """
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}.")
   source = data_source(data_config, data_config.get("train_split", "train"))
-  shard = list(range(len(source)))[process_index::process_count]
+  local = batch_size // process_count
+  mine = slice(process_index * local, (process_index + 1) * local)
   if data_config.get("cache", True):
-    images, labels = _read(source, shard)
-    gather = lambda positions: preprocess(images[positions], labels[positions])
+    images, labels = _read(source, list(range(len(source))))
+    gather = lambda indices: preprocess(images[indices[mine]], labels[indices[mine]])
   else:
-    gather = lambda positions: preprocess(*_read(source, [shard[p] for p in positions]))
-  return (grain.MapDataset.range(len(shard))
+    gather = lambda indices: preprocess(*_read(source, indices[mine].tolist()))
+  return (grain.MapDataset.range(len(source))
           .shuffle(seed)
           .repeat()  # Infinite: grain folds the epoch into the shuffle seed.
-          .batch(batch_size // process_count, drop_remainder=True)
+          .batch(batch_size, drop_remainder=True)
           .map(gather))
 
 
