@@ -15,6 +15,8 @@ from nsn_jax.train_lib import train_and_evaluate
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_METRICS_DIR = flags.DEFINE_string("metrics_dir", None, "Local directory for metrics.jsonl and "
+                                   "TensorBoard events (default: the workdir).")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Join a cluster that JAX discovers itself "
                                "(Cloud TPU VM pod slices, SLURM).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
@@ -29,7 +31,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
   distributed.initialize(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value)
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value, _METRICS_DIR.value)
 
 
 if __name__ == "__main__":

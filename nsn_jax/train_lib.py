@@ -110,12 +110,19 @@ class _StopFlag:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       metrics_dir: str | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its checkpoint) and returns final eval metrics.
 
-  Writes workdir/checkpoints (orbax), workdir/metrics.jsonl and workdir/tensorboard.
+  Writes workdir/checkpoints (orbax; local or gs://) and metrics_dir/metrics.jsonl and
+  metrics_dir/tensorboard (metrics_dir defaults to the workdir; it must be local, since the
+  JSONL file is appended to).
   """
   total_steps = config.train.steps
+  metrics_dir = metrics_dir or workdir
+  if "://" in metrics_dir:
+    raise ValueError(f"metrics are appended to local files, so they cannot go to {metrics_dir}; "
+                     "pass a local --metrics_dir (checkpoints still go to the workdir).")
 
   # ----- Mesh and sharding rules, from the config; checked before anything compiles. -----
   mesh = sharding.make_mesh(config.mesh)
@@ -179,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      checkpoint_metadata(config, target.model, source, step))
 
   # ----- Loop: dispatch step t, then fetch step t−1's metrics so the host never stalls. -----
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(metrics_dir)
   progress = Progress(total_steps, start_step)
   stop = _StopFlag()
   batches = pipeline.iterate(train_batches, start_step)

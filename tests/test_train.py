@@ -120,3 +120,8 @@ def test_cifar10_config_trains_on_a_prepared_dataset(tmp_path):
   assert 0.0 <= final["eval/rank_8/accuracy"] <= 1.0
   metadata = Checkpoints(str(tmp_path / "work" / "checkpoints")).metadata()
   assert metadata["nsn_layers"]["hidden/0"]["in_features"] == 32 * 32 * 3
+
+
+def test_remote_workdir_needs_a_local_metrics_dir(smoke_config):
+  with pytest.raises(ValueError, match="local --metrics_dir"):
+    train_and_evaluate(smoke_config, "gs://bucket/run")
