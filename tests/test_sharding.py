@@ -25,7 +25,8 @@ from nsn_jax.train_lib import create_train_state, train_and_evaluate
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_RTOL = 1e-4
 MESHES = {"one_device": dict(data=1, fsdp=1, tensor=1), "data8": dict(data=8),
-          "fsdp8": dict(data=1, fsdp=8), "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2)}
+          "fsdp8": dict(data=1, fsdp=8), "tensor8": dict(data=1, tensor=8),
+          "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2)}
 
 
 def _mesh(**axes):

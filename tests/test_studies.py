@@ -9,8 +9,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _study(name, workdir, data_dir, *flags):
   proc = subprocess.run(
-      [sys.executable, "-m", f"nsn_jax.studies.{name}", f"--workdir={workdir}", "--smoke",
-       "--steps=3", f"--data_dir={data_dir}", *flags],
+      [sys.executable, "-m", f"nsn_jax.studies.{name}", f"--workdir={workdir}",
+       "--config=configs/default.py:smoke", "--config.train.steps=3",
+       f"--config.data.data_dir={data_dir}", *flags],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, f"{name}.json")) as f:
@@ -41,4 +42,5 @@ def test_studies_run_and_share_their_runs(tmp_path, data_dir):
   for per_layer in internals["containment"].values():
     assert all(0 <= v <= 1 + 1e-6 for v in per_layer["hidden/0"].values())
   assert set(internals["log_variance_final"]) == {"2", "4", "8"}
-  assert os.path.getsize(tmp_path / "energy.png") > 10_000
+  for plot in ("energy.png", "log_variance.png", "subspaces.png"):
+    assert os.path.getsize(tmp_path / plot) > 10_000

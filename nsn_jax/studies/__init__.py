@@ -4,5 +4,6 @@
   python -m nsn_jax.studies.ablation   --workdir=runs/studies
   python -m nsn_jax.studies.internals  --workdir=runs/studies
 
-Runs share `--workdir`: a variant already trained there is reused, so studies resume.
+Each takes `--config=FILE[:arg]` (default configs/default.py) and `--config.a.b=v` overrides,
+like train.py. Runs share `--workdir`: a variant already trained there is reused.
 """

@@ -1,6 +1,6 @@
 """The objective ablation (the paper's table): anchor, ID and OOD accuracy, mean ± std over seeds.
 
-  python -m nsn_jax.studies.ablation --workdir=runs/studies [--seeds=0,1,2] [--smoke]
+  python -m nsn_jax.studies.ablation --workdir=runs/studies [--seeds=0,1,2]
 
 Every variant is scored on the same rank split: held-out ("OOD") ranks = --held_out (never
 trained by any variant), in-distribution ("ID") ranks = every other rank below R. The anchor is R.

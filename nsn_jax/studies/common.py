@@ -7,28 +7,23 @@ import os
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from nsn_jax.metrics import say
 from nsn_jax.sweep import run_sweep
 from nsn_jax.train_lib import train_and_evaluate
 
+CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/default.py", "Base config of every run (configs/cifar10_mlp.py for "
+    "CIFAR-10; configs/default.py:smoke for a seconds-long miniature); --config.a.b=v overrides.",
+    lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", "runs/studies", "Root directory shared by studies.")
-SMOKE = flags.DEFINE_bool("smoke", False, "Seconds-long miniature (configs/default.py:smoke).")
-DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: TFDS's).")
 SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (ablation).")
-STEPS = flags.DEFINE_integer("steps", None, "Override train.steps (tests use a handful).")
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """configs/default.py (or its smoke variant) with the study's data_dir."""
-  from configs import default
-  config = default.get_config("smoke" if SMOKE.value else None)
-  config.data.data_dir = DATA_DIR.value
-  if STEPS.value:
-    config.train.steps = STEPS.value
-    config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, STEPS.value - 1)
-    config.train.checkpoint_every = config.eval.every = STEPS.value
-  return config
+  """The --config, as an unlocked copy that variants may change."""
+  return CONFIG.value.copy_and_resolve_references()
 
 
 def main(run) -> None:

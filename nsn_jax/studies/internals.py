@@ -1,10 +1,10 @@
 """Inside the trained models: energy decay, learned log-variances, containment, similarity.
 
-  python -m nsn_jax.studies.internals --workdir=runs/studies [--smoke]
+  python -m nsn_jax.studies.internals --workdir=runs/studies
 
 Compares the NSN model (the default config) with the plain model (same factorised layers, CE at
 rank R only) from the truncation study, training them if they are not in WORKDIR yet. Writes
-WORKDIR/internals.json, energy.png and log_variance.png, and prints tables.
+WORKDIR/internals.json, energy.png, log_variance.png and subspaces.png, and prints tables.
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ def run() -> dict:
   common.write_json(result, os.path.join(common.WORKDIR.value, "internals.json"))
   plot_energy(result["energy"], os.path.join(common.WORKDIR.value, "energy.png"))
   plot_log_variance(history, os.path.join(common.WORKDIR.value, "log_variance.png"))
+  plot_subspaces(result, pairs, os.path.join(common.WORKDIR.value, "subspaces.png"))
   print(format_tables(result))
   return result
 
@@ -90,6 +91,33 @@ def plot_energy(energy: dict, path: str) -> None:
     ax.set_title(f"energy profile, layer {layer}")
     ax.grid(alpha=0.3)
     ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_subspaces(result: dict, pairs: list[tuple[int, int]], path: str) -> None:
+  """Containment r → 2r per layer, and writer/reader similarity per rank, NSN vs plain."""
+  plt = common.pyplot()
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  ranks = [r for r, _ in pairs]
+  for i, name in enumerate(MODELS):
+    for j, (layer, scores) in enumerate(result["containment"][name].items()):
+      left.plot(ranks, list(scores.values()), "o-" if j == 0 else "s--", color=f"C{i}",
+                label=f"{LABELS[name]}, {layer}")
+    similarity = result["inter_layer_similarity"][name]
+    if similarity:
+      right.plot(ranks, list(similarity.values()), "o-", color=f"C{i}", label=LABELS[name])
+  left.set_title("containment: rank r inside the principal part of rank 2r")
+  right.set_title("inter-layer similarity at rank r")
+  for ax, ylabel in ((left, "containment score"), (right, "overlap of subspaces")):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rank r")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

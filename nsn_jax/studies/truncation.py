@@ -1,6 +1,6 @@
 """Native vs truncation vs NSN (the paper's Figure 2) on the default config's data.
 
-  python -m nsn_jax.studies.truncation --workdir=runs/studies [--smoke]
+  python -m nsn_jax.studies.truncation --workdir=runs/studies
 
 native:     one model per rank r in --native_ranks (R = r, trained at r only);
 truncation: one rank-R model trained at R only, evaluated at every rank by slicing;
