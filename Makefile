@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-slow bench-smoke clean
+.PHONY: setup demo test test-slow bench torch-venv clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,13 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+bench: setup  # the benchmark suite (docs/benchmarks.md); run torch-venv first for PyTorch
+	$(PY) -m benchmarks.run --out runs/benchmarks/full.json
+
+torch-venv:  # PyTorch for the comparison only, in its own venv, never the project's
+	test -x .venv-torch/bin/python || $(PYTHON) -m venv .venv-torch
+	.venv-torch/bin/pip install -q -r requirements/torch-reference.txt
 
 clean:
 	rm -rf $(VENV) runs

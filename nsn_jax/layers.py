@@ -171,3 +171,12 @@ def name_nsn_layers(model: nnx.Module) -> dict[str, NSNDense]:
   for path, layer in layers.items():
     layer.path = path
   return layers
+
+
+def project(layer: nnx.Module, x: jax.Array, rank: Rank = None) -> jax.Array:
+  """Applies a projection that is either a plain `nnx.Linear` or an `NSNDense` (given `rank`).
+
+  Models call every replaceable projection through this, so `decompose_and_replace` can swap
+  dense layers for NSN layers without the model's code changing.
+  """
+  return layer(x, rank) if isinstance(layer, NSNDense) else layer(x)

@@ -1,0 +1,79 @@
+"""What the suites share: the result record and summary lines, the MLP config, the static-rank
+eval program, XLA's FLOP count, JAX latency."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+from flax import nnx
+
+from benchmarks.timing import Policy, Timing, time_fn
+from configs import default
+
+
+class Column(NamedTuple):
+  """A table column: row[key] × scale, formatted with `fmt` under `header`."""
+  key: str
+  header: str
+  fmt: str = ""
+  scale: float = 1.0
+
+
+@dataclasses.dataclass
+class SuiteResult:
+  """One suite's measurements: `rows` (one dict per measurement), `summary` (ratios and the
+  issue's targets), `notes` (what was not measured and why), `columns` (for the table)."""
+  rows: list[dict[str, Any]]
+  summary: list[dict[str, Any]]
+  notes: list[str]
+  columns: tuple[Column, ...]
+  skipped: bool = False
+
+  def to_json(self) -> dict[str, Any]:
+    return {"skipped": self.skipped, "notes": self.notes, "summary": self.summary,
+            "rows": self.rows}
+
+
+def summary_line(metric: str, value: float, *, at_most: float | None = None,
+                 at_least: float | None = None, judged: bool = False) -> dict[str, Any]:
+  """A ratio or total, with its target if it has one. `met` is None unless `judged`: the issue
+  states its targets for the full shapes, so a tiny run (or another batch size) records the
+  value and the target without a verdict."""
+  if at_most is not None:
+    goal, met = f"<= {at_most:g}", value <= at_most
+  elif at_least is not None:
+    goal, met = f">= {at_least:g}", value >= at_least
+  else:
+    goal, met = None, None
+  return {"metric": metric, "value": value, "target": goal,
+          "met": bool(met) if goal and judged else None}
+
+
+def mlp_config(size: str) -> ml_collections.ConfigDict:
+  """The MLP the suites measure: configs/default.py (784→256→256→10, R=64), or its `smoke`
+  miniature at size tiny."""
+  return default.get_config("smoke" if size == "tiny" else None)
+
+
+def eval_program(graphdef: nnx.GraphDef):
+  """jit(state, x, rank) → the module's output at a *static* rank: one XLA program per rank, as
+  nsn_jax.evaluate.RankEvaluator builds it. rank None calls a module that takes no rank."""
+
+  def forward(state, x, rank):
+    module = nnx.merge(graphdef, state)
+    return module(x) if rank is None else module(x, rank=rank)
+
+  return jax.jit(forward, static_argnums=2)
+
+
+def xla_flops(jitted, *args) -> float:
+  """XLA's FLOP count of the program `jitted(*args)` compiles to (the same executable a later
+  call reuses)."""
+  return float(jitted.lower(*args).compile().cost_analysis()["flops"])
+
+
+def time_jax(fn, *args, policy: Policy) -> Timing:
+  """Latency of `fn(*args)` to a ready result."""
+  return time_fn(lambda: jax.block_until_ready(fn(*args)), policy)

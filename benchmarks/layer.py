@@ -1,0 +1,104 @@
+"""Per-rank inference of one NSNDense, against a dense layer and a bare matmul in the same run.
+
+Each rank is jitted with a static rank (real slices). The bare `x @ w` of the same shape is the
+machine's practical roofline: what one matmul of this size achieves here and now.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.common import Column, SuiteResult, eval_program, summary_line, time_jax, xla_flops
+from benchmarks.timing import Policy
+from nsn_jax import flops
+from nsn_jax.layers import NSNDense
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerGrid:
+  """A d × d layer with max rank R, measured at each batch size."""
+  d: int
+  max_rank: int
+  batches: tuple[int, ...]
+
+  @property
+  def ranks(self) -> tuple[int, ...]:
+    r = self.max_rank
+    return (r // 16, r // 8, r // 4, r // 2, 3 * r // 4, r)
+
+
+GRIDS = {"tiny": LayerGrid(64, 32, (8,)), "full": LayerGrid(4096, 2048, (64, 1024))}
+
+COLUMNS = (
+    Column("kind", "kind"), Column("batch", "batch"), Column("rank", "rank"),
+    Column("latency_s", "ms", ".3f", 1e3), Column("latency_min_s", "min ms", ".3f", 1e3),
+    Column("flops_per_s", "GFLOP/s", ".1f", 1e-9), Column("analytic_flops", "FLOPs", ".3e"),
+    Column("xla_flops", "XLA FLOPs", ".3e"), Column("vs_dense", "lat/dense", ".3f"),
+    Column("vs_matmul", "FLOP/s/matmul", ".3f"),
+)
+
+
+def run(size: str, policy: Policy) -> SuiteResult:
+  grid = GRIDS[size]
+  keys = nnx.Rngs(0)
+  nsn = NSNDense(grid.d, grid.d, grid.max_rank, rngs=keys)
+  dense = nnx.Linear(grid.d, grid.d, rngs=keys)
+  nsn_forward, dense_forward = (eval_program(nnx.graphdef(m)) for m in (nsn, dense))
+  nsn_state, dense_state = nnx.state(nsn), nnx.state(dense)
+  kernel = dense.kernel[...]
+  matmul = jax.jit(jnp.matmul)
+
+  rng = np.random.default_rng(1)  # host-side inputs: no random-number programs to compile
+  rows = []
+  for batch in grid.batches:
+    x = jax.device_put(rng.standard_normal((batch, grid.d), np.float32))
+    measured = [
+        ("matmul", None, matmul, (x, kernel), 2 * batch * grid.d * grid.d),
+        ("dense", None, dense_forward, (dense_state, x, None),
+         batch * flops.dense_flops(grid.d, grid.d)),
+        *[("nsn", r, nsn_forward, (nsn_state, x, r), batch * flops.nsn_layer_flops(nsn, r))
+          for r in grid.ranks],
+    ]
+    for kind, rank, fn, args, analytic in measured:
+      counted = xla_flops(fn, *args)  # compiles the program the timed calls then reuse
+      timing = time_jax(fn, *args, policy=policy)
+      rows.append({"kind": kind, "batch": batch, "rank": rank, "d": grid.d,
+                   "max_rank": grid.max_rank, "latency_s": timing.median_s,
+                   "latency_min_s": timing.min_s, "calls_per_sample": timing.number,
+                   "analytic_flops": analytic, "xla_flops": counted,
+                   "flops_per_s": analytic / timing.median_s})
+    batch_rows = [row for row in rows if row["batch"] == batch]
+    dense_row, matmul_row = _find(batch_rows, "dense"), _find(batch_rows, "matmul")
+    for row in batch_rows:
+      row["vs_dense"] = row["latency_s"] / dense_row["latency_s"]
+      row["vs_matmul"] = row["flops_per_s"] / matmul_row["flops_per_s"]
+  return SuiteResult(rows, _summary(rows, grid, size), [], COLUMNS)
+
+
+def _find(rows, kind, rank=None):
+  return next(row for row in rows if row["kind"] == kind and row["rank"] == rank)
+
+
+def _summary(rows, grid: LayerGrid, size: str) -> list[dict]:
+  r = grid.max_rank
+  summary = []
+  for batch in grid.batches:
+    batch_rows = [row for row in rows if row["batch"] == batch]
+    nsn_rows = [row for row in batch_rows if row["kind"] == "nsn"]
+    judged = size == "full" and batch == max(grid.batches)  # the issue's targets: batch 1024
+    summary += [
+        summary_line(f"batch {batch}: latency(R/4) / latency(R)",
+               _find(batch_rows, "nsn", r // 4)["latency_s"]
+               / _find(batch_rows, "nsn", r)["latency_s"], judged=judged, at_most=0.30),
+        summary_line(f"batch {batch}: slowest rank's latency / dense layer latency",
+               max(row["vs_dense"] for row in nsn_rows), judged=judged, at_most=1.05),
+        summary_line(f"batch {batch}: NSN FLOP/s at R / same-run matmul FLOP/s",
+               _find(batch_rows, "nsn", r)["vs_matmul"], judged=judged, at_least=0.85),
+        summary_line(f"batch {batch}: lowest NSN FLOP/s over ranks / same-run matmul FLOP/s",
+               min(row["vs_matmul"] for row in nsn_rows), judged=judged, at_least=0.85),
+    ]
+  return summary

@@ -1,0 +1,146 @@
+"""One optimizer step of the NSN MLP, three ways, for k ranks per step:
+
+  vmap_masked    the library's step: multi_rank_loss vmaps the masked path over a rank vector;
+  loop_static    a Python loop of static-rank (sliced) forward passes summed into one loss,
+                 with the same uncertainty weighting, jitted as one program;
+  single_static  plain cross-entropy at the single static rank R: the cost a multi-rank step is
+                 compared to.
+
+Each is built like nsn_jax.train_lib's step: the state from `create_train_state` (the model,
+the log-variances and nnx.Optimizer(target, tx, wrt=nnx.Param)) on a one-device mesh, since the
+suite times one device; nnx.merge inside the step; jax.jit with the state donated.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from benchmarks.common import Column, SuiteResult, mlp_config, summary_line
+from benchmarks.timing import Policy, time_fn
+from nsn_jax import sharding
+from nsn_jax.objective import Objective, multi_rank_loss
+from nsn_jax.train_lib import create_train_state
+
+NUM_RANKS = (1, 2, 4)
+
+COLUMNS = (
+    Column("strategy", "strategy"), Column("k", "k"), Column("ranks", "ranks"),
+    Column("step_s", "ms/step", ".3f", 1e3), Column("step_min_s", "min ms", ".3f", 1e3),
+    Column("steps_per_s", "steps/s", ".1f"),
+    Column("program_bytes", "mem MiB", ".2f", 2.0 ** -20),
+    Column("program_temp_bytes", "temp MiB", ".2f", 2.0 ** -20),
+    Column("vs_single", "step/single", ".3f"),
+)
+
+
+def step_ranks(max_rank: int, k: int) -> tuple[int, ...]:
+  """The anchor R and k − 1 variants, halving: (64,), (64, 32), (64, 32, 16, 8)."""
+  return tuple(max_rank // 2 ** i for i in range(k))
+
+
+def _cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels).mean()
+
+
+def _loop_static_loss(target, x, labels, ranks: tuple[int, ...]):
+  """Σ_r exp(−s_r)·CE_r + s_r over static ranks: multi_rank_loss's uncertainty weighting."""
+  log_var = target.rank_weights(jnp.asarray(ranks))
+  return sum(jnp.exp(-s) * _cross_entropy(target.model(x, rank=r), labels) + s
+             for r, s in zip(ranks, log_var))
+
+
+def _loss_fns(max_rank: int, k: int):
+  """(strategy, loss(target, x, labels, ranks_array)) for each strategy at k ranks."""
+  ranks = step_ranks(max_rank, k)
+  objective = Objective("uncertainty")
+  fns = [("vmap_masked", lambda t, x, y, rs: multi_rank_loss(
+             t.model, t.rank_weights, objective, x, y, rs)[0]),
+         ("loop_static", lambda t, x, y, rs: _loop_static_loss(t, x, y, ranks))]
+  if k == 1:
+    fns.append(("single_static", lambda t, x, y, rs: _cross_entropy(
+        t.model(x, rank=max_rank), y)))
+  return fns
+
+
+def _jit_step(graphdef, loss_fn):
+  def step(state, x, labels, ranks):
+    target, optimizer = nnx.merge(graphdef, state)
+    loss, grads = nnx.value_and_grad(loss_fn)(target, x, labels, ranks)
+    optimizer.update(target, grads)
+    return nnx.state((target, optimizer)), loss
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def memory_used(compiled) -> dict:
+  """Memory of a step that has run, in bytes.
+
+  program_bytes, from the compiled program: arguments + outputs not aliased to the donated
+  arguments + temporaries, an upper bound on what one step holds live. (Its
+  peak_memory_in_bytes is no help on CPU: there it barely exceeds the argument size.)
+  device_peak_bytes: the device's own high-water mark where it keeps one (GPU, TPU), which is
+  process-wide and never decreases; None on CPU. `memory_source` says which to read.
+  """
+  stats = jax.devices()[0].memory_stats()
+  program = compiled.memory_analysis()
+  device_peak = stats.get("peak_bytes_in_use") if stats else None
+  return {
+      "program_bytes": (program.argument_size_in_bytes + program.output_size_in_bytes
+                        - program.alias_size_in_bytes + program.temp_size_in_bytes),
+      "program_temp_bytes": program.temp_size_in_bytes,
+      "device_peak_bytes": device_peak,
+      "memory_source": ("device.memory_stats()['peak_bytes_in_use'] (process high-water mark)"
+                        if device_peak is not None else
+                        "compiled.memory_analysis(): argument + output - alias + temp"),
+  }
+
+
+def run(size: str, policy: Policy) -> SuiteResult:
+  config = mlp_config(size)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  graphdef, initial_state, _ = create_train_state(config, mesh)
+  max_rank = config.model.max_rank
+  rng = np.random.default_rng(1)  # host-side inputs: no random-number programs to compile
+  x = jax.device_put(rng.random((config.train.batch_size, *config.data.image_shape), np.float32))
+  labels = jax.device_put(rng.integers(0, config.data.num_classes, config.train.batch_size,
+                                       dtype=np.int32))
+
+  rows = []
+  for k in NUM_RANKS:
+    ranks = step_ranks(max_rank, k)
+    ranks_array = jnp.asarray(ranks, jnp.int32)
+    for strategy, loss_fn in _loss_fns(max_rank, k):
+      step = _jit_step(graphdef, loss_fn)
+      # The step donates its state: give each strategy its own copy of the initial state.
+      state = jax.tree.map(jnp.copy, initial_state)
+      compiled = step.lower(state, x, labels, ranks_array).compile()  # the calls reuse it
+
+      def one_step():
+        nonlocal state
+        state, loss = step(state, x, labels, ranks_array)
+        jax.block_until_ready((state, loss))
+
+      timing = time_fn(one_step, policy)
+      memory = memory_used(compiled)
+      rows.append({"strategy": strategy, "k": k, "ranks": list(ranks),
+                   "batch": config.train.batch_size, "step_s": timing.median_s,
+                   "step_min_s": timing.min_s, "steps_per_s": 1.0 / timing.median_s,
+                   "calls_per_sample": timing.number, **memory})
+  single = next(row["step_s"] for row in rows if row["strategy"] == "single_static")
+  for row in rows:
+    row["vs_single"] = row["step_s"] / single
+
+  judged = size == "full"
+  summary = [summary_line(f"{strategy}: two-rank step / single-rank step",
+                          next(row["vs_single"] for row in rows
+                               if row["strategy"] == strategy and row["k"] == 2),
+                          judged=judged, at_most=2.2)
+             for strategy in ("vmap_masked", "loop_static")]
+  notes = [f"memory: {rows[0]['memory_source']}",
+           "objective: uncertainty weighting for both multi-rank strategies; optimizer: the "
+           "config's AdamW with its warm-up/cosine schedule"]
+  return SuiteResult(rows, summary, notes, COLUMNS)
