@@ -138,7 +138,7 @@ def plot_log_variance(history: dict, path: str) -> None:
   right.set_xscale("log", base=2)
   right.set_xlabel("rank r")
   right.set_ylabel("final s_r")
-  right.set_title("higher ranks end with lower s (weigh more)")
+  right.set_title("final s_r per rank (lower s = larger weight exp(-s))")
   for ax in (left, right):
     ax.grid(alpha=0.3)
   fig.tight_layout()
