@@ -130,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   replicated = NamedSharding(mesh, P())
   batch_sharding = sharding.batch_sharding(mesh)
 
-  # ----- Input: this process's shard; batch `step` is the same on every (re)run. -----
+  # ----- Input: this process's slice of each global batch; batch `step` replays on resume. -----
   train_batches = pipeline.train_batches(
       config.data, config.train.batch_size, config.seed, jax.process_index(),
       jax.process_count())

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nsn_jax.layers import NSNDense, nsn_layers, project
+from nsn_jax.layers import nsn_layers, project
 from nsn_jax.surgery import ATTENTION_RULES, MLP_RULES, decompose_and_replace, format_report
 
 

@@ -9,7 +9,7 @@ prepared in `array_record` format under `data_config.data_dir`; nothing is downl
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import grain
