@@ -73,44 +73,46 @@ class Checkpoints:
     directory holds no checkpoint. Raises CheckpointError if the checkpoint holds another model
     (parameter shapes differ) or no step can be read.
     """
-    steps = self.steps()
-    if not steps:
+    if not self.steps():
       return None
+    items = {"params": ocp.args.StandardRestore(abstract_params)}
+    if abstract_train is not None:
+      items["train"] = ocp.args.StandardRestore(abstract_train)
+
+    def read(step):
+      metadata = self._metadata(step)
+      check_same_model(metadata, abstract_params, self.directory)
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      train = restored["train"] if abstract_train is not None else None
+      return restored["params"], train, metadata
+
+    step, (params, train, metadata) = self._newest_readable(read)
+    return step, params, train, metadata
+
+  def metadata(self) -> dict:
+    """The metadata of the newest readable step (raises CheckpointError if there is none)."""
+    return self._newest_readable(self._metadata)[1]
+
+  def _metadata(self, step: int) -> dict:
+    return self.manager.restore(
+        step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+
+  def _newest_readable(self, read):
+    """(step, read(step)) for the newest step that reads. Any error but CheckpointError marks
+    the step unreadable: it is skipped with a warning. Raises CheckpointError listing every
+    failure when no step reads."""
     failures = []
-    for step in reversed(steps):
+    for step in reversed(self.steps()):
       try:
-        metadata = self.manager.restore(
-            step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+        return step, read(step)
+      except CheckpointError:
+        raise  # a wrong model is wrong at every step: falling back would hide it
       except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous one
         failures.append(f"step {step}: {type(e).__name__}: {e}")
         logging.warning("checkpoint step %d in %s is unreadable (%s); trying an older one.",
                         step, self.directory, e)
-        continue
-      check_same_model(metadata, abstract_params, self.directory)
-      items = {"params": ocp.args.StandardRestore(abstract_params)}
-      if abstract_train is not None:
-        items["train"] = ocp.args.StandardRestore(abstract_train)
-      try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-      except Exception as e:  # noqa: BLE001
-        failures.append(f"step {step}: {type(e).__name__}: {e}")
-        logging.warning("checkpoint step %d in %s is unreadable (%s); trying an older one.",
-                        step, self.directory, e)
-        continue
-      train = restored["train"] if abstract_train is not None else None
-      return step, restored["params"], train, metadata
     raise CheckpointError(f"no readable checkpoint in {self.directory}:\n  " +
                           "\n  ".join(failures))
-
-  def metadata(self) -> dict:
-    """The metadata of the newest readable step (raises CheckpointError if there is none)."""
-    for step in reversed(self.steps()):
-      try:
-        return self.manager.restore(
-            step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
-      except Exception as e:  # noqa: BLE001
-        logging.warning("metadata of step %d unreadable (%s); trying an older one.", step, e)
-    raise CheckpointError(f"no readable checkpoint in {self.directory}.")
 
 
 def check_same_model(metadata: dict, abstract_params: Any, directory: str) -> None:
