@@ -26,11 +26,17 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot serve the request: wrong model, or every step unreadable."""
 
 
-def abstract_tree(tree: Any) -> Any:
-  """The tree with arrays replaced by ShapeDtypeStructs (sharding kept where present)."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      tree)
+def abstract_tree(tree: Any, shardings: Any | None = None) -> Any:
+  """The tree with arrays replaced by ShapeDtypeStructs: a restore target.
+
+  Each leaf keeps its own sharding, or takes the matching one from `shardings` (a tree of the
+  same structure) to restore into another layout.
+  """
+  if shardings is None:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
 
 
 def param_shapes(params: Any) -> dict[str, list[int]]:

@@ -60,13 +60,10 @@ def load_params(workdir: str, mesh: jax.sharding.Mesh | None = None):
     config = ml_collections.ConfigDict(metadata["config"])
     model = nnx.eval_shape(lambda: build_model(config, seed=config.seed))
     state = nnx.state(model)
-    target = abstract_tree(nnx.to_pure_dict(state))
-    if mesh is not None:
-      layout = sharding.tree_shardings(target, mesh, sharding.rules_from_config(
-          config.get("sharding")))
-      target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            target, layout)
-    step, params, _, metadata = checkpoints.restore(target)
+    shapes = nnx.to_pure_dict(state)
+    layout = None if mesh is None else sharding.tree_shardings(
+        shapes, mesh, sharding.rules_from_config(config.get("sharding")))
+    step, params, _, metadata = checkpoints.restore(abstract_tree(shapes, layout))
   finally:
     checkpoints.close()
   nnx.replace_by_pure_dict(state, params)
