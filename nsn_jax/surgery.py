@@ -52,21 +52,21 @@ def decompose_and_replace(model: nnx.Module, rules: Sequence[str] = MLP_RULES,
   listing the dense layers there are.
   """
   model = nnx.clone(model)
-  dense = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear)]
-  chosen = [(path, node) for path, node in dense
-            if any(re.search(rule, "/".join(map(str, path))) for rule in rules)]
+  dense = [("/".join(map(str, path)), path, node) for path, node in nnx.iter_graph(model)
+           if isinstance(node, nnx.Linear)]
+  chosen = [entry for entry in dense if any(re.search(rule, entry[0]) for rule in rules)]
   if not chosen:
     raise ValueError(f"rules {list(rules)} match none of the model's dense layers: "
-                     f"{['/'.join(map(str, p)) for p, _ in dense]}.")
+                     f"{[name for name, _, _ in dense]}.")
   report = []
-  for path, linear in chosen:
+  for name, path, linear in chosen:
     kernel = linear.kernel[...]
     bias = None if linear.bias is None else linear.bias[...]
     layer = NSNDense.from_dense(kernel, bias, max_rank, dtype=linear.dtype,
                                 param_dtype=linear.param_dtype)
     _set_child(model, path, layer)
     report.append(ReplacedLayer(
-        path="/".join(map(str, path)), in_features=linear.in_features,
+        path=name, in_features=linear.in_features,
         out_features=linear.out_features, max_rank=layer.max_rank,
         break_even_rank=break_even_rank(linear.in_features, linear.out_features),
         error_at_max_rank=_relative_error(layer, kernel, layer.max_rank),
