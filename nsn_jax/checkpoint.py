@@ -59,11 +59,14 @@ class Checkpoints:
     """Committed steps, oldest first."""
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, params: Any, train: Any, metadata: dict) -> None:
-    """Starts an asynchronous save of step `step`; `wait()` blocks until it is committed."""
-    self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
-        metadata=ocp.args.JsonSave(metadata)), force=True)
+  def save(self, step: int, params: Any, train: Any | None, metadata: dict) -> None:
+    """Starts an asynchronous save of step `step`; `wait()` blocks until it is committed.
+
+    `train` None saves no training state (an exported, inference-only checkpoint)."""
+    items = {"params": ocp.args.StandardSave(params), "metadata": ocp.args.JsonSave(metadata)}
+    if train is not None:
+      items["train"] = ocp.args.StandardSave(train)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from nsn_jax.deploy import FixedRankLayer
 from nsn_jax.layers import NSNDense, Rank, check_static_rank, nsn_layers, resolve_rank
 
 
@@ -45,23 +46,27 @@ def _bias_size(layer) -> int:
   return 0 if layer.bias is None else layer.out_features
 
 
-def _unfactorised_flops(model: nnx.Module) -> int:
-  """FLOPs per row of the plain dense layers (nnx.Linear), which run in full at every rank."""
-  return sum(dense_flops(node.in_features, node.out_features, node.bias is not None)
-             for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear))
+def _rank_free_layers(model: nnx.Module):
+  """The layers whose cost does not depend on a rank: plain dense layers (nnx.Linear) and the
+  fixed-rank forms of a deployed model."""
+  return [node for _, node in nnx.iter_graph(model)
+          if isinstance(node, (nnx.Linear, FixedRankLayer))]
+
+
+def _as_dense_flops(layer) -> int:
+  return dense_flops(layer.in_features, layer.out_features, layer.bias is not None)
 
 
 def model_flops(model: nnx.Module, rank: Rank = None) -> int:
   """Forward FLOPs per row of the whole model at a global rank or per-layer profile."""
   nsn = sum(nsn_layer_flops(layer, rank) for layer in nsn_layers(model).values())
-  return nsn + _unfactorised_flops(model)
+  return nsn + sum(layer.flops_per_row() if isinstance(layer, FixedRankLayer)
+                   else _as_dense_flops(layer) for layer in _rank_free_layers(model))
 
 
 def dense_model_flops(model: nnx.Module) -> int:
-  """FLOPs per row of the same model with every NSN layer a plain dense layer."""
-  nsn = sum(dense_flops(layer.in_features, layer.out_features, layer.bias is not None)
-            for layer in nsn_layers(model).values())
-  return nsn + _unfactorised_flops(model)
+  """FLOPs per row of the same model with every NSN layer (or deployed form) a dense layer."""
+  return sum(map(_as_dense_flops, [*nsn_layers(model).values(), *_rank_free_layers(model)]))
 
 
 def total_params(model: nnx.Module) -> int:

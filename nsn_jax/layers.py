@@ -173,6 +173,19 @@ def name_nsn_layers(model: nnx.Module) -> dict[str, NSNDense]:
   return layers
 
 
+def set_submodule(model: nnx.Module, path: str | tuple, child: nnx.Module) -> None:
+  """Replaces the submodule at `path` ("layers/3/mlp/up" or the key tuple of `nnx.iter_graph`)."""
+  keys = [int(k) if isinstance(k, str) and k.isdigit() else k
+          for k in (path.split("/") if isinstance(path, str) else path)]
+  parent = model
+  for key in keys[:-1]:
+    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+  if isinstance(keys[-1], int):
+    parent[keys[-1]] = child
+  else:
+    setattr(parent, keys[-1], child)
+
+
 def project(layer: nnx.Module, x: jax.Array, rank: Rank = None) -> jax.Array:
   """Applies a projection that is either a plain `nnx.Linear` or an `NSNDense` (given `rank`).
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nsn_jax.flops import break_even_rank
-from nsn_jax.layers import NSNDense, name_nsn_layers
+from nsn_jax.layers import NSNDense, name_nsn_layers, set_submodule
 
 MLP_RULES = (r"(^|/)mlp/[^/]+$",)                 # every projection of a block's MLP / FFN
 ATTENTION_RULES = (r"(^|/)attn/(q|k|v|o)$",)       # the attention projections
@@ -30,16 +30,6 @@ class ReplacedLayer:
   break_even_rank: float
   error_at_max_rank: float
   error_at_half_rank: float
-
-
-def _set_child(model: nnx.Module, path: tuple, child: nnx.Module) -> None:
-  parent = model
-  for key in path[:-1]:
-    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-  if isinstance(path[-1], int):
-    parent[path[-1]] = child
-  else:
-    setattr(parent, path[-1], child)
 
 
 def decompose_and_replace(model: nnx.Module, rules: Sequence[str] = MLP_RULES,
@@ -64,7 +54,7 @@ def decompose_and_replace(model: nnx.Module, rules: Sequence[str] = MLP_RULES,
     bias = None if linear.bias is None else linear.bias[...]
     layer = NSNDense.from_dense(kernel, bias, max_rank, dtype=linear.dtype,
                                 param_dtype=linear.param_dtype)
-    _set_child(model, path, layer)
+    set_submodule(model, path, layer)
     report.append(ReplacedLayer(
         path=name, in_features=linear.in_features,
         out_features=linear.out_features, max_rank=layer.max_rank,

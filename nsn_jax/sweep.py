@@ -16,6 +16,7 @@ from flax import nnx
 from nsn_jax import flops, sharding
 from nsn_jax.checkpoint import CheckpointError, Checkpoints, abstract_tree
 from nsn_jax.data import pipeline
+from nsn_jax.deploy import DeployedLayer, empty_like
 from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.models import build_model
 
@@ -54,15 +55,29 @@ def load_params(workdir: str, mesh: jax.sharding.Mesh | None = None):
   if not os.path.isdir(directory):
     raise CheckpointError(f"no checkpoint directory {directory}; train first: "
                           f"python train.py --config=... --workdir={workdir}")
+  return restore_model(directory, mesh)
+
+
+def restore_model(directory: str, mesh: jax.sharding.Mesh | None = None):
+  """(model, metadata, step) from a checkpoint directory: a training run's, or an export's.
+
+  The model is rebuilt as shapes from the metadata's config (and, for an export, the deployed
+  form of each layer, `nsn_jax.deploy`), then only its parameters are restored into it.
+  """
   checkpoints = Checkpoints(directory)
   try:
     metadata = checkpoints.metadata()
     config = ml_collections.ConfigDict(metadata["config"])
-    model = nnx.eval_shape(lambda: build_model(config, seed=config.seed))
+    deployed = [DeployedLayer(**entry) for entry in metadata.get("deployed", [])]
+    model = nnx.eval_shape(lambda: empty_like(build_model(config, seed=config.seed), deployed))
     state = nnx.state(model)
     shapes = nnx.to_pure_dict(state)
-    layout = None if mesh is None else sharding.tree_shardings(
-        shapes, mesh, sharding.rules_from_config(config.get("sharding")))
+    if mesh is None:  # not the writer's layout: that mesh may not exist here
+      one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      layout = jax.tree.map(lambda _: one_device, shapes)
+    else:
+      layout = sharding.tree_shardings(shapes, mesh,
+                                       sharding.rules_from_config(config.get("sharding")))
     step, params, _, metadata = checkpoints.restore(abstract_tree(shapes, layout))
   finally:
     checkpoints.close()

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nsn_jax.layers import NSNDense, Rank, name_nsn_layers
+from nsn_jax.layers import NSNDense, Rank, name_nsn_layers, project
 
 
 class NSNMLP(nnx.Module):
@@ -30,5 +30,5 @@ class NSNMLP(nnx.Module):
     """x: (B, ...) images → logits (B, num_classes) at `rank` (int, jax int array or profile)."""
     x = x.reshape(x.shape[0], -1)
     for layer in self.hidden:
-      x = jax.nn.relu(layer(x, rank))
+      x = jax.nn.relu(project(layer, x, rank))
     return self.head(x)

@@ -1,0 +1,94 @@
+"""Export one budget of a trained nested model as a standalone, smaller checkpoint.
+
+  python -m nsn_jax.export --workdir=runs/demo --rank=16 --out=runs/demo/export/r16
+  python -m nsn_jax.export --workdir=runs/demo --budget=0.5 --out=runs/demo/export/half
+
+The export holds only what the chosen budget runs (`nsn_jax.deploy`: each NSN layer folded to
+dense, factorised or GAR, whichever is cheapest at its rank), so its parameter count and FLOPs
+really shrink. `nsn_jax.sweep.restore_model(OUT)` reloads it; it then runs with `rank=None`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import os
+import sys
+
+from absl import app, flags, logging
+from flax import nnx
+
+from nsn_jax import flops
+from nsn_jax.checkpoint import CheckpointError, Checkpoints, param_shapes
+from nsn_jax.deploy import FORMS, DeployedLayer, deploy, format_report
+from nsn_jax.sweep import load_params
+
+
+def export(workdir: str, out: str, rank: int | Mapping[str, int] | None = None,
+           budget: float | None = None, budget_reference: str = "max_rank",
+           form: str = "cheapest") -> dict:
+  """Writes the budget (a global `rank`, a per-layer profile, or a FLOPs `budget` mapped to the
+  largest global rank that fits) of workdir's newest checkpoint to `out`; returns its metadata.
+
+  `out` must not exist yet: an export never overwrites. The checkpoint is committed atomically
+  (orbax renames it into place only when complete).
+  """
+  if (rank is None) == (budget is None):
+    raise ValueError("give exactly one of rank (or a profile) and budget.")
+  if os.path.exists(out):
+    raise ValueError(f"{out} already exists; an export never overwrites: choose a new --out.")
+  model, metadata, step = load_params(workdir)
+  if budget is not None:
+    rank = flops.rank_for_budget(model, budget, budget_reference)
+  deployed, report = deploy(model, rank, form)
+  params = nnx.to_pure_dict(nnx.state(deployed))
+  metadata = {
+      **metadata,
+      "deployed": [dataclasses.asdict(entry) for entry in report],
+      "export": {"source": os.path.abspath(workdir), "source_step": step,
+                 "rank": dict(rank) if isinstance(rank, Mapping) else rank, "budget": budget,
+                 "budget_reference": budget_reference, "form_policy": form,
+                 "flops": flops.model_flops(deployed),
+                 "dense_flops": flops.dense_model_flops(deployed),
+                 "params": flops.total_params(deployed),
+                 "source_params": flops.total_params(model)},
+      "param_shapes": param_shapes(params),
+  }
+  checkpoints = Checkpoints(out, max_to_keep=1)
+  try:
+    checkpoints.save(step, params, None, metadata)
+    checkpoints.wait()
+  finally:
+    checkpoints.close()
+  return metadata
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+_OUT = flags.DEFINE_string("out", None, "New directory for the exported checkpoint.")
+_RANK = flags.DEFINE_integer("rank", None, "Global rank to export.")
+_BUDGET = flags.DEFINE_float("budget", None, "FLOPs fraction; exports the largest rank that fits.")
+_REFERENCE = flags.DEFINE_enum("budget_reference", "max_rank", ["max_rank", "dense"],
+                               "What --budget is a fraction of.")
+_FORM = flags.DEFINE_enum("form", "cheapest", ["cheapest", *FORMS],
+                          "Per-layer form: the cheapest in FLOPs, or one for every layer.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  try:
+    metadata = export(_WORKDIR.value, _OUT.value, _RANK.value, _BUDGET.value, _REFERENCE.value,
+                      _FORM.value)
+  except (ValueError, CheckpointError) as e:
+    sys.exit(f"export: {e}")
+  info = metadata["export"]
+  print(format_report([DeployedLayer(**entry) for entry in metadata["deployed"]]))
+  print(f"exported rank {info['rank']} of {info['source']} (step {info['source_step']}) to "
+        f"{_OUT.value}: {info['params']:,} parameters ({100 * info['params'] / info['source_params']:.1f}% "
+        f"of the nested model's {info['source_params']:,}), {info['flops']:,} FLOPs per example "
+        f"({100 * info['flops'] / info['dense_flops']:.1f}% of dense)")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir", "out"])
+  app.run(main)
