@@ -82,9 +82,9 @@ PLAY_GENRE = {
     "cymbeline": "tragedy",
 }
 
-# Held-out plays, fixed by hand. The held-out histories are the two that stand alone (King John,
-# Henry VIII): every other history shares its characters with a sequel or prequel in the Folio
-# (Richard II to Richard III), whose names in the dialogue would leak into the evaluation.
+# Held-out plays, fixed by hand. The held-out histories are the two outside the Folio's two
+# four-play sequences (Richard II – Henry V; Henry VI 1–3 – Richard III), whose plays share
+# characters: names in the dialogue would tie a held-out play to its prequel in training.
 VALIDATION_PLAYS = ("twelfth_night", "measure_for_measure", "john", "macbeth", "romeo_and_juliet")
 TEST_PLAYS = ("as_you_like_it", "winters_tale", "henry_viii", "othello", "coriolanus")
 
