@@ -2,8 +2,10 @@
 
 Units: FLOPs *per input row* (one example of an MLP, one token of a sequence model), counting a
 multiply-add as 2 FLOPs and a bias add as 1. Every linear map in the model is counted — the NSN
-layers at their rank and the dense layers (e.g. the classifier) in full — because a budget is a
-fraction of what really runs. Activations are not counted; XLA's own count of a compiled program adds
+layers at their rank, the dense layers (e.g. the classifier) in full, the forms of a deployed model
+(`nsn_jax.deploy`) as they run — because a budget is a fraction of what really runs. A sequence
+model adds what depends on the context rather than on a layer's rank (`context_flops`): attention
+scores and weighted sums, a tied output head; so its fractions are of the whole forward pass. Activations are not counted; XLA's own count of a compiled program adds
 one FLOP per activation element (5% of the MLP's total at rank 2, under 1% at full rank), and
 `tests/test_flops.py` checks that analytic + activations equals XLA's count for every rank.
 
@@ -57,16 +59,32 @@ def _as_dense_flops(layer) -> int:
   return dense_flops(layer.in_features, layer.out_features, layer.bias is not None)
 
 
-def model_flops(model: nnx.Module, rank: Rank = None) -> int:
-  """Forward FLOPs per row of the whole model at a global rank or per-layer profile."""
+def context_flops(model: nnx.Module, seq_len: int | None = None) -> int:
+  """FLOPs per row (token) outside the linear layers that a sequence model declares through a
+  `context_flops(seq_len)` method — attention scores and weighted sums over `seq_len` positions,
+  a tied output head. 0 for models without one (the MLP); such a model needs `seq_len`."""
+  declared = getattr(model, "context_flops", None)
+  if declared is None:
+    return 0
+  if seq_len is None:
+    raise ValueError(f"{type(model).__name__} counts attention over the context: give seq_len.")
+  return declared(seq_len)
+
+
+def model_flops(model: nnx.Module, rank: Rank = None, seq_len: int | None = None) -> int:
+  """Forward FLOPs per row of the whole model at a global rank or per-layer profile.
+
+  For a sequence model a row is a token and `seq_len` the context it attends over."""
   nsn = sum(nsn_layer_flops(layer, rank) for layer in nsn_layers(model).values())
-  return nsn + sum(layer.flops_per_row() if isinstance(layer, FixedRankLayer)
-                   else _as_dense_flops(layer) for layer in _rank_free_layers(model))
+  return nsn + context_flops(model, seq_len) + sum(
+      layer.flops_per_row() if isinstance(layer, FixedRankLayer) else _as_dense_flops(layer)
+      for layer in _rank_free_layers(model))
 
 
-def dense_model_flops(model: nnx.Module) -> int:
+def dense_model_flops(model: nnx.Module, seq_len: int | None = None) -> int:
   """FLOPs per row of the same model with every NSN layer (or deployed form) a dense layer."""
-  return sum(map(_as_dense_flops, [*nsn_layers(model).values(), *_rank_free_layers(model)]))
+  return context_flops(model, seq_len) + sum(
+      map(_as_dense_flops, [*nsn_layers(model).values(), *_rank_free_layers(model)]))
 
 
 def total_params(model: nnx.Module) -> int:
@@ -90,7 +108,8 @@ def max_rank(model: nnx.Module) -> int:
   return min(layer.max_rank for layer in layers.values())
 
 
-def rank_for_budget(model: nnx.Module, budget: float, relative_to: str = "max_rank") -> int:
+def rank_for_budget(model: nnx.Module, budget: float, relative_to: str = "max_rank",
+                    seq_len: int | None = None) -> int:
   """The largest global rank whose model FLOPs are ≤ budget × the reference.
 
   relative_to: "max_rank" (the NSN model at R) or "dense" (the model with dense layers).
@@ -101,14 +120,15 @@ def rank_for_budget(model: nnx.Module, budget: float, relative_to: str = "max_ra
     raise ValueError(f"relative_to must be 'max_rank' or 'dense', got {relative_to!r}.")
   if not budget > 0:
     raise ValueError(f"budget must be a positive fraction, got {budget!r}.")
-  reference = model_flops(model) if relative_to == "max_rank" else dense_model_flops(model)
+  cost = lambda rank: model_flops(model, rank, seq_len)
+  reference = cost(None) if relative_to == "max_rank" else dense_model_flops(model, seq_len)
   limit = budget * reference
   lo, hi = 1, max_rank(model)
-  if model_flops(model, lo) > limit:
+  if cost(lo) > limit:
     raise ValueError(
         f"budget {budget:g} of {relative_to} FLOPs is below the cost of rank 1 "
-        f"({model_flops(model, 1) / reference:.4f} of {relative_to}).")
+        f"({cost(1) / reference:.4f} of {relative_to}).")
   while lo < hi:  # invariant: rank lo fits
     mid = (lo + hi + 1) // 2
-    lo, hi = (mid, hi) if model_flops(model, mid) <= limit else (lo, mid - 1)
+    lo, hi = (mid, hi) if cost(mid) <= limit else (lo, mid - 1)
   return lo
