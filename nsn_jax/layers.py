@@ -127,9 +127,18 @@ class NSNDense(nnx.Module):
 
     R is truncated to min(max_rank, d_in, d_out); the bias is copied.
     """
-    d_in, d_out = kernel.shape
-    a, b = svd_factors(kernel, max_rank)
-    layer = cls(d_in, d_out, a.shape[1], use_bias=bias is not None, dtype=dtype,
+    return cls.from_factors(*svd_factors(kernel, max_rank), bias, dtype=dtype,
+                            param_dtype=param_dtype)
+
+  @classmethod
+  def from_factors(cls, a: jax.Array, b: jax.Array, bias: jax.Array | None, *,
+                   dtype=None, param_dtype=jnp.float32) -> "NSNDense":
+    """A layer holding factors `a: (d_in, R)`, `b: (R, d_out)` and an optional `bias: (d_out,)`.
+
+    d_in, d_out and R are read off the factors; the bias is copied.
+    """
+    (d_in, max_rank), d_out = a.shape, b.shape[1]
+    layer = cls(d_in, d_out, max_rank, use_bias=bias is not None, dtype=dtype,
                 param_dtype=param_dtype, factors=(a, b))
     if bias is not None:
       layer.bias[...] = jnp.asarray(bias, param_dtype)
