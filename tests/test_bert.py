@@ -14,7 +14,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from nsn_jax.llm import load_hf_bert, minilm_path
-from nsn_jax.models.bert import BertClassifier, BertConfig, BertModel, mean_pool
+from nsn_jax.models.bert import BertConfig, BertModel
+from nsn_jax.models.heads import SequenceClassifier, mean_pool
 from nsn_jax.surgery import ATTENTION_RULES, decompose_and_replace
 
 TINY = BertConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, ffn_dim=48, max_positions=16,
@@ -231,14 +232,14 @@ def test_surgery_selects_bert_projections_and_is_exact_at_full_rank():
 
 def test_classifier_on_a_pretrained_encoder():
   encoder, (tokens, mask) = tiny_model(), tiny_batch()
-  classifier = BertClassifier(encoder, 3, rngs=nnx.Rngs(1))
+  classifier = SequenceClassifier(encoder, 3, rngs=nnx.Rngs(1))
   logits = nnx.jit(lambda m, t, k: m(t, k))(classifier, tokens, mask)
   pooled = mean_pool(forward(encoder, tokens, mask), mask)
   assert logits.shape == (2, 3) and logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, pooled @ classifier.head.kernel[...]
                              + classifier.head.bias[...], atol=1e-5)
   _, report = decompose_and_replace(classifier, max_rank=8)
-  assert sorted(r.path for r in report) == [f"encoder/layers/{i}/mlp/{p}" for i in range(2)
+  assert sorted(r.path for r in report) == [f"backbone/layers/{i}/mlp/{p}" for i in range(2)
                                             for p in ("down", "up")]
 
 

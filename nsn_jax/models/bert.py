@@ -1,11 +1,12 @@
 """A BERT encoder in Flax NNX: learned absolute positions, post-LN blocks, exact (erf) GELU.
 
-Every dense projection (`attn/q|k|v|o`, `mlp/up|down`, a classifier's `head`) is an `nnx.Linear`
+Every dense projection (`attn/q|k|v|o`, `mlp/up|down`) is an `nnx.Linear`
 called through `nsn_jax.layers.project`, so `decompose_and_replace` can swap any of them for an
 NSN layer by path ("layers/3/mlp/up") and `rank` reaches it unchanged. There is no dropout.
 
-`mean_pool` with `normalize=True` is the sentence-transformers pooling of models such as
-all-MiniLM-L6-v2: the mean of the unpadded tokens' hidden states, scaled to unit L2 norm.
+`nsn_jax.models.heads.mean_pool` with `normalize=True` is the sentence-transformers pooling of
+models such as all-MiniLM-L6-v2: the mean of the unpadded tokens' hidden states, scaled to unit
+L2 norm.
 """
 from __future__ import annotations
 
@@ -141,26 +142,12 @@ class BertModel(nnx.Module):
       x = layer(x, mask, rank)
     return x
 
+  def encode(self, tokens: jax.Array, mask: jax.Array, rank: Rank = None) -> jax.Array:
+    """The backbone interface of `nsn_jax.models.heads`: hidden (B, T, dim), segment 0."""
+    return self(tokens, mask, rank)
 
-def mean_pool(hidden: jax.Array, mask: jax.Array, normalize: bool = False) -> jax.Array:
-  """The mean over the real tokens of hidden (B, T, dim) with mask (B, T) → float32 (B, dim);
-  with normalize, each row scaled to unit L2 norm (sentence-transformers' Normalize)."""
-  weights = jnp.asarray(mask).astype(jnp.float32)[..., None]
-  pooled = (hidden.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1e-9)
-  if normalize:
-    pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-  return pooled
+  def attention_flops(self, seq_len: int) -> int:
+    """Per-token FLOPs of attention scores and weighted sums over seq_len positions."""
+    return 4 * self.config.n_layers * seq_len * self.config.dim
 
-
-class BertClassifier(nnx.Module):
-  """An encoder (random or pretrained), mean pooling and a dense `head` to class logits."""
-
-  def __init__(self, encoder: BertModel, num_classes: int, *, rngs: nnx.Rngs):
-    self.encoder = encoder
-    self.head = nnx.Linear(encoder.config.dim, num_classes, rngs=rngs)
-
-  def __call__(self, tokens: jax.Array, mask: jax.Array, rank: Rank = None,
-               token_types: jax.Array | None = None) -> jax.Array:
-    """tokens, mask (B, T) → logits float32 (B, num_classes)."""
-    pooled = mean_pool(self.encoder(tokens, mask, rank, token_types), mask)
-    return project(self.head, pooled, rank).astype(jnp.float32)
+  context_flops = attention_flops  # an encoder has no output head beyond its linear layers

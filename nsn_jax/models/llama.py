@@ -183,6 +183,30 @@ class LlamaModel(nnx.Module):
     new_cache = None if cache is None else KVCache(tuple(keys), tuple(values), cache.index + t)
     return logits.astype(jnp.float32), new_cache
 
+  def encode(self, tokens: jax.Array, mask: jax.Array, rank: Rank = None) -> jax.Array:
+    """The backbone interface of `nsn_jax.models.heads`: the final normed hidden states
+    (B, T, dim), no vocabulary head. Padding must be on the right: causal attention then keeps
+    real tokens from ever reading it, so `mask` is only for the head's pooling."""
+    del mask
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+    x = self.embed(tokens)
+    for layer in self.layers:
+      x, _ = layer(x, positions, causal, None, 0, rank)
+    return self.norm(x)
+
+  def attention_flops(self, seq_len: int) -> int:
+    """Per-token FLOPs of attention scores and weighted sums over seq_len positions (as run:
+    the causal mask is applied to a full T × T product)."""
+    return 4 * self.config.n_layers * seq_len * self.config.n_heads * self.config.head_dim
+
+  def context_flops(self, seq_len: int) -> int:
+    """Per-token FLOPs outside the linear layers (`nsn_jax.flops`): attention, and the output
+    head when it is the tied embedding (an untied `lm_head` is an nnx.Linear, counted there)."""
+    tied = 2 * self.config.dim * self.config.vocab_size if self.lm_head is None else 0
+    return self.attention_flops(seq_len) + tied
+
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rank"))
 def _greedy_step(graphdef, state, tokens, cache, rank):
