@@ -41,14 +41,14 @@ def main(argv):
     model, report = decompose_and_replace(model, max_rank=_NSN_MAX_RANK.value)
     print(format_report(report), file=sys.stderr)
     rank = _RANK.value or flops.max_rank(model)
+    context = len(tokenizer.encode(_PROMPT.value)) + _MAX_NEW.value
     try:  # checks the rank against every NSN layer before anything compiles
-      fraction = flops.model_flops(model, rank) / flops.dense_model_flops(model)
+      fraction = (flops.model_flops(model, rank, seq_len=context) /
+                  flops.dense_model_flops(model, seq_len=context))
     except ValueError as e:
       sys.exit(f"generate: {e}")
-    # flops counts the linear projections only: a tied output head (embedding.attend), the
-    # attention scores and the softmax are not in it yet (issue #4).
-    print(f"rank {rank}: linear-projection FLOPs {100 * fraction:.1f}% of the dense model's "
-          "(tied output head and attention scores not counted)", file=sys.stderr)
+    print(f"rank {rank}: {100 * fraction:.1f}% of the dense model's FLOPs per token (whole "
+          f"forward pass at a {context}-token context)", file=sys.stderr)
   start = time.perf_counter()
   tokens = generate(model, tokenizer.encode(_PROMPT.value), _MAX_NEW.value, rank,
                     eos_id=tokenizer.eos_id)
