@@ -2,6 +2,7 @@
 
   python eval.py --workdir=runs/demo --ranks=all
   python eval.py --workdir=runs/demo --ranks=every:8 --budgets=0.25,0.5 --budget_reference=dense
+  python eval.py --workdir=runs/smollm2_genre --ranks=every:48 --references=runs/smollm2_genre_dense
 
 Writes DIR/eval/sweep.json, sweep.csv and frontier.png, and prints the table.
 """
@@ -19,6 +20,8 @@ _BUDGETS = flags.DEFINE_list("budgets", [], "FLOPs fractions, each mapped to the
 _REFERENCE = flags.DEFINE_enum("budget_reference", "max_rank", ["max_rank", "dense"],
                                "What a budget is a fraction of.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Eval batch size (default: the config's).")
+_REFERENCES = flags.DEFINE_list("references", [], "Workdirs of dense baselines trained on the "
+                                "same task (surgery.max_rank=0): one reference row each.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -28,7 +31,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
   try:
     budgets = [float(b) for b in _BUDGETS.value]
-    run_sweep(_WORKDIR.value, _RANKS.value, budgets, _REFERENCE.value, _BATCH.value)
+    run_sweep(_WORKDIR.value, _RANKS.value, budgets, _REFERENCE.value, _BATCH.value,
+              _REFERENCES.value)
   except (ValueError, CheckpointError) as e:
     sys.exit(f"eval.py: {e}")
 

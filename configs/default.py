@@ -13,6 +13,7 @@ from ml_collections import config_dict
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.task = "image_classification"    # | text_classification | language_modelling (nsn_jax.tasks)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "mnist5k"            # the offline TFDS builder in nsn_jax/data/mnist5k
@@ -60,6 +61,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.log_every = 100
   c.train.checkpoint_every = 1000
   c.train.max_to_keep = 3
+  c.train.trainable = ("",)          # path regexes of the parameters that train; "" = all
+  c.train.multi_rank = "vmap_masked"  # | loop_static (fixed ranks only; docs/benchmarks.md)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 3e-3

@@ -17,10 +17,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from nsn_jax.layers import nsn_layers
+from nsn_jax.tasks import Task
 
 WEIGHTINGS = ("anchor", "uniform", "uncertainty")
 
@@ -65,9 +65,16 @@ class Objective:
     return presets[name]
 
 
-def per_rank_logits(model: nnx.Module, x: jax.Array, ranks: jax.Array) -> jax.Array:
-  """The model at each rank, vmapped over the masked path: ranks (k,) → logits (k, B, C)."""
-  return jax.vmap(lambda r: model(x, rank=r))(ranks)
+def per_rank_logits(model: nnx.Module, task: Task, batch: dict, ranks) -> jax.Array:
+  """The task's logits at each rank → (k, B, ..., C).
+
+  ranks: an int32 array (k,) runs the masked path vmapped over ranks (one program for any rank
+  values, the training default); a tuple of Python ints runs a loop of static-rank slices (one
+  program per rank tuple, each rank paying only its own FLOPs; `train.multi_rank=loop_static`).
+  """
+  if isinstance(ranks, tuple):
+    return jnp.stack([task.logits(model, batch, r) for r in ranks])
+  return jax.vmap(lambda r: task.logits(model, batch, r))(ranks)
 
 
 def factor_orthogonality(model: nnx.Module) -> jax.Array:
@@ -86,19 +93,22 @@ def factor_orthogonality(model: nnx.Module) -> jax.Array:
 
 
 def multi_rank_loss(model: nnx.Module, rank_weights: RankWeights, objective: Objective,
-                    x: jax.Array, labels: jax.Array, ranks: jax.Array):
+                    task: Task, batch: dict, ranks):
   """The combined loss and per-rank metrics.
 
   Args:
-    x: (B, ...) inputs. labels: int (B,). ranks: int32 (k,), the ranks of this step.
+    batch: the arrays `task` reads. ranks: the ranks of this step, int32 (k,) or a tuple of k
+      Python ints (see `per_rank_logits`).
   Returns:
-    (loss scalar, aux dict: per-rank `loss` (k,), `accuracy` (k,), `log_var` (k,)).
+    (loss scalar, aux dict: per-rank `loss` (k,) (mean CE over scored examples or tokens),
+    `accuracy` (k,), `log_var` (k,)).
   """
-  logits = per_rank_logits(model, x, ranks)                     # (k, B, C)
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels[None]).mean(axis=1)    # (k,)
-  log_var = rank_weights(ranks)                                 # (k,)
-  anchor = jnp.argmax(ranks)
+  logits = per_rank_logits(model, task, batch, ranks)          # (k, B, ..., C)
+  scores = jax.vmap(lambda l: task.scores(l, batch))(logits)
+  losses = scores["loss"] / scores["weight"]                    # (k,)
+  rank_values = jnp.asarray(ranks, jnp.int32)
+  log_var = rank_weights(rank_values)                           # (k,)
+  anchor = jnp.argmax(rank_values)
   if objective.weighting == "anchor":
     loss = losses[anchor]
   elif objective.weighting == "uniform":
@@ -108,10 +118,12 @@ def multi_rank_loss(model: nnx.Module, rank_weights: RankWeights, objective: Obj
   if objective.logits_weight:
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
     teacher = jax.lax.stop_gradient(log_p[anchor])
-    kl = jnp.sum(jnp.exp(teacher) * (teacher - log_p), axis=-1).mean(axis=-1)   # (k,)
-    others = jnp.maximum(ranks.shape[0] - 1, 1)
+    kl = jnp.sum(jnp.exp(teacher) * (teacher - log_p), axis=-1)  # (k, B, ...)
+    weights = task.targets(batch)[1]
+    kl = jnp.sum(kl * weights, axis=tuple(range(1, kl.ndim))) / jnp.sum(weights)   # (k,)
+    others = max(rank_values.shape[0] - 1, 1)
     loss += objective.logits_weight * kl.sum() / others  # KL of the anchor to itself is 0
   if objective.ortho_weight:
     loss += objective.ortho_weight * factor_orthogonality(model)
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels[None], axis=1)
+  accuracy = scores["correct"] / scores["weight"]
   return loss, {"loss": losses, "accuracy": accuracy, "log_var": log_var}

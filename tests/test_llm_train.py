@@ -1,0 +1,116 @@
+"""Multi-rank fine-tuning of pretrained text models through train.py's library and eval.py's sweep.
+
+Tiny random-weight checkpoints written here (a GGUF Llama, a Hugging Face BERT directory) stand
+in for SmolLM2 and MiniLM, on the real offline Shakespeare data; the configs are the shipped
+ones at their `:smoke` size.
+"""
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import minilm_genre, smollm2_genre, smollm2_lm
+from nsn_jax.layers import nsn_layers
+from nsn_jax.sweep import load_params, run_sweep
+from nsn_jax.train_lib import train_and_evaluate
+from test_bert import TINY as BERT_TINY, hf_config, hf_weights, tiny_model as tiny_bert, write_hf
+from test_llama import TINY, gguf_weights, tiny_model, write_gguf
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+  return str(write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", TINY,
+                        gguf_weights(tiny_model())))
+
+
+def _config(module, variant, path, data_dir, **overrides):
+  config = module.get_config(variant)
+  config.model.path, config.data.data_dir = path, data_dir
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    config[section][field] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def genre_runs(tiny_gguf, data_dir, tmp_path_factory):
+  """(nsn workdir, dense workdir, final metrics) of the genre smoke config on the tiny GGUF."""
+  root = tmp_path_factory.mktemp("genre")
+  nsn = train_and_evaluate(_config(smollm2_genre, "smoke", tiny_gguf, data_dir), str(root / "nsn"))
+  dense = train_and_evaluate(_config(smollm2_genre, "dense,smoke", tiny_gguf, data_dir),
+                             str(root / "dense"))
+  return str(root / "nsn"), str(root / "dense"), nsn, dense
+
+
+def test_genre_fine_tuning_trains_only_the_chosen_parameters(genre_runs, tiny_gguf):
+  nsn_dir, dense_dir, nsn_metrics, dense_metrics = genre_runs
+  assert set(nsn_metrics) >= {"eval/rank_8/accuracy", "eval/rank_2/accuracy"}
+  assert "eval/rank_1/accuracy" in dense_metrics
+  from nsn_jax.llm import load_gguf
+  pretrained = load_gguf(tiny_gguf)[1]
+  for workdir in (nsn_dir, dense_dir):
+    model = load_params(workdir)[0]
+    backbone = model.backbone
+    # Frozen: attention and embeddings are exactly the pretrained weights.
+    np.testing.assert_array_equal(backbone.layers[0].attn.q.kernel[...],
+                                  pretrained.layers[0].attn.q.kernel[...])
+    np.testing.assert_array_equal(backbone.embed.embedding[...], pretrained.embed.embedding[...])
+  nsn_model, dense_model = load_params(nsn_dir)[0], load_params(dense_dir)[0]
+  assert sorted(nsn_layers(nsn_model)) == [f"backbone/layers/{i}/mlp/{p}" for i in range(2)
+                                           for p in ("down", "gate", "up")]
+  assert not nsn_layers(dense_model)
+  # Trained: the dense twin's MLP moved away from the pretrained kernel.
+  assert not np.allclose(dense_model.backbone.layers[0].mlp.up.kernel[...],
+                         pretrained.layers[0].mlp.up.kernel[...])
+
+
+def test_sweep_with_a_dense_reference_row(genre_runs):
+  nsn_dir, dense_dir, nsn_metrics, _ = genre_runs
+  rows = run_sweep(nsn_dir, "2,8", budgets=[0.9], budget_reference="dense",
+                   references=[dense_dir], verbose=False)
+  by_rank = {r["rank"]: r for r in rows}
+  assert by_rank[8]["accuracy"] == pytest.approx(nsn_metrics["eval/rank_8/accuracy"])
+  assert by_rank[8]["loss"] == pytest.approx(nsn_metrics["eval/rank_8/loss"], rel=1e-5)
+  reference = by_rank[None]
+  assert reference["model"] == f"dense: {dense_dir}" and reference["flops_frac_dense"] == 1.0
+  # Whole forward (attention, projections, head) per 16-token example, checked against XLA,
+  # which also counts norms, RoPE and softmax: 12% at this 32-wide size (tests/test_heads.py
+  # holds a 128-wide model to 5%).
+  for row in rows:
+    assert row["flops"] <= row["xla_flops"] <= 1.2 * row["flops"], row
+  assert by_rank[2]["flops"] < by_rank[8]["flops"]
+  with pytest.raises(ValueError, match="must be dense"):
+    run_sweep(nsn_dir, "2", references=[nsn_dir], verbose=False)
+
+
+def test_language_modelling_reports_perplexity(tiny_gguf, data_dir, tmp_path):
+  final = train_and_evaluate(_config(smollm2_lm, "smoke", tiny_gguf, data_dir,
+                                     train__multi_rank="vmap_masked"), str(tmp_path))
+  rows = run_sweep(str(tmp_path), "8", verbose=False)
+  assert rows[0]["perplexity"] == pytest.approx(np.exp(final["eval/rank_8/loss"]), rel=1e-5)
+  assert 0 <= rows[0]["accuracy"] <= 1
+
+
+def test_activation_aware_surgery_from_training_batches(tiny_gguf, data_dir, tmp_path):
+  config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, surgery__init="activation_aware",
+                   surgery__calibration_batches=2, train__steps=2)
+  final = train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(final["eval/rank_2/loss"])
+
+
+def test_bert_encoder_fine_tuning(data_dir, tmp_path):
+  directory = write_hf(tmp_path / "bert", hf_config(BERT_TINY), hf_weights(tiny_bert()))
+  final = train_and_evaluate(_config(minilm_genre, "smoke", str(directory), data_dir),
+                             str(tmp_path / "run"))
+  assert np.isfinite(final["eval/rank_8/loss"])
+
+
+def test_bad_llm_configs_are_refused(tiny_gguf, data_dir, tmp_path):
+  with pytest.raises(ValueError, match="loop_static.*ranks.kind=fixed"):
+    train_and_evaluate(_config(smollm2_genre, "smoke", tiny_gguf, data_dir,
+                               ranks__kind="anchor_variants"), str(tmp_path / "a"))
+  with pytest.raises(ValueError, match="surgery.rules 'ffn'"):
+    train_and_evaluate(_config(smollm2_genre, "smoke", tiny_gguf, data_dir,
+                               surgery__rules="ffn"), str(tmp_path / "b"))
