@@ -2,6 +2,7 @@
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
+from tensorflow_datasets.text import glue
 
 
 class FakeCifar10(tfds.image_classification.Cifar10, skip_registration=True):
@@ -26,3 +27,23 @@ def fake_cifar(split):
   n = FakeCifar10.SIZES[split]
   rng = np.random.default_rng(len(split))
   return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), [i % 10 for i in range(n)]
+
+
+class FakeMnli(glue.Glue, skip_registration=True):
+  """TFDS's real glue/mnli features (premise, hypothesis, 3-way label) with a few made-up pairs:
+  what a user who prepared glue/mnli elsewhere has on disk."""
+
+  name = "glue"
+  SIZES = {"train": 24, "validation_matched": 8}
+
+  def __init__(self, **kwargs):
+    super().__init__(config="mnli", **kwargs)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in self.SIZES}
+
+  def _generate_examples(self, split):
+    for i in range(self.SIZES[split]):
+      yield i, {"premise": f"the cat sat on mat number {i}.", "hypothesis": f"a cat sat {i}.",
+                "label": i % 3, "idx": i}

@@ -4,12 +4,12 @@ Tiny random-weight checkpoints written here (a GGUF Llama, a Hugging Face BERT d
 in for SmolLM2 and MiniLM, on the real offline Shakespeare data; the configs are the shipped
 ones at their `:smoke` size.
 """
-import json
+import os
+import subprocess
+import sys
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import minilm_genre, smollm2_genre, smollm2_lm
 from nsn_jax.layers import nsn_layers
@@ -17,6 +17,8 @@ from nsn_jax.sweep import load_params, run_sweep
 from nsn_jax.train_lib import train_and_evaluate
 from test_bert import TINY as BERT_TINY, hf_config, hf_weights, tiny_model as tiny_bert, write_hf
 from test_llama import TINY, gguf_weights, tiny_model, write_gguf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +87,20 @@ def test_sweep_with_a_dense_reference_row(genre_runs):
     run_sweep(nsn_dir, "2", references=[nsn_dir], verbose=False)
 
 
-def test_language_modelling_reports_perplexity(tiny_gguf, data_dir, tmp_path):
+def test_language_modelling_reports_perplexity_and_generates(tiny_gguf, data_dir, tmp_path):
   final = train_and_evaluate(_config(smollm2_lm, "smoke", tiny_gguf, data_dir,
                                      train__multi_rank="vmap_masked"), str(tmp_path))
   rows = run_sweep(str(tmp_path), "8", verbose=False)
   assert rows[0]["perplexity"] == pytest.approx(np.exp(final["eval/rank_8/loss"]), rel=1e-5)
   assert 0 <= rows[0]["accuracy"] <= 1
+  cli = lambda *flags: subprocess.run(
+      [sys.executable, "-m", "nsn_jax.llm.generate", f"--workdir={tmp_path}", "--prompt=ab",
+       "--max_new_tokens=3", *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+  done = cli("--rank=2")
+  assert done.returncode == 0 and done.stdout.startswith("ab"), done.stderr[-2000:]
+  assert "rank 2:" in done.stderr
+  bad = cli("--rank=9")
+  assert bad.returncode == 1 and "valid ranks are 1..8" in bad.stderr
 
 
 def test_activation_aware_surgery_from_training_batches(tiny_gguf, data_dir, tmp_path):
@@ -114,3 +124,17 @@ def test_bad_llm_configs_are_refused(tiny_gguf, data_dir, tmp_path):
   with pytest.raises(ValueError, match="surgery.rules 'ffn'"):
     train_and_evaluate(_config(smollm2_genre, "smoke", tiny_gguf, data_dir,
                                surgery__rules="ffn"), str(tmp_path / "b"))
+
+
+def test_a_prepared_tfds_text_pair_dataset_runs_by_config(tiny_gguf, tmp_path):
+  """glue/mnli as a user would have it prepared (built locally here): two text features."""
+  from fakes import FakeMnli
+  FakeMnli(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+  config = _config(smollm2_genre, "smoke", tiny_gguf, str(tmp_path / "tfds"),
+                   train__steps=2, data__eval_split="validation_matched")
+  config.data.name, config.data.text_feature = "glue/mnli", ("premise", "hypothesis")
+  final = train_and_evaluate(config, str(tmp_path / "run"))
+  assert np.isfinite(final["eval/rank_8/loss"])
+  config.data.text_feature = ("premise", "sentence")
+  with pytest.raises(ValueError, match="sentence"):
+    train_and_evaluate(config, str(tmp_path / "bad"))

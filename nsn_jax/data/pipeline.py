@@ -94,7 +94,8 @@ def _check_features(data_config: ml_collections.ConfigDict, features: Any) -> No
     wanted["num_classes"] = data_config.num_classes
     found["num_classes"] = features["label"].num_classes if "label" in features else None
   if text:
-    wanted["text_feature"], found["text_feature"] = text, text if text in features else None
+    wanted["text_features"] = _text_features(data_config)
+    found["text_features"] = tuple(k for k in wanted["text_features"] if k in features)
   else:
     wanted["image_shape"] = tuple(data_config.image_shape)
     found["image_shape"] = tuple(features["image"].shape) if "image" in features else None
@@ -103,18 +104,32 @@ def _check_features(data_config: ml_collections.ConfigDict, features: Any) -> No
                      f"has {found} (features: {sorted(features)}).")
 
 
+def _text_features(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`data.text_feature`: one feature ("text") or several (("premise", "hypothesis"))."""
+  text = data_config.text_feature
+  return (text,) if isinstance(text, str) else tuple(text)
+
+
+def _joined(record: dict, keys: tuple[str, ...]) -> str:
+  """The record's text features as one text, one line each (TFDS gives Text as UTF-8 bytes)."""
+  return "\n".join(v.decode("utf-8") if isinstance(v, bytes) else v
+                   for v in (record[k] for k in keys))
+
+
 def record_reader(data_config: ml_collections.ConfigDict,
                   encoder: TextEncoder | None = None) -> Callable[[list[dict]], Batch]:
   """records → host arrays: {"image": uint8 (n, H, W, C), "label": int32 (n,)} for images, or
-  {"tokens": int32 (n, T), "mask": bool (n, T)} (+ "label") for text, T = data.seq_len."""
+  {"tokens": int32 (n, T), "mask": bool (n, T)} (+ "label") for text, T = data.seq_len; several
+  text features are joined, one line each."""
   text, labelled = data_config.get("text_feature"), data_config.get("num_classes") is not None
   if text and encoder is None:
     raise ValueError(f"{data_config.name!r} is a text dataset: it needs the model's tokenizer.")
+  keys = _text_features(data_config) if text else ()
 
   def read(records: list[dict]) -> Batch:
     if text:
-      batch = encode_texts([r[text] for r in records], encoder.encode, data_config.seq_len,
-                           encoder.pad_id)
+      batch = encode_texts([_joined(r, keys) for r in records], encoder.encode,
+                           data_config.seq_len, encoder.pad_id)
     else:
       batch = {"image": np.stack([r["image"] for r in records])}
     if labelled:

@@ -1,21 +1,28 @@
-"""Greedy generation from a GGUF model, dense or with its MLPs turned into NSN layers.
+"""Greedy generation (KV cache) from a GGUF model or a fine-tuned nested decoder, at a chosen rank.
 
   python -m nsn_jax.llm.generate --prompt="The capital of France is"            # SmolLM2, dense
   python -m nsn_jax.llm.generate --prompt="..." --nsn_max_rank=576 --rank=288   # NSN MLPs at r=288
+  python -m nsn_jax.llm.generate --workdir=runs/smollm2_lm --rank=136 --prompt="To be, or"
 
 `--nsn_max_rank` applies `decompose_and_replace` (SVD, MLP projections only) before generating;
-`--rank` then picks the budget. Without multi-rank fine-tuning, low ranks degrade quickly: this
-shows what plain truncation of the SVD does, not what a trained NSN model does.
+`--rank` then picks the budget. Without multi-rank fine-tuning, low ranks degrade quickly: that
+shows what plain truncation of the SVD does. `--workdir` loads a decoder fine-tuned by train.py
+on language modelling (configs/smollm2_lm.py), whose ranks were trained.
 """
 from __future__ import annotations
 
 import sys
 import time
 
+import gguf
+import ml_collections
 from absl import app, flags, logging
 
 from nsn_jax import flops
-from nsn_jax.llm.gguf import load_gguf, smollm2_path
+from nsn_jax.checkpoint import CheckpointError
+from nsn_jax.layers import nsn_layers
+from nsn_jax.llm.gguf import GGUFTokenizer, load_gguf, smollm2_path
+from nsn_jax.sweep import load_params
 from nsn_jax.models.llama import generate
 from nsn_jax.surgery import decompose_and_replace, format_report
 
@@ -24,22 +31,43 @@ _PROMPT = flags.DEFINE_string("prompt", "The capital of France is", "Text to con
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 20, "Tokens to generate.")
 _NSN_MAX_RANK = flags.DEFINE_integer("nsn_max_rank", None,
                                      "Replace the MLP projections by NSN layers of this R.")
-_RANK = flags.DEFINE_integer("rank", None, "Rank to generate at (default R); needs nsn_max_rank.")
+_RANK = flags.DEFINE_integer("rank", None, "Rank to generate at (default R); needs nsn_max_rank "
+                             "or workdir.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir of a language-modelling run: "
+                               "generate from its newest checkpoint.")
+
+
+def _load():
+  """(model, tokenizer): a train.py workdir's decoder, or a GGUF file (SVD surgery if asked)."""
+  if _WORKDIR.value is not None:
+    model, metadata, _ = load_params(_WORKDIR.value)
+    config = ml_collections.ConfigDict(metadata["config"])
+    if config.get("task") != "language_modelling":
+      raise ValueError(f"{_WORKDIR.value} was trained for {config.get('task')!r}; generate needs "
+                       "a language_modelling run.")
+    path = config.model.get("path") or smollm2_path()
+    return model, GGUFTokenizer.from_reader(gguf.GGUFReader(path))
+  _, model, tokenizer = load_gguf(_GGUF.value or smollm2_path())
+  if _NSN_MAX_RANK.value is not None:
+    model, report = decompose_and_replace(model, max_rank=_NSN_MAX_RANK.value)
+    print(format_report(report), file=sys.stderr)
+  return model, tokenizer
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  if _RANK.value is not None and _NSN_MAX_RANK.value is None:
-    sys.exit("generate: --rank needs --nsn_max_rank (a dense model has no ranks).")
+  if _RANK.value is not None and _NSN_MAX_RANK.value is None and _WORKDIR.value is None:
+    sys.exit("generate: --rank needs --nsn_max_rank or --workdir (a dense model has no ranks).")
   start = time.perf_counter()
-  _, model, tokenizer = load_gguf(_GGUF.value or smollm2_path())
+  try:
+    model, tokenizer = _load()
+  except (ValueError, CheckpointError) as e:
+    sys.exit(f"generate: {e}")
   print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
   rank = None
-  if _NSN_MAX_RANK.value is not None:
-    model, report = decompose_and_replace(model, max_rank=_NSN_MAX_RANK.value)
-    print(format_report(report), file=sys.stderr)
+  if nsn_layers(model):
     rank = _RANK.value or flops.max_rank(model)
     context = len(tokenizer.encode(_PROMPT.value)) + _MAX_NEW.value
     try:  # checks the rank against every NSN layer before anything compiles
