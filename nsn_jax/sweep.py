@@ -24,7 +24,8 @@ from nsn_jax.models.build import build_model, text_encoder
 from nsn_jax.tasks import get_task
 
 COLUMNS = ("model", "rank", "trained", "budget", "accuracy", "loss", "perplexity", "flops",
-           "flops_frac_dense", "flops_frac_max_rank", "active_params", "latency_ms", "xla_flops")
+           "flops_frac_dense", "flops_frac_max_rank", "nsn_frac_dense", "active_params",
+           "latency_ms", "xla_flops")
 
 
 def parse_ranks(spec: str, max_rank: int) -> list[int]:
@@ -131,6 +132,7 @@ def run_sweep(workdir: str, ranks_spec: str = "all", budgets: list[float] = (),
         "perplexity": (math.exp(metrics["loss"]) if task.name == "language_modelling"
                        else None),
         "flops": cost, "flops_frac_dense": cost / dense, "flops_frac_max_rank": cost / full,
+        "nsn_frac_dense": _nsn_fraction(model, rank),
         "active_params": flops.active_params(model, rank),
         "latency_ms": 1e3 * metrics["latency_s"],
         "xla_flops": evaluator.forward_flops(nnx.state(model), arrays, rank) / batch_size,
@@ -153,12 +155,24 @@ def run_sweep(workdir: str, ranks_spec: str = "all", budgets: list[float] = (),
   return rows
 
 
+def _nsn_fraction(model, rank) -> float | None:
+  """FLOPs of the NSN layers alone (e.g. the MLPs) at `rank`, as a fraction of the same layers
+  dense; None for a model without NSN layers."""
+  layers = nsn_layers(model).values()
+  if not layers:
+    return None
+  return (sum(flops.nsn_layer_flops(layer, rank) for layer in layers) /
+          sum(flops.dense_flops(l.in_features, l.out_features, l.bias is not None)
+              for l in layers))
+
+
 def format_table(rows: list[dict]) -> str:
   """The sweep as a fixed-width text table; a dense reference shows its workdir for a rank."""
   perplexity = any(r["perplexity"] is not None for r in rows)
   header = (f"{'rank':>5} {'trained':>7} {'budget':>6} {'accuracy':>8} {'loss':>7} "
             + (f"{'ppl':>8} " if perplexity else "") +
-            f"{'FLOPs/ex':>13} {'%dense':>6} {'%R':>6} {'params':>11} {'ms/batch':>8}")
+            f"{'FLOPs/ex':>13} {'%dense':>6} {'%R':>6} {'%NSN':>6} {'params':>11} "
+            f"{'ms/batch':>8}")
   lines = [header, "-" * len(header)]
   for r in rows:
     budget = "" if r["budget"] is None else f"{r['budget']:g}"
@@ -168,7 +182,9 @@ def format_table(rows: list[dict]) -> str:
         f"{r['accuracy']:>8.4f} {r['loss']:>7.4f} "
         + (f"{r['perplexity']:>8.2f} " if perplexity else "") +
         f"{r['flops']:>13,} {100 * r['flops_frac_dense']:>6.1f} "
-        f"{100 * r['flops_frac_max_rank']:>6.1f} {r['active_params']:>11,} "
+        f"{100 * r['flops_frac_max_rank']:>6.1f} "
+        + ("     -" if r["nsn_frac_dense"] is None else f"{100 * r['nsn_frac_dense']:>6.1f}") +
+        f" {r['active_params']:>11,} "
         f"{r['latency_ms']:>8.3f}")
   return "\n".join(lines)
 
