@@ -45,6 +45,11 @@ class FixedRankLayer(nnx.Module):
     self.in_features, self.out_features, self.rank = in_features, out_features, rank
     self.dtype = dtype
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+    self._init_params(param_dtype)
+
+  def _init_params(self, param_dtype) -> None:
+    """Creates the form's own (zero) parameters."""
+    raise NotImplementedError
 
   def flops_per_row(self) -> int:
     """Forward FLOPs per input row (multiply-add = 2, bias add = 1), as `nsn_jax.flops`."""
@@ -61,10 +66,8 @@ class DenseForm(FixedRankLayer):
   """y = x @ kernel + bias with kernel = a_r b_r folded: (d_in, d_out)."""
   form = "dense"
 
-  def __init__(self, in_features, out_features, rank, use_bias, dtype=None,
-               param_dtype=jnp.float32):
-    super().__init__(in_features, out_features, rank, use_bias, dtype, param_dtype)
-    self.kernel = nnx.Param(jnp.zeros((in_features, out_features), param_dtype))
+  def _init_params(self, param_dtype) -> None:
+    self.kernel = nnx.Param(jnp.zeros((self.in_features, self.out_features), param_dtype))
 
   def _matmul_flops(self) -> int:
     return 2 * self.in_features * self.out_features
@@ -79,11 +82,9 @@ class FactorisedForm(FixedRankLayer):
   """y = (x @ a) @ b + bias with the rank-r prefixes a: (d_in, r), b: (r, d_out)."""
   form = "factorised"
 
-  def __init__(self, in_features, out_features, rank, use_bias, dtype=None,
-               param_dtype=jnp.float32):
-    super().__init__(in_features, out_features, rank, use_bias, dtype, param_dtype)
-    self.a = nnx.Param(jnp.zeros((in_features, rank), param_dtype))
-    self.b = nnx.Param(jnp.zeros((rank, out_features), param_dtype))
+  def _init_params(self, param_dtype) -> None:
+    self.a = nnx.Param(jnp.zeros((self.in_features, self.rank), param_dtype))
+    self.b = nnx.Param(jnp.zeros((self.rank, self.out_features), param_dtype))
 
   def _matmul_flops(self) -> int:
     return 2 * self.rank * (self.in_features + self.out_features)
@@ -97,12 +98,10 @@ class GARForm(FixedRankLayer):
   """y = (x[perm[:r]] + x[perm[r:]] @ n) @ m + bias: n (d_in − r, r), m (r, d_out), perm (d_in,)."""
   form = "gar"
 
-  def __init__(self, in_features, out_features, rank, use_bias, dtype=None,
-               param_dtype=jnp.float32):
-    super().__init__(in_features, out_features, rank, use_bias, dtype, param_dtype)
-    self.perm = GatherIndex(jnp.arange(in_features, dtype=jnp.int32))
-    self.n = nnx.Param(jnp.zeros((in_features - rank, rank), param_dtype))
-    self.m = nnx.Param(jnp.zeros((rank, out_features), param_dtype))
+  def _init_params(self, param_dtype) -> None:
+    self.perm = GatherIndex(jnp.arange(self.in_features, dtype=jnp.int32))
+    self.n = nnx.Param(jnp.zeros((self.in_features - self.rank, self.rank), param_dtype))
+    self.m = nnx.Param(jnp.zeros((self.rank, self.out_features), param_dtype))
 
   def _matmul_flops(self) -> int:
     return flexrank.gar_flops(self.in_features, self.out_features, self.rank)
