@@ -6,6 +6,7 @@ The default tests use a tiny random-weight model; `-m slow` runs all-MiniLM-L6-v
 import dataclasses
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -233,6 +234,8 @@ def test_surgery_selects_bert_projections_and_is_exact_at_full_rank():
 def test_classifier_on_a_pretrained_encoder():
   encoder, (tokens, mask) = tiny_model(), tiny_batch()
   classifier = SequenceClassifier(encoder, 3, rngs=nnx.Rngs(1))
+  assert not np.any(classifier.head.kernel[...])  # a fresh head predicts uniformly
+  classifier.head.kernel[...] = jax.random.normal(jax.random.key(3), classifier.head.kernel.shape)
   logits = nnx.jit(lambda m, t, k: m(t, k))(classifier, tokens, mask)
   pooled = mean_pool(forward(encoder, tokens, mask), mask)
   assert logits.shape == (2, 3) and logits.dtype == jnp.float32

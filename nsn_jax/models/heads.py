@@ -32,7 +32,10 @@ class SequenceClassifier(nnx.Module):
 
   def __init__(self, backbone: nnx.Module, num_classes: int, *, rngs: nnx.Rngs):
     self.backbone = backbone
-    self.head = nnx.Linear(backbone.config.dim, num_classes, rngs=rngs)
+    # Zero-initialised: a fresh head predicts uniformly, so the first updates do not push a
+    # pretrained backbone with the large errors of random logits.
+    self.head = nnx.Linear(backbone.config.dim, num_classes, kernel_init=nnx.initializers.zeros,
+                           rngs=rngs)
 
   def __call__(self, tokens: jax.Array, mask: jax.Array, rank: Rank = None) -> jax.Array:
     """tokens int32, mask bool or 0/1 (B, T) → logits float32 (B, num_classes)."""
