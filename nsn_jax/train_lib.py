@@ -24,8 +24,8 @@ from nsn_jax.layers import nsn_layers
 from nsn_jax.metrics import MetricWriter, Progress, say
 from nsn_jax.models.build import PRETRAINED, build_model, text_encoder
 from nsn_jax.objective import LogVariance, Objective, RankWeights, multi_rank_loss
-from nsn_jax.tasks import get_task
 from nsn_jax.ranks import RankSource, held_out_ranks, rank_source_from_config
+from nsn_jax.tasks import get_task
 
 
 class TrainTarget(nnx.Module):
