@@ -170,6 +170,20 @@ def test_export_at_a_profile_reloads_smaller_and_reproduces_it(flex_run, tmp_pat
     export(workdir, str(tmp_path / "x"), profile_budget=0.4)
 
 
+def test_an_nsn_run_saves_untrained_profiles_and_keeps_its_objective(tiny_gguf, data_dir,
+                                                                      tmp_path):
+  config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, train__steps=2,
+                   flexrank__budgets=(0.6,))
+  final = train_and_evaluate(config, str(tmp_path))
+  assert {"eval/rank_8/loss", "eval/rank_2/loss", "eval/profile_0.6/loss"} <= set(final)
+  metadata = load_params(str(tmp_path))[1]
+  assert not metadata["flexrank"]["trained"] and metadata["trained_ranks"] == [2, 8]
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert any("train/rank_8/loss" in json.loads(line) for line in f)
+  rows = run_sweep(str(tmp_path), "none", profiles=True, verbose=False)
+  assert [(r["model"], r["trained"]) for r in rows] == [("flexrank", False)]
+
+
 def test_bad_flexrank_configs_are_refused(tiny_gguf, data_dir, smoke_config, tmp_path):
   def run(variant, name, **overrides):
     train_and_evaluate(_config(smollm2_genre, variant, tiny_gguf, data_dir, **overrides),
