@@ -1,6 +1,7 @@
 """Multi-rank training: `train_and_evaluate(config, workdir)`, the library behind train.py."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import logging
 import re
@@ -103,7 +104,7 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 
 
 def checkpoint_metadata(config, model: nnx.Module, source: RankSource | profiles.ProfileSampler,
-                        step: int, found: list[dict] = ()) -> dict:
+                        step: int, found: Sequence[dict] = ()) -> dict:
   """What a checkpoint says about itself; eval.py rebuilds the model from it. `found`: the
   FlexRank profiles (`profiles.search_profiles`), saved with whether distillation trained them."""
   flexrank = {"profiles": list(found),
@@ -200,10 +201,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     teacher_graphdef, teacher_state = nnx.split(teacher)
     teacher_sharding = sharding.tree_shardings(
         teacher_state, mesh, sharding.rules_from_config(config.get("sharding")))
-    # Copied by a program (fresh buffers): the layers the surgery kept are the very buffers of the
-    # student's state, which each step donates (device_put(may_alias=False) still shared some).
-    teacher_state = jax.jit(lambda t: jax.tree.map(jnp.copy, t),
-                            out_shardings=teacher_sharding)(teacher_state)
+    # Placed, then copied by a program (fresh buffers): the layers the surgery kept are the very
+    # buffers of the student's state, which each step donates (device_put(may_alias=False)
+    # still shared some).
+    teacher_state = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=teacher_sharding)(
+        jax.device_put(teacher_state, teacher_sharding))
 
   # ----- Resume order: this workdir's newest readable checkpoint, else from scratch. -----
   checkpoints = Checkpoints(f"{workdir}/checkpoints", config.train.max_to_keep)
