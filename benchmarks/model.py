@@ -12,7 +12,7 @@ from benchmarks.common import (Column, SuiteResult, eval_program, mlp_config, su
                                time_jax, xla_flops)
 from benchmarks.timing import Policy
 from nsn_jax import flops
-from nsn_jax.models import build_model
+from nsn_jax.models.build import build_model
 
 BATCHES = {"tiny": (1, 8), "full": (1, 128, 1024)}
 NOT_MEASURED = ("SmolLM2-sized decoder: nsn_jax has no decoder model yet (nsn_jax.models builds "

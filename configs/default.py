@@ -32,8 +32,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = "uncertainty"   # anchor_only | uniform | uncertainty | uncertainty_logits | uncertainty_ortho
+                                     # | flexrank_distill (needs flexrank.budgets)
   c.objective.logits_weight = 1.0
   c.objective.ortho_weight = 0.01
+
+  c.flexrank = ml_collections.ConfigDict()  # FlexRank: docs/flexrank.md (pretrained + surgery)
+  c.flexrank.budgets = ()            # fractions of the dense whole-forward FLOPs; () = no profiles
+  c.flexrank.probabilities = ()      # α_k per budget for objective flexrank_distill; () = uniform
 
   c.ranks = ml_collections.ConfigDict()
   c.ranks.kind = "fixed"             # fixed | anchor_variants

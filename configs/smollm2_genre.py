@@ -11,6 +11,9 @@ the same fine-tuning (MLP projections + head) without surgery.
   python eval.py --workdir=runs/smollm2_genre --ranks=32,64,96,136,192,288,432,576 \
       --references=runs/smollm2_genre_dense --budgets=0.5 --budget_reference=dense
 
+`:flexrank` trains FlexRank instead (docs/flexrank.md): activation-aware surgery, nested profiles
+at 30–90% of the dense FLOPs, distillation from the dense model at one sampled profile per step.
+
 Sized for a 2-core CPU (64-token passages, 150 steps of 8); scale seq_len, steps and batch on
 an accelerator. `:smoke` needs `--config.model.path` to a tiny GGUF (tests).
 """
@@ -56,18 +59,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.surgery.max_rank = 0
     c.ranks.fixed = (1,)             # a dense model has one "rank": itself
     c.eval.ranks = (1,)
+  if "flexrank" in variant:          # FlexRank: nested profiles, distilled from the dense model
+    c.objective.name = "flexrank_distill"
+    c.surgery.init = "activation_aware"
+    c.flexrank.budgets = (0.3, 0.5, 0.7, 0.9)  # of the dense whole forward pass
+    c.eval.ranks = ()                # the profiles are evaluated instead (eval/profile_0.5/...)
   if "smoke" in variant:             # a tiny GGUF given by --config.model.path; seconds
     c.data.seq_len = 16
     c.data.eval_examples = 16
     c.surgery.max_rank = 0 if "dense" in variant else 8
     if "dense" not in variant:
       c.ranks.fixed, c.eval.ranks = (8, 2), (8, 2)
+    if "flexrank" in variant:        # the tiny model spends 50% of its FLOPs outside the MLPs
+      c.flexrank.budgets, c.eval.ranks = (0.55, 0.6, 0.65), ()
     c.train.steps = 6
     c.train.batch_size = 8             # divisible by the 8 fake devices of the tests
     c.train.log_every = 2
     c.train.checkpoint_every = 3
     c.optimizer.warmup_steps = 1
     c.eval.batch_size = 8
-  if set(variant.split(",")) - {"", "dense", "smoke"}:
-    raise ValueError(f"unknown config variant {arg!r}; known: dense, smoke, dense,smoke.")
+  parts = set(variant.split(","))
+  if parts - {"", "dense", "smoke", "flexrank"} or {"dense", "flexrank"} <= parts:
+    raise ValueError(f"unknown config variant {arg!r}; known: dense, flexrank, smoke and "
+                     "dense,smoke or flexrank,smoke.")
   return c

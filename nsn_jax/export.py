@@ -2,6 +2,7 @@
 
   python -m nsn_jax.export --workdir=runs/demo --rank=16 --out=runs/demo/export/r16
   python -m nsn_jax.export --workdir=runs/demo --budget=0.5 --out=runs/demo/export/half
+  python -m nsn_jax.export --workdir=runs/flex --profile_budget=0.5 --out=runs/flex/export/p50
 
 The export holds only what the chosen budget runs (`nsn_jax.deploy`: each NSN layer folded to
 dense, factorised or GAR, whichever is cheapest at its rank), so its parameter count and FLOPs
@@ -17,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from flax import nnx
 
-from nsn_jax import flops
+from nsn_jax import flops, profiles
 from nsn_jax.checkpoint import CheckpointError, Checkpoints, param_shapes
 from nsn_jax.deploy import FORMS, DeployedLayer, deploy, format_report
 from nsn_jax.sweep import load_params
@@ -25,20 +26,30 @@ from nsn_jax.sweep import load_params
 
 def export(workdir: str, out: str, rank: int | Mapping[str, int] | None = None,
            budget: float | None = None, budget_reference: str = "max_rank",
-           form: str = "cheapest") -> dict:
-  """Writes the budget (a global `rank`, a per-layer profile, or a FLOPs `budget` mapped to the
-  largest global rank that fits) of workdir's newest checkpoint to `out`; returns its metadata.
+           form: str = "cheapest", profile_budget: float | None = None) -> dict:
+  """Writes the budget (a global `rank`, a per-layer profile, a FLOPs `budget` mapped to the
+  largest global rank that fits, or the FlexRank profile the checkpoint saved for
+  `profile_budget`) of workdir's newest checkpoint to `out`; returns its metadata.
 
   `out` must not exist yet: an export never overwrites. The checkpoint is committed atomically
   (orbax renames it into place only when complete).
   """
-  if (rank is None) == (budget is None):
-    raise ValueError("give exactly one of rank (or a profile) and budget.")
+  if sum(x is not None for x in (rank, budget, profile_budget)) != 1:
+    raise ValueError("give exactly one of rank (or a profile), budget and profile_budget.")
   if os.path.exists(out):
     raise ValueError(f"{out} already exists; an export never overwrites: choose a new --out.")
   model, metadata, step = load_params(workdir)
+  # A sequence model's FLOPs include attention over its context: per token at data.seq_len, and
+  # per example (seq_len tokens) in the metadata, as eval.py reports them.
+  seq_len = metadata["config"]["data"].get("seq_len")
   if budget is not None:
-    rank = flops.rank_for_budget(model, budget, budget_reference)
+    rank = flops.rank_for_budget(model, budget, budget_reference, seq_len)
+  if profile_budget is not None:
+    saved = profiles.saved_profiles(metadata)
+    if profile_budget not in saved:
+      raise ValueError(f"no saved profile for budget {profile_budget:g}; the checkpoint has "
+                       f"{', '.join(f'{b:g}' for b in saved)}.")
+    rank = saved[profile_budget]
   deployed, report = deploy(model, rank, form)
   params = nnx.to_pure_dict(nnx.state(deployed))
   metadata = {
@@ -46,9 +57,10 @@ def export(workdir: str, out: str, rank: int | Mapping[str, int] | None = None,
       "deployed": [dataclasses.asdict(entry) for entry in report],
       "export": {"source": os.path.abspath(workdir), "source_step": step,
                  "rank": dict(rank) if isinstance(rank, Mapping) else rank, "budget": budget,
+                 "profile_budget": profile_budget,
                  "budget_reference": budget_reference, "form_policy": form,
-                 "flops": flops.model_flops(deployed),
-                 "dense_flops": flops.dense_model_flops(deployed),
+                 "flops": (seq_len or 1) * flops.model_flops(deployed, None, seq_len),
+                 "dense_flops": (seq_len or 1) * flops.dense_model_flops(deployed, seq_len),
                  "params": flops.total_params(deployed),
                  "source_params": flops.total_params(model)},
       "param_shapes": param_shapes(params),
@@ -68,6 +80,8 @@ _RANK = flags.DEFINE_integer("rank", None, "Global rank to export.")
 _BUDGET = flags.DEFINE_float("budget", None, "FLOPs fraction; exports the largest rank that fits.")
 _REFERENCE = flags.DEFINE_enum("budget_reference", "max_rank", ["max_rank", "dense"],
                                "What --budget is a fraction of.")
+_PROFILE_BUDGET = flags.DEFINE_float("profile_budget", None, "Exports the FlexRank profile the "
+                                     "checkpoint saved for this budget (config.flexrank.budgets).")
 _FORM = flags.DEFINE_enum("form", "cheapest", ["cheapest", *FORMS],
                           "Per-layer form: the cheapest in FLOPs, or one for every layer.")
 
@@ -78,12 +92,15 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   try:
     metadata = export(_WORKDIR.value, _OUT.value, _RANK.value, _BUDGET.value, _REFERENCE.value,
-                      _FORM.value)
+                      _FORM.value, _PROFILE_BUDGET.value)
   except (ValueError, CheckpointError) as e:
     sys.exit(f"export: {e}")
   info = metadata["export"]
   print(format_report([DeployedLayer(**entry) for entry in metadata["deployed"]]))
-  print(f"exported rank {info['rank']} of {info['source']} (step {info['source_step']}) to "
+  what = (f"the profile for budget {info['profile_budget']:g} "
+          f"(ranks {profiles.summarise(info['rank'])})" if info["profile_budget"] is not None
+          else f"rank {info['rank']}")
+  print(f"exported {what} of {info['source']} (step {info['source_step']}) to "
         f"{_OUT.value}: {info['params']:,} parameters ({100 * info['params'] / info['source_params']:.1f}% "
         f"of the nested model's {info['source_params']:,}), {info['flops']:,} FLOPs per example "
         f"({100 * info['flops'] / info['dense_flops']:.1f}% of dense)")

@@ -7,6 +7,7 @@ the host in float64 numpy (they are one-off and small); factors come back as flo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import math
 
 import jax.numpy as jnp
 import numpy as np
@@ -47,42 +48,81 @@ def output_error(kernel, a, b, activations, rank: int) -> float:
 
 
 def layer_error_table(kernel, a, b, activations) -> list[Entry]:
-  """[(r, 2·r·(d_in + d_out), squared relative output error)] for r = 1..R of one layer."""
+  """[(r, 2·r·(d_in + d_out), squared relative output error)] for r = 1..R of one layer.
+
+  kernel (d_in, d_out), a (d_in, R), b (R, d_out), activations X (n, d_in). With Y = XW and
+  P = Xa, ‖Y − P_r b_r‖² = ‖Y‖² − 2 Σ_{i≤r} ⟨(PᵀY)_i, b_i⟩ + Σ_{i,j≤r} (PᵀP)_ij (bbᵀ)_ij, so every
+  rank's error comes from prefix sums of a few products: O(n·d·R + R²·d) rather than a product
+  per rank (what makes the table affordable for SmolLM2's 90 layers of R = 576).
+  """
   d_in, d_out = np.shape(kernel)
-  return [(r, 2 * r * (d_in + d_out), output_error(kernel, a, b, activations, r) ** 2)
-          for r in range(1, np.shape(a)[1] + 1)]
+  x = np.asarray(activations, np.float64)
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  y, p = x @ np.asarray(kernel, np.float64), x @ a
+  total = np.sum(y * y)
+  cross = np.cumsum(np.sum((p.T @ y) * b, axis=1))
+  quadratic = np.diag(np.cumsum(np.cumsum((p.T @ p) * (b @ b.T), axis=0), axis=1))
+  # Cancellation can leave −1e-16 at full rank: an error is never negative.
+  errors = np.maximum(total - 2 * cross + quadratic, 0.0) / total
+  return [(r, 2 * r * (d_in + d_out), float(errors[r - 1])) for r in range(1, b.shape[0] + 1)]
 
 
 def best_profile(tables: Mapping[str, Sequence[Entry]], budget: float,
-                 min_ranks: Mapping[str, int] | None = None) -> dict[str, int]:
-  """The per-layer ranks {layer: r} of least total error with total cost ≤ budget (exact).
+                 min_ranks: Mapping[str, int] | None = None,
+                 max_units: int = 1 << 16) -> dict[str, int]:
+  """The per-layer ranks {layer: r} of least total error with total cost ≤ budget.
 
-  Layer-by-layer DP over (cost, error) states, keeping only the Pareto frontier: a partial profile
-  that costs more and errs no less than another can never finish better. This is exact over
-  achievable costs with no discretisation, and stays small because sums of a few distinct layer
-  costs repeat. `min_ranks` restricts each layer to ranks ≥ its entry (used for nesting).
+  A knapsack DP over cost *units*, vectorised over every capacity 0..U at once: each layer's
+  cost is measured as its excess over that layer's cheapest allowed rank, in units of the
+  greatest common divisor of those excesses. With integer costs (FLOPs) and a spare budget of at
+  most `max_units` such units the result is exact; SmolLM2's MLP layers (every cost a multiple of
+  2·(576 + 1536)) stay exact up to whole-model budgets. Beyond that the unit grows to
+  spare / `max_units` and excesses round *up*: the profile stays within budget and is optimal
+  for the rounded costs. Time O(layers · ranks · U), memory one int32 (U,) choice per layer.
+  `min_ranks` restricts each layer to ranks ≥ its entry (used for nesting). Raises ValueError if
+  the budget is below the cheapest allowed profile's cost.
   """
   min_ranks = min_ranks or {}
-  cheapest = sum(min(c for r, c, _ in tables[l] if r >= min_ranks.get(l, 0)) for l in tables)
-  if budget < cheapest:
-    raise ValueError(f"budget {budget} is below the cheapest allowed profile's cost {cheapest}.")
-  frontier = [(0.0, 0.0, ())]  # (cost, error, ranks so far)
-  for layer, table in tables.items():
-    options = [(r, c, e) for r, c, e in table if r >= min_ranks.get(layer, 0)]
-    states = sorted((cost + c, err + e, ranks + (r,)) for cost, err, ranks in frontier
-                    for r, c, e in options if cost + c <= budget)
-    frontier = []
-    for state in states:
-      if not frontier or state[1] < frontier[-1][1]:
-        frontier.append(state)
-  return dict(zip(tables, frontier[-1][2]))  # the costliest Pareto state has the least error
+  options = {l: [row for row in table if row[0] >= min_ranks.get(l, 0)]
+             for l, table in tables.items()}
+  floors = {l: min(c for _, c, _ in rows) for l, rows in options.items()}
+  spare = budget - sum(floors.values())
+  if spare < 0:
+    raise ValueError(f"budget {budget} is below the cheapest allowed profile's cost "
+                     f"{sum(floors.values())}.")
+  excess = [c - floors[l] for l, rows in options.items() for _, c, _ in rows]
+  unit = (math.gcd(*map(int, excess)) if all(float(c).is_integer() for c in excess) else 0)
+  if unit and spare // unit <= max_units:
+    capacity = int(spare // unit)
+  else:
+    unit, capacity = (spare / max_units, max_units) if spare else (1.0, 0)
+  # units[layer][j]: option j's excess cost in units (exact, or rounded up: never over budget).
+  units = {l: [math.ceil((c - floors[l]) / unit) for _, c, _ in rows]
+           for l, rows in options.items()}
+  best = np.zeros(capacity + 1)  # best[u]: least error of the layers so far within u units
+  choices = []
+  for layer, rows in options.items():
+    new, choice = np.full(capacity + 1, np.inf), np.zeros(capacity + 1, np.int32)
+    for j, ((_, _, e), u) in enumerate(zip(rows, units[layer])):
+      if u > capacity:
+        continue
+      candidate = best[:capacity + 1 - u] + e
+      better = candidate < new[u:]  # strict: among equal errors the cheaper (earlier) rank stays
+      new[u:][better], choice[u:][better] = candidate[better], j
+    best = new
+    choices.append(choice)
+  profile, left = {}, capacity
+  for layer, choice in reversed(list(zip(options, choices))):
+    j = choice[left]
+    profile[layer], left = options[layer][j][0], left - units[layer][j]
+  return {layer: profile[layer] for layer in tables}
 
 
 def nested_profiles(tables: Mapping[str, Sequence[Entry]],
                     budgets: Sequence[float]) -> list[dict[str, int]]:
   """One profile per budget (in the order given), each layer's rank non-decreasing in the budget.
 
-  Budgets are solved in increasing order, each exactly (`best_profile`) but with every layer's
+  Budgets are solved in increasing order, each by `best_profile` but with every layer's
   rank floored at its rank in the previous profile. The previous profile fits the larger budget,
   so each step is feasible; the smallest budget gets its unconstrained optimum, later ones may
   pay a little error for nesting. Raises ValueError if a budget is below the all-rank-1 cost.

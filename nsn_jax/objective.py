@@ -10,6 +10,8 @@ gradient is scale-normalised. Named variants (the paper's ablation):
   uncertainty         the method above;
   uncertainty_logits  + λ · mean KL(p_anchor ‖ p_r) over the other ranks (anchor logits held fixed);
   uncertainty_ortho   + μ · residual orthogonality of the factors (see `factor_orthogonality`).
+FlexRank's consolidation (`objective.name = flexrank_distill`) is not a weighting of ranks but a
+distillation at one sampled profile per step: `distillation_loss`.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from nsn_jax.layers import nsn_layers
 from nsn_jax.tasks import Task
 
 WEIGHTINGS = ("anchor", "uniform", "uncertainty")
+DISTILL = "flexrank_distill"  # the objective name that selects `distillation_loss`
 
 
 class LogVariance(nnx.Param):
@@ -61,7 +64,8 @@ class Objective:
         "uncertainty_ortho": cls("uncertainty", ortho_weight=ortho_weight),
     }
     if name not in presets:
-      raise ValueError(f"unknown objective {name!r}; choose one of {sorted(presets)}.")
+      raise ValueError(f"unknown objective {name!r}; choose one of {sorted(presets)} "
+                       f"(or {DISTILL!r}, FlexRank's distillation, in train.py).")
     return presets[name]
 
 
@@ -92,6 +96,32 @@ def factor_orthogonality(model: nnx.Module) -> jax.Array:
   return total
 
 
+def weighted_kl(teacher_log_p: jax.Array, log_p: jax.Array, weights: jax.Array) -> jax.Array:
+  """KL(p_teacher ‖ p) in nats, averaged over examples (or tokens) with `weights` (B, ...).
+
+  teacher_log_p: (B, ..., C) log-probabilities; log_p: (k..., B, ..., C), any leading axes (e.g.
+  ranks) broadcast against the teacher → (k...).
+  """
+  kl = jnp.sum(jnp.exp(teacher_log_p) * (teacher_log_p - log_p), axis=-1)  # (k..., B, ...)
+  example_axes = tuple(range(kl.ndim - weights.ndim, kl.ndim))
+  return jnp.sum(kl * weights, axis=example_axes) / jnp.sum(weights)
+
+
+def distillation_loss(model: nnx.Module, teacher: nnx.Module, task: Task, batch: dict, profile):
+  """FlexRank's consolidation loss: KL(teacher ‖ model at `profile`) on the task's logits.
+
+  The teacher (the dense model before surgery) runs in the same program, outside the gradient.
+  Returns (KL scalar, aux: `kl`, and the student's `loss` (mean CE) and `accuracy`, scalars).
+  """
+  logits = task.logits(model, batch, profile).astype(jnp.float32)
+  teacher_log_p = jax.lax.stop_gradient(
+      jax.nn.log_softmax(task.logits(teacher, batch, None).astype(jnp.float32)))
+  kl = weighted_kl(teacher_log_p, jax.nn.log_softmax(logits), task.targets(batch)[1])
+  scores = task.scores(logits, batch)
+  return kl, {"kl": kl, "loss": scores["loss"] / scores["weight"],
+              "accuracy": scores["correct"] / scores["weight"]}
+
+
 def multi_rank_loss(model: nnx.Module, rank_weights: RankWeights, objective: Objective,
                     task: Task, batch: dict, ranks):
   """The combined loss and per-rank metrics.
@@ -117,10 +147,7 @@ def multi_rank_loss(model: nnx.Module, rank_weights: RankWeights, objective: Obj
     loss = jnp.sum(jnp.exp(-log_var) * losses + log_var)
   if objective.logits_weight:
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
-    teacher = jax.lax.stop_gradient(log_p[anchor])
-    kl = jnp.sum(jnp.exp(teacher) * (teacher - log_p), axis=-1)  # (k, B, ...)
-    weights = task.targets(batch)[1]
-    kl = jnp.sum(kl * weights, axis=tuple(range(1, kl.ndim))) / jnp.sum(weights)   # (k,)
+    kl = weighted_kl(jax.lax.stop_gradient(log_p[anchor]), log_p, task.targets(batch)[1])  # (k,)
     others = max(rank_values.shape[0] - 1, 1)
     loss += objective.logits_weight * kl.sum() / others  # KL of the anchor to itself is 0
   if objective.ortho_weight:

@@ -1,10 +1,12 @@
 """The rank sweep behind eval.py: every requested rank as its own compiled program.
 
-Restores only the parameters from the one checkpoint, evaluates each rank, and writes
-DIR/eval/sweep.json, sweep.csv and frontier.png (accuracy against FLOPs fraction).
+Restores only the parameters from the one checkpoint, evaluates each rank (and, with `profiles`,
+each FlexRank profile the checkpoint saved), and writes DIR/eval/sweep.json, sweep.csv and
+frontier.png (accuracy against FLOPs fraction).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 import csv
 import json
 import math
@@ -14,7 +16,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from nsn_jax import flops, sharding
+from nsn_jax import flops, profiles as flexrank_profiles, sharding
 from nsn_jax.checkpoint import CheckpointError, Checkpoints, abstract_tree
 from nsn_jax.data import pipeline
 from nsn_jax.deploy import DeployedLayer, empty_like
@@ -23,14 +25,17 @@ from nsn_jax.layers import nsn_layers
 from nsn_jax.models.build import build_model, text_encoder
 from nsn_jax.tasks import get_task
 
-COLUMNS = ("model", "rank", "trained", "budget", "accuracy", "loss", "perplexity", "flops",
-           "flops_frac_dense", "flops_frac_max_rank", "nsn_frac_dense", "active_params",
+COLUMNS = ("model", "rank", "profile_ranks", "trained", "budget", "accuracy", "loss", "perplexity",
+           "flops", "flops_frac_dense", "flops_frac_max_rank", "nsn_frac_dense", "active_params",
            "latency_ms", "xla_flops")
 
 
 def parse_ranks(spec: str, max_rank: int) -> list[int]:
-  """'all' → 1..R; 'every:N' → N, 2N, … plus 1 and R; '1,2,4' → those. Raises on bad ranks."""
+  """'all' → 1..R; 'every:N' → N, 2N, … plus 1 and R; '1,2,4' → those; 'none' → [] (e.g. only
+  profiles). Raises on bad ranks."""
   spec = spec.strip()
+  if spec == "none":
+    return []
   if spec == "all":
     return list(range(1, max_rank + 1))
   try:
@@ -41,7 +46,8 @@ def parse_ranks(spec: str, max_rank: int) -> list[int]:
       return sorted({1, max_rank, *range(step, max_rank + 1, step)})
     ranks = sorted({int(r) for r in spec.split(",") if r.strip()})
   except ValueError:
-    raise ValueError(f"--ranks={spec!r} is not 'all', 'every:N' or a list like '1,2,4'.") from None
+    raise ValueError(f"--ranks={spec!r} is not 'all', 'every:N', 'none' or a list like "
+                     "'1,2,4'.") from None
   bad = [r for r in ranks if not 1 <= r <= max_rank]
   if bad or not ranks:
     raise ValueError(f"--ranks={spec!r}: ranks {bad} are outside this model's range 1..{max_rank}.")
@@ -93,11 +99,15 @@ def restore_model(directory: str, mesh: jax.sharding.Mesh | None = None):
 
 def run_sweep(workdir: str, ranks_spec: str = "all", budgets: list[float] = (),
               budget_reference: str = "max_rank", batch_size: int | None = None,
-              references: list[str] = (), verbose: bool = True) -> list[dict]:
-  """Evaluates the requested ranks (and the ranks that budgets map to), then each reference
-  workdir (a dense baseline trained on the same task) once; writes and returns rows.
+              references: list[str] = (), verbose: bool = True,
+              profiles: bool = False) -> list[dict]:
+  """Evaluates the requested ranks (and the ranks that budgets map to), with `profiles` each
+  FlexRank profile saved in the checkpoint (model "flexrank", rank None, its budget and a summary
+  of its per-layer ranks), then each reference workdir (a dense baseline trained on the same task)
+  once; writes and returns rows.
 
   FLOPs are per example: for a sequence model, the whole forward pass over data.seq_len tokens.
+  Raises ValueError for `profiles` on a checkpoint without them, or when nothing is requested.
   """
   model, metadata, step = load_params(workdir)
   config = ml_collections.ConfigDict(metadata["config"])
@@ -109,6 +119,9 @@ def run_sweep(workdir: str, ranks_spec: str = "all", budgets: list[float] = (),
     rank = flops.rank_for_budget(model, budget, budget_reference, seq_len)
     budget_of.setdefault(rank, budget)
   ranks = sorted(set(ranks) | set(budget_of))
+  saved = flexrank_profiles.saved_profiles(metadata) if profiles else {}
+  if not ranks and not saved:
+    raise ValueError("nothing to evaluate: --ranks=none and no --profiles.")
 
   arrays = pipeline.load_split(config.data, config.data.eval_split, text_encoder(config))
   batch_size = batch_size or config.eval.batch_size
@@ -118,16 +131,19 @@ def run_sweep(workdir: str, ranks_spec: str = "all", budgets: list[float] = (),
   full = per_example * flops.model_flops(model, None, seq_len)
   n = len(arrays[task.keys[0]])
   if verbose:
-    print(f"sweeping {len(ranks)} ranks of {workdir} (step {step}, R={flops.rank_count(model)}, "
-          f"{n} {config.data.eval_split} examples)", flush=True)
+    print(f"sweeping {len(ranks)} ranks and {len(saved)} profiles of {workdir} (step {step}, "
+          f"R={flops.rank_count(model)}, {n} {config.data.eval_split} examples)", flush=True)
 
   def row(model, rank, name, evaluator):
     metrics = evaluator(nnx.state(model), arrays, rank)
     cost = per_example * flops.model_flops(model, rank, seq_len)
     if verbose:
-      print(f"  {name} rank {rank}: accuracy {metrics['accuracy']:.4f}", flush=True)
+      label = (f"profile {flexrank_profiles.summarise(rank)}" if isinstance(rank, Mapping)
+               else f"rank {rank}")
+      print(f"  {name} {label}: accuracy {metrics['accuracy']:.4f}", flush=True)
     return {
-        "model": name, "rank": rank, "trained": rank in trained, "budget": budget_of.get(rank),
+        "model": name, "rank": rank, "profile_ranks": None, "trained": rank in trained,
+        "budget": budget_of.get(rank),
         "accuracy": metrics["accuracy"], "loss": metrics["loss"],
         "perplexity": (math.exp(metrics["loss"]) if task.name == "language_modelling"
                        else None),
@@ -140,6 +156,10 @@ def run_sweep(workdir: str, ranks_spec: str = "all", budgets: list[float] = (),
 
   evaluator = RankEvaluator(nnx.graphdef(model), batch_size, task)
   rows = [row(model, rank, "nsn", evaluator) for rank in ranks]
+  profiles_trained = metadata.get("flexrank", {}).get("trained", False)
+  rows += [row(model, profile, "flexrank", evaluator) | {
+      "rank": None, "profile_ranks": flexrank_profiles.summarise(profile),
+      "trained": profiles_trained, "budget": budget} for budget, profile in saved.items()]
   for reference in references:
     dense_model = load_params(reference)[0]
     if nsn_layers(dense_model):
@@ -167,18 +187,21 @@ def _nsn_fraction(model, rank) -> float | None:
 
 
 def format_table(rows: list[dict]) -> str:
-  """The sweep as a fixed-width text table; a dense reference shows its workdir for a rank."""
+  """The sweep as a fixed-width text table; a profile shows its per-layer ranks' range for a
+  rank, a dense reference its workdir."""
   perplexity = any(r["perplexity"] is not None for r in rows)
-  header = (f"{'rank':>5} {'trained':>7} {'budget':>6} {'accuracy':>8} {'loss':>7} "
+  labels = [r["rank"] if r["rank"] is not None else r["profile_ranks"] or r["model"]
+            for r in rows]
+  width = max(5, *(len(str(label)) for label in labels))
+  header = (f"{'rank':>{width}} {'trained':>7} {'budget':>6} {'accuracy':>8} {'loss':>7} "
             + (f"{'ppl':>8} " if perplexity else "") +
             f"{'FLOPs/ex':>13} {'%dense':>6} {'%R':>6} {'%NSN':>6} {'params':>11} "
             f"{'ms/batch':>8}")
   lines = [header, "-" * len(header)]
-  for r in rows:
+  for r, rank in zip(rows, labels):
     budget = "" if r["budget"] is None else f"{r['budget']:g}"
-    rank = r["model"] if r["rank"] is None else r["rank"]
     lines.append(
-        f"{rank:>5} {'yes' if r['trained'] else 'no':>7} {budget:>6} "
+        f"{rank:>{width}} {'yes' if r['trained'] else 'no':>7} {budget:>6} "
         f"{r['accuracy']:>8.4f} {r['loss']:>7.4f} "
         + (f"{r['perplexity']:>8.2f} " if perplexity else "") +
         f"{r['flops']:>13,} {100 * r['flops_frac_dense']:>6.1f} "
@@ -211,10 +234,14 @@ def plot_frontier(rows: list[dict], path: str, title: str, budget_reference: str
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for i, r in enumerate(r for r in rows if r["rank"] is None):  # dense references
-    ax.axhline(r["accuracy"], color=f"C{i + 2}", linestyle="--", linewidth=1,
+  for i, r in enumerate(r for r in rows if r["model"].startswith("dense")):  # references
+    ax.axhline(r["accuracy"], color=f"C{i + 3}", linestyle="--", linewidth=1,
                label=f"{r['model']} ({r['accuracy']:.3f})")
-  rows = [r for r in rows if r["rank"] is not None]
+  flex = [r for r in rows if r["model"] == "flexrank"]
+  if flex:
+    ax.plot([r["flops_frac_dense"] for r in flex], [r["accuracy"] for r in flex], "D-",
+            color="C2", zorder=2, label="FlexRank profile")
+  rows = [r for r in rows if r["model"] == "nsn"]
   x = [r["flops_frac_dense"] for r in rows]
   ax.plot(x, [r["accuracy"] for r in rows], "-", color="0.7", zorder=1)
   for trained, style in ((True, dict(color="C0", label="trained rank")),
@@ -231,7 +258,7 @@ def plot_frontier(rows: list[dict], path: str, title: str, budget_reference: str
                   (r["flops_frac_dense"], 0.25),
                   xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
                   xytext=(-9, 0), textcoords="offset points")
-  for r in (rows[0], rows[-1]):
+  for r in rows[:1] + rows[-1:]:
     ax.annotate(f"r={r['rank']}", (r["flops_frac_dense"], r["accuracy"]),
                 textcoords="offset points", xytext=(4, -10), fontsize=8)
   ax.set_xlabel("forward FLOPs, fraction of the dense model")

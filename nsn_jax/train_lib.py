@@ -1,6 +1,7 @@
 """Multi-rank training: `train_and_evaluate(config, workdir)`, the library behind train.py."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import logging
 import re
@@ -16,14 +17,15 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import nsn_jax
-from nsn_jax import flops, sharding
+from nsn_jax import flops, profiles, sharding
 from nsn_jax.checkpoint import Checkpoints, abstract_tree, param_shapes
 from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.layers import nsn_layers
 from nsn_jax.metrics import MetricWriter, Progress, say
-from nsn_jax.models.build import PRETRAINED, build_model, text_encoder
-from nsn_jax.objective import LogVariance, Objective, RankWeights, multi_rank_loss
+from nsn_jax.models.build import PRETRAINED, build_model, build_pretrained, text_encoder
+from nsn_jax.objective import (DISTILL, LogVariance, Objective, RankWeights, distillation_loss,
+                               multi_rank_loss)
 from nsn_jax.ranks import RankSource, held_out_ranks, rank_source_from_config
 from nsn_jax.tasks import get_task
 
@@ -47,10 +49,11 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def build_target(config: ml_collections.ConfigDict, pretrained: bool = True,
-                 calibrate=None) -> TrainTarget:
+                 calibrate=None, model: nnx.Module | None = None) -> TrainTarget:
   """The model and one log-variance per rank 1..R, initialised from `config.seed` (and, for a
-  pretrained family with `pretrained`, the checkpoint it names)."""
-  model = build_model(config, seed=config.seed, pretrained=pretrained, calibrate=calibrate)
+  pretrained family with `pretrained`, the checkpoint it names); `model` if already built."""
+  if model is None:
+    model = build_model(config, seed=config.seed, pretrained=pretrained, calibrate=calibrate)
   return TrainTarget(model, RankWeights(flops.rank_count(model)))
 
 
@@ -71,8 +74,11 @@ def trainable(config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
 
 
 def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                       calibrate=None):
+                       calibrate=None, pretrained_model: nnx.Module | None = None):
   """(graphdef, state, state shardings) of (TrainTarget, optimizer), laid out on `mesh`.
+
+  `pretrained_model`: a pretrained family's model already built (`build_pretrained`, as FlexRank
+  does), placed instead of building it again.
 
   The state is traced as shapes first and its shardings derived from `config.sharding` rules.
   A from-scratch model is then materialised by one jitted init straight into that layout: no
@@ -83,7 +89,7 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   wrt = trainable(config)
 
   def init(pretrained):
-    target = build_target(config, pretrained, calibrate)
+    target = build_target(config, pretrained, calibrate, pretrained_model if pretrained else None)
     return target, nnx.Optimizer(target, tx, wrt=wrt)
 
   graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: init(False)))
@@ -97,8 +103,13 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   return graphdef, state, state_sharding
 
 
-def checkpoint_metadata(config, model: nnx.Module, source: RankSource, step: int) -> dict:
-  """What a checkpoint says about itself; eval.py rebuilds the model from it."""
+def checkpoint_metadata(config, model: nnx.Module, source: RankSource | profiles.ProfileSampler,
+                        step: int, found: Sequence[dict] = ()) -> dict:
+  """What a checkpoint says about itself; eval.py rebuilds the model from it. `found`: the
+  FlexRank profiles (`profiles.search_profiles`), saved with whether distillation trained them."""
+  flexrank = {"profiles": list(found),
+              "probabilities": list(getattr(source, "probabilities", ())),
+              "trained": isinstance(source, profiles.ProfileSampler)} if found else {}
   return {
       "config": json.loads(config.to_json_best_effort()),
       "nsn_layers": {path: {"in_features": l.in_features, "out_features": l.out_features,
@@ -110,6 +121,7 @@ def checkpoint_metadata(config, model: nnx.Module, source: RankSource, step: int
       "param_shapes": param_shapes(nnx.to_pure_dict(nnx.state(model))),
       "library_version": nsn_jax.__version__,
       "step": step,
+      **({"flexrank": flexrank} if flexrank else {}),
   }
 
 
@@ -165,15 +177,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       jax.process_count(), encoder)
   eval_arrays = pipeline.load_split(config.data, config.data.eval_split, encoder)
 
+  # ----- FlexRank (config.flexrank.budgets): nested profiles from the calibration batches; with
+  # objective flexrank_distill the dense model before surgery is the frozen teacher. -----
+  distill = config.objective.name == DISTILL
+  calibrate = _calibration(config, task, train_batches)
+  pretrained_model, teacher, found = _flexrank(config, calibrate, distill)
+
   # ----- Model, log-variances, optimizer: shapes first, then created directly sharded. -----
-  objective = Objective.named(config.objective.name, config.objective.logits_weight,
-                              config.objective.ortho_weight)
-  graphdef, state, state_sharding = create_train_state(
-      config, mesh, _calibration(config, task, train_batches))
+  objective = None if distill else Objective.named(
+      config.objective.name, config.objective.logits_weight, config.objective.ortho_weight)
+  graphdef, state, state_sharding = create_train_state(config, mesh, calibrate, pretrained_model)
   target = nnx.merge(graphdef, state)[0]
-  source = rank_source_from_config(config.ranks, target.rank_weights.log_var.shape[0],
-                                   total_steps, config.seed)
-  static_ranks = _static_ranks(config, source)
+  max_rank = target.rank_weights.log_var.shape[0]
+  if distill:  # each step trains one profile; its per-layer ranks are the step's "ranks"
+    source = profiles.ProfileSampler.create(found, config.flexrank.probabilities, config.seed,
+                                            max_rank)
+    static_ranks = None
+  else:
+    source = rank_source_from_config(config.ranks, max_rank, total_steps, config.seed)
+    static_ranks = _static_ranks(config, source)
+  teacher_graphdef, teacher_state, teacher_sharding = None, None, None
+  if teacher is not None:  # an argument of the step, not a constant baked into the program
+    teacher_graphdef, teacher_state = nnx.split(teacher)
+    teacher_sharding = sharding.tree_shardings(
+        teacher_state, mesh, sharding.rules_from_config(config.get("sharding")))
+    # Placed, then copied by a program (fresh buffers): the layers the surgery kept are the very
+    # buffers of the student's state, which each step donates (device_put(may_alias=False)
+    # still shared some).
+    teacher_state = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=teacher_sharding)(
+        jax.device_put(teacher_state, teacher_sharding))
 
   # ----- Resume order: this workdir's newest readable checkpoint, else from scratch. -----
   checkpoints = Checkpoints(f"{workdir}/checkpoints", config.train.max_to_keep)
@@ -185,14 +217,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     nnx.replace_by_pure_dict(state, join_checkpoint(params, train))
     say(f"resumed from step {start_step} of {checkpoints.directory}")
 
-  # ----- The update step: jitted once, state donated, ranks passed as data (vmap_masked) or
-  # baked in as the fixed static set (loop_static). Frozen parameters get no gradients. -----
+  # ----- The update step: jitted once, state donated, ranks passed as data (vmap_masked; a
+  # distilled profile's per-layer ranks) or baked in as the fixed static set (loop_static).
+  # Frozen parameters and the teacher get no gradients. -----
   wrt = trainable(config)
 
-  def train_step(state, batch, ranks):
+  def train_step(state, batch, ranks, teacher_state):
     target, optimizer = nnx.merge(graphdef, state)
 
     def loss_fn(target):
+      if distill:
+        return distillation_loss(target.model, nnx.merge(teacher_graphdef, teacher_state), task,
+                                 batch, source.profile(ranks))
       return multi_rank_loss(target.model, target.rank_weights, objective, task, batch,
                              ranks if static_ranks is None else static_ranks)
 
@@ -202,26 +238,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return nnx.state((target, optimizer)), {"total_loss": loss, **aux}
 
   train_step = jax.jit(train_step, donate_argnums=0,
-                       in_shardings=(state_sharding, batch_sharding, replicated),
+                       in_shardings=(state_sharding, batch_sharding, replicated,
+                                     teacher_sharding),
                        out_shardings=(state_sharding, replicated))
   evaluator = RankEvaluator(nnx.graphdef(target.model), config.eval.batch_size, task)
+  # Global ranks and then each profile (static per-layer ranks: one program per profile).
+  eval_points = {f"rank_{rank}": int(rank) for rank in config.eval.ranks} | {
+      f"profile_{budget:g}": profile for budget, profile in profiles.by_budget(found).items()}
 
   def evaluate(step: int) -> dict[str, float]:
     params = state[0]["model"]
     scalars = {}
-    for rank in config.eval.ranks:
-      metrics = evaluator(params, eval_arrays, int(rank))
-      scalars.update({f"eval/rank_{rank}/{k}": v for k, v in metrics.items()
-                      if k != "latency_s"})
+    for name, rank in eval_points.items():
+      metrics = evaluator(params, eval_arrays, rank)
+      scalars.update({f"eval/{name}/{k}": v for k, v in metrics.items() if k != "latency_s"})
     writer.write(step, scalars)
     return scalars
 
   def save(step: int) -> None:
     checkpoints.save(step, *split_for_checkpoint(state),
-                     checkpoint_metadata(config, target.model, source, step))
+                     checkpoint_metadata(config, target.model, source, step, found))
 
   # ----- Loop: dispatch step t, then fetch step t−1's metrics so the host never stalls. -----
   writer = MetricWriter(metrics_dir)
+
+  def log(step, ranks, metrics, force=False):
+    if distill:
+      _log_distill(writer, progress, step, source, metrics, config, force)
+    else:
+      _log_train(writer, progress, step, ranks, metrics, config, force)
+
   progress = Progress(total_steps, start_step)
   stop = _StopFlag()
   batches = pipeline.iterate(train_batches, start_step)
@@ -233,9 +279,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
                for k, v in local_batch.items()}
       ranks = source(step - 1)
-      state, metrics = train_step(state, batch, jnp.asarray(ranks))
+      state, metrics = train_step(state, batch, jnp.asarray(ranks), teacher_state)
       if pending is not None:
-        _log_train(writer, progress, *pending, config)
+        log(*pending)
       pending = (step, ranks, metrics)
       if stop.requested:
         break
@@ -245,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         save(step)
         saved_step = step
     if pending is not None:
-      _log_train(writer, progress, *pending, config, force=True)
+      log(*pending, force=True)
     if step != saved_step:
       save(step)
     final = evaluate(step)
@@ -272,12 +318,36 @@ def _static_ranks(config, source: RankSource) -> tuple[int, ...] | None:
   return tuple(int(r) for r in source(0))
 
 
+def _flexrank(config, calibrate, distill: bool):
+  """(model after surgery, teacher, profiles) for a FlexRank config: the model and the dense
+  model before surgery come from one `build_pretrained`, the profiles from
+  `profiles.search_profiles` at `flexrank.budgets`; the teacher is that dense model with
+  `distill`, else None. (None, None, []) when the config has no budgets."""
+  budgets = tuple(float(b) for b in config.get("flexrank", {}).get("budgets", ()))
+  if not budgets:
+    if distill:
+      raise ValueError(f"objective {DISTILL!r} trains the profiles of flexrank.budgets: give "
+                       "some, e.g. --config.flexrank.budgets='(0.3, 0.5, 0.7, 0.9)'.")
+    return None, None, []
+  if config.model.name not in PRETRAINED or not config.surgery.max_rank:
+    raise ValueError("flexrank.budgets needs a pretrained model with surgery "
+                     "(surgery.max_rank > 0): profiles are searched against the dense layers "
+                     "the surgery replaces, and the dense model is the distillation teacher.")
+  if len(set(budgets)) != len(budgets):
+    raise ValueError(f"flexrank.budgets {budgets} repeats a budget.")
+  dense, model, calibration = build_pretrained(config, seed=config.seed, calibrate=calibrate)
+  found = profiles.search_profiles(model, dense, calibration, budgets,
+                                   config.data.get("seq_len"))
+  return model, dense if distill else None, found
+
+
 def _calibration(config, task, train_batches):
-  """For `surgery.init=activation_aware`: runs the dense model on the first
-  `surgery.calibration_batches` training batches (rank None), eagerly, so the surgery can record
-  each chosen layer's inputs. None otherwise."""
+  """For `surgery.init=activation_aware` or FlexRank's profile search (`flexrank.budgets`):
+  runs the dense model on the first `surgery.calibration_batches` training batches (rank None),
+  eagerly, so each chosen layer's inputs can be recorded. None otherwise."""
   surgery = config.get("surgery")
-  if not surgery or surgery.get("init", "svd") != "activation_aware":
+  if not surgery or (surgery.get("init", "svd") != "activation_aware"
+                     and not config.get("flexrank", {}).get("budgets")):
     return None
 
   def calibrate(model):
@@ -298,6 +368,19 @@ def split_for_checkpoint(state: nnx.State) -> tuple[dict, dict]:
 def join_checkpoint(params: dict, train: dict) -> dict:
   """Inverse of `split_for_checkpoint`."""
   return {0: {"model": params, "rank_weights": train["rank_weights"]}, 1: train["optimizer"]}
+
+
+def _log_distill(writer, progress, step, source: profiles.ProfileSampler, metrics, config,
+                 force=False) -> None:
+  if not (force or step % config.train.log_every == 0):
+    return
+  metrics = jax.device_get(metrics)
+  budget = source.budgets[source.index(step - 1)]
+  writer.write(step, {"train/total_loss": float(metrics["total_loss"]),
+                      "train/budget": budget,
+                      **{f"train/{k}": float(metrics[k]) for k in ("kl", "loss", "accuracy")}})
+  progress.report(step, **{f"kl@{budget:g}": float(metrics["kl"]),
+                           f"ce@{budget:g}": float(metrics["loss"])})
 
 
 def _log_train(writer, progress, step, ranks, metrics, config, force=False) -> None:

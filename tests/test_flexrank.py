@@ -55,6 +55,11 @@ def test_error_table_costs_and_monotone_errors():
   assert [row[:2] for row in table] == [(r, 2 * r * (D_IN + D_OUT)) for r in range(1, 11)]
   errs = [e for _, _, e in table]
   assert all(e2 <= e1 + 1e-9 for e1, e2 in zip(errs, errs[1:]))
+  # The prefix-sum table equals the direct per-rank error, for any factors (SVD ones too).
+  for factors in ((a, b), svd_factors(w, 10)):
+    table = flexrank.layer_error_table(w, *factors, x)
+    direct = [flexrank.output_error(w, *factors, x, r) ** 2 for r in range(1, 11)]
+    np.testing.assert_allclose([e for _, _, e in table], direct, rtol=1e-9, atol=1e-12)
 
 
 @st.composite
@@ -97,6 +102,19 @@ def test_profiles_optimal_within_budget_and_nested(tables, fractions):
   smallest = order[0]
   assert flexrank.profile_cost_error(tables, nested[smallest])[1] == pytest.approx(
       flexrank.profile_cost_error(tables, flexrank.best_profile(tables, budgets[smallest]))[1])
+
+
+def test_large_budgets_round_costs_up_and_stay_within_budget():
+  # 40 layers of 64 ranks whose costs share no useful unit: the DP coarsens to `max_units`.
+  rng = np.random.default_rng(0)
+  tables = {f"l{i}": [(r, 97 * r + int(rng.integers(0, 13)), float(np.exp(-r / 9) + 1e-3 * i))
+                      for r in range(1, 65)] for i in range(40)}
+  budget = 0.4 * sum(t[-1][1] for t in tables.values())
+  coarse = flexrank.best_profile(tables, budget, max_units=256)
+  fine = flexrank.best_profile(tables, budget)
+  cost, err = flexrank.profile_cost_error(tables, coarse)
+  assert cost <= budget and flexrank.profile_cost_error(tables, fine)[0] <= budget
+  assert err <= 1.05 * flexrank.profile_cost_error(tables, fine)[1]
 
 
 def test_budget_below_all_rank_one_raises():

@@ -19,6 +19,7 @@ import pathlib
 import gguf
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import tokenizers
 from flax import nnx
 
@@ -73,34 +74,61 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int, pretrained: boo
   `config.surgery`) describes, initialised from `seed`.
 
   pretrained=False builds a pretrained family's architecture with random weights and zero NSN
-  factors (`surgery.nsn_skeleton`): the same structure, for restoring a checkpoint into. `calibrate(model)` runs the
-  dense model on calibration data when `surgery.init` is activation_aware.
+  factors (`surgery.nsn_skeleton`): the same structure, for restoring a checkpoint into.
+  `calibrate(model)` runs the dense model on calibration data when `surgery.init` is
+  activation_aware.
   """
   name = config.model.name
-  dtype = _DTYPES[config.model.get("dtype", "float32")]
   if name == "nsn_mlp":
     return NSNMLP(math.prod(config.data.image_shape), tuple(config.model.hidden),
-                  config.data.num_classes, config.model.max_rank, dtype=dtype,
-                  rngs=nnx.Rngs(params=seed))
+                  config.data.num_classes, config.model.max_rank,
+                  dtype=_DTYPES[config.model.get("dtype", "float32")], rngs=nnx.Rngs(params=seed))
+  if pretrained:
+    return build_pretrained(config, seed=seed, calibrate=calibrate)[1]
+  model = _task_model(config, pretrained=False, seed=seed)
+  if not config.surgery.max_rank:
+    return model
+  return surgery.nsn_skeleton(model, surgery_rules(config), config.surgery.max_rank)
+
+
+def build_pretrained(config: ml_collections.ConfigDict, *, seed: int,
+                     calibrate: Callable[[nnx.Module], None] | None = None
+                     ) -> tuple[nnx.Module, nnx.Module, dict[str, np.ndarray] | None]:
+  """(dense, model, calibration) for a pretrained family: the pretrained backbone with the task's
+  head before surgery (FlexRank's distillation teacher), the same after `config.surgery` (the
+  dense model itself when surgery.max_rank is 0), and the inputs {path: float32 (n, d_in)} the
+  surgery's layers received while `calibrate(dense)` ran (None without `calibrate`).
+
+  Activation-aware surgery (`surgery.init=activation_aware`) needs `calibrate`; plain SVD
+  ignores the calibration inputs, which FlexRank's profile search still reads.
+  """
+  dense = _task_model(config, pretrained=True, seed=seed)
+  max_rank = config.surgery.max_rank
+  if not max_rank:
+    return dense, dense, None
+  rules, init = surgery_rules(config), config.surgery.get("init", "svd")
+  if init not in ("svd", "activation_aware"):
+    raise ValueError(f"surgery.init must be 'svd' or 'activation_aware', got {init!r}.")
+  if init == "activation_aware" and calibrate is None:
+    raise ValueError("surgery.init=activation_aware needs calibration data.")
+  calibration = None if calibrate is None else surgery.capture_inputs(dense, calibrate, rules)
+  model = surgery.decompose_and_replace(
+      dense, rules, max_rank, calibration=calibration if init == "activation_aware" else None)[0]
+  return dense, model, calibration
+
+
+def _task_model(config: ml_collections.ConfigDict, *, pretrained: bool, seed: int) -> nnx.Module:
+  """The backbone (pretrained or random) with the head `config.task` needs, before surgery."""
+  name = config.model.name
   if name not in PRETRAINED:
     raise ValueError(f"unknown model name {name!r}; known: 'nsn_mlp', {', '.join(PRETRAINED)}.")
   model = _backbone(config, pretrained, seed)
   task = config.get("task", "text_classification")
   if task == "text_classification":
-    model = SequenceClassifier(model, config.data.num_classes, rngs=nnx.Rngs(params=seed))
-  elif task != "language_modelling" or name != "llama_gguf":
+    return SequenceClassifier(model, config.data.num_classes, rngs=nnx.Rngs(params=seed))
+  if task != "language_modelling" or name != "llama_gguf":
     raise ValueError(f"model {name!r} does not do task {task!r}.")
-  rules, max_rank = surgery_rules(config), config.surgery.max_rank
-  if not max_rank:
-    return model
-  if not pretrained:
-    return surgery.nsn_skeleton(model, rules, max_rank)
-  calibration = None
-  if config.surgery.get("init", "svd") == "activation_aware":
-    if calibrate is None:
-      raise ValueError("surgery.init=activation_aware needs calibration data.")
-    calibration = surgery.capture_inputs(model, calibrate, rules)
-  return surgery.decompose_and_replace(model, rules, max_rank, calibration=calibration)[0]
+  return model
 
 
 def text_encoder(config: ml_collections.ConfigDict) -> TextEncoder | None:

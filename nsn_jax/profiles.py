@@ -1,0 +1,134 @@
+"""FlexRank's nested rank profiles of a whole model: searched at train start, sampled by the
+distillation steps, saved in and read back from checkpoint metadata.
+
+A budget is a fraction of the dense model's whole forward pass (`flops.dense_model_flops`:
+attention over the context, dense layers, head), so the per-layer DP (`flexrank.nested_profiles`)
+gets what is left for the NSN layers once everything a rank does not change is paid for. FLOPs
+are per row (per token for a sequence model), as everywhere in `nsn_jax.flops`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+
+import numpy as np
+from flax import nnx
+from flax.core import FrozenDict
+
+from nsn_jax import flexrank, flops
+from nsn_jax.layers import nsn_layers
+
+
+def search_profiles(model: nnx.Module, dense: nnx.Module, calibration: Mapping[str, np.ndarray],
+                    budgets: Sequence[float], seq_len: int | None = None) -> list[dict]:
+  """One nested profile per budget (in the order given), each within budget × dense FLOPs.
+
+  Args:
+    model: the model after surgery. dense: the same model before it (the kernels the factors
+      approximate, at the NSN layers' paths). calibration: {path: (n, d_in)} inputs of each NSN
+      layer (`surgery.capture_inputs`). budgets: fractions of `dense_model_flops(model, seq_len)`.
+  Returns:
+    [{"budget": b, "ranks": {path: r}, "flops_frac_dense": whole-model FLOPs / dense,
+      "error": Σ squared relative output errors of the layers on the calibration rows}].
+  Raises ValueError for a budget ≤ 0 or below the all-rank-1 model's fraction, naming that
+  fraction.
+  """
+  layers = nsn_layers(model)
+  kernels = {"/".join(map(str, path)): node.kernel[...] for path, node in nnx.iter_graph(dense)
+             if isinstance(node, nnx.Linear)}
+  missing = [path for path in layers if path not in kernels or path not in calibration]
+  if missing:
+    raise ValueError(f"no dense kernel or calibration inputs for the NSN layers {missing}.")
+  tables = {path: flexrank.layer_error_table(kernels[path], layer.a[...], layer.b[...],
+                                             calibration[path])
+            for path, layer in layers.items()}
+  dense_cost = flops.dense_model_flops(model, seq_len)
+  # What no rank changes (attention, dense layers, head, the NSN biases): the whole model at R
+  # less the tables' rank-dependent costs, so that fixed + Σ table cost = model_flops exactly.
+  fixed = flops.model_flops(model, None, seq_len) - sum(
+      table[layer.max_rank - 1][1] for table, layer in zip(tables.values(), layers.values()))
+  smallest = (fixed + sum(table[0][1] for table in tables.values())) / dense_cost
+  low = [b for b in budgets if not b >= smallest]
+  if low:
+    raise ValueError(f"flexrank.budgets {low} are below {smallest:.4f}, the whole-forward FLOPs "
+                     "fraction of dense at rank 1 in every NSN layer.")
+  nested = flexrank.nested_profiles(tables, [b * dense_cost - fixed for b in budgets])
+  results = []
+  for budget, ranks in zip(budgets, nested):
+    cost = flops.model_flops(model, ranks, seq_len)
+    if cost > budget * dense_cost:  # the DP's costs and model_flops must agree
+      raise RuntimeError(f"profile for budget {budget} costs {cost / dense_cost:.6f} of dense.")
+    results.append({"budget": float(budget), "ranks": ranks,
+                    "flops_frac_dense": cost / dense_cost,
+                    "error": flexrank.profile_cost_error(tables, ranks)[1]})
+  return results
+
+
+def by_budget(found: Sequence[Mapping]) -> dict[float, FrozenDict]:
+  """{budget: profile} from `search_profiles`' records (or the metadata's copy of them); each
+  profile a hashable {path: int}, so it can be a static argument (`RankEvaluator`)."""
+  return {p["budget"]: FrozenDict({k: int(r) for k, r in p["ranks"].items()}) for p in found}
+
+
+def saved_profiles(metadata: Mapping) -> dict[float, FrozenDict]:
+  """`by_budget` of a checkpoint's metadata. Raises ValueError if it holds no profiles."""
+  found = metadata.get("flexrank", {}).get("profiles")
+  if not found:
+    raise ValueError("this checkpoint holds no FlexRank profiles: train with "
+                     "--config.flexrank.budgets='(0.3, 0.5, 0.7, 0.9)' to search them.")
+  return by_budget(found)
+
+
+def summarise(profile: Mapping[str, int]) -> str:
+  """'min–max (mean m)' of a profile's ranks, for tables."""
+  ranks = np.asarray(list(profile.values()))
+  return f"{ranks.min()}–{ranks.max()} (mean {ranks.mean():.1f})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileSampler:
+  """The profile each distillation step trains: k with probability α_k, from an RNG keyed by
+  (seed, step), so a resumed run replays the same sequence.
+
+  ranks: int32 (K, L), profile k's rank of layer `paths[l]`. A rank source for the checkpoint
+  metadata too: no *global* rank is trained, so every rank 1..max_rank counts as held out.
+  """
+  budgets: tuple[float, ...]
+  paths: tuple[str, ...]
+  ranks: np.ndarray
+  probabilities: tuple[float, ...]
+  seed: int
+  max_rank: int
+
+  @classmethod
+  def create(cls, profiles: Sequence[dict], probabilities: Sequence[float], seed: int,
+             max_rank: int) -> "ProfileSampler":
+    """From `search_profiles`' output; `probabilities` () means uniform. Raises ValueError
+    unless there is one probability ≥ 0 per profile and they sum to 1."""
+    k = len(profiles)
+    probabilities = tuple(probabilities) or (1.0 / k,) * k
+    if (len(probabilities) != k or min(probabilities) < 0
+        or not np.isclose(sum(probabilities), 1.0)):
+      raise ValueError(f"flexrank.probabilities {probabilities} must be {k} non-negative numbers "
+                       "summing to 1, one per budget (or () for uniform).")
+    paths = tuple(profiles[0]["ranks"])
+    ranks = np.asarray([[p["ranks"][path] for path in paths] for p in profiles], np.int32)
+    return cls(tuple(p["budget"] for p in profiles), paths, ranks, probabilities, seed,
+               max_rank)
+
+  def __call__(self, step: int) -> np.ndarray:
+    """int32 (L,): the per-layer ranks step `step` trains."""
+    return self.ranks[self.index(step)]
+
+  def index(self, step: int) -> int:
+    """Which profile step `step` trains."""
+    return int(np.random.default_rng([self.seed, step]).choice(
+        len(self.budgets), p=self.probabilities))
+
+  def profile(self, ranks) -> dict:
+    """ranks (L,), a row of `ranks` (a traced array inside the train step) → {path: scalar}:
+    every layer then takes the masked path, one compiled program for every profile."""
+    return {path: ranks[i] for i, path in enumerate(self.paths)}
+
+  def trained_ranks(self) -> tuple[int, ...]:
+    return ()

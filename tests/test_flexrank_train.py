@@ -1,0 +1,202 @@
+"""FlexRank through train.py, eval.py and export: profiles saved in the checkpoint, distillation
+from the dense model, profile evaluation and export at a profile.
+
+The tiny random-weight GGUF of tests/test_llm_train.py stands in for SmolLM2, on the real offline
+Shakespeare genre data, with the shipped config at its `flexrank,smoke` size.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import smollm2_genre
+from nsn_jax import flops
+from nsn_jax.data import pipeline
+from nsn_jax.export import export
+from nsn_jax.layers import nsn_layers
+from nsn_jax.models.build import build_pretrained, text_encoder
+from nsn_jax.objective import distillation_loss
+from nsn_jax.profiles import ProfileSampler, saved_profiles
+from nsn_jax.sweep import load_params, restore_model, run_sweep
+from nsn_jax.tasks import get_task
+from nsn_jax.train_lib import train_and_evaluate
+from test_llm_train import _config, tiny_gguf  # noqa: F401  (tiny_gguf is a fixture)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASK = get_task("text_classification")
+
+
+@pytest.fixture(scope="module")
+def flex_run(tiny_gguf, data_dir, tmp_path_factory):
+  """(workdir, final metrics) of the genre `flexrank,smoke` config: budgets 0.55, 0.6, 0.65."""
+  workdir = str(tmp_path_factory.mktemp("flex"))
+  return workdir, train_and_evaluate(
+      _config(smollm2_genre, "flexrank,smoke", tiny_gguf, data_dir), workdir)
+
+
+def _batch(config):
+  """The first training batch of `config` (real Shakespeare passages), as jax arrays."""
+  batches = pipeline.train_batches(config.data, config.train.batch_size, config.seed, 0, 1,
+                                   text_encoder(config))
+  return {k: jnp.asarray(v) for k, v in batches[0].items()}
+
+
+def _relative(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def test_profiles_in_metadata_are_nested_within_budget_and_reload(flex_run):
+  workdir, final = flex_run
+  model, metadata, _ = load_params(workdir)
+  seq_len = metadata["config"]["data"]["seq_len"]
+  found = saved_profiles(metadata)
+  assert sorted(found) == [0.55, 0.6, 0.65]
+  dense = flops.dense_model_flops(model, seq_len)
+  records = {p["budget"]: p for p in metadata["flexrank"]["profiles"]}
+  for budget, profile in found.items():
+    assert set(profile) == set(nsn_layers(model))
+    cost = flops.model_flops(model, profile, seq_len)
+    assert cost <= budget * dense
+    assert records[budget]["flops_frac_dense"] == pytest.approx(cost / dense)
+    assert np.isfinite(final[f"eval/profile_{budget:g}/loss"])
+  budgets = sorted(found)
+  for low, high in zip(budgets, budgets[1:]):
+    assert all(found[low][path] <= found[high][path] for path in found[low])
+  assert found[budgets[0]] != found[budgets[-1]]  # the budgets really differ in ranks
+  # No global rank trained: the sweep's rank rows are all held out.
+  assert metadata["flexrank"]["trained"] and metadata["trained_ranks"] == []
+
+
+def test_distillation_logs_finite_kl_at_the_profiles_the_sampler_draws(flex_run):
+  workdir, _ = flex_run
+  metadata = load_params(workdir)[1]
+  sampler = ProfileSampler.create(metadata["flexrank"]["profiles"], (), metadata["config"]["seed"],
+                                  metadata["max_rank"])
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f]
+  train = [r for r in logged if "train/kl" in r]
+  assert [r["step"] for r in train] == [2, 4, 6]
+  for r in train:
+    assert np.isfinite(r["train/kl"]) and r["train/kl"] >= 0
+    assert r["train/budget"] == sampler.budgets[sampler.index(r["step"] - 1)]
+
+
+def test_sampled_profile_sequence_replays_by_seed_and_step():
+  found = [{"budget": b, "ranks": {"x": r, "y": r + 1}} for b, r in ((0.3, 1), (0.5, 2), (0.9, 4))]
+  sampler = ProfileSampler.create(found, (0.2, 0.3, 0.5), seed=7, max_rank=8)
+  again = ProfileSampler.create(found, (0.2, 0.3, 0.5), seed=7, max_rank=8)
+  draws = [sampler.index(step) for step in range(3000)]
+  # A resumed run asks for later steps only: each answer depends on (seed, step) alone.
+  assert [again.index(step) for step in range(2999, -1, -1)] == draws[::-1]
+  assert draws != [ProfileSampler.create(found, (0.2, 0.3, 0.5), 8, 8).index(s)
+                   for s in range(3000)]
+  np.testing.assert_allclose(np.bincount(draws) / 3000, (0.2, 0.3, 0.5), atol=0.03)
+  np.testing.assert_array_equal(sampler(5), sampler.ranks[draws[5]])
+  assert list(sampler.ranks[2]) == [4, 5] and sampler.paths == ("x", "y")
+  with pytest.raises(ValueError, match="summing to 1"):
+    ProfileSampler.create(found, (0.5, 0.5), seed=0, max_rank=8)
+
+
+def test_kl_is_zero_for_the_teacher_and_full_rank_and_distillation_lowers_it(
+    tiny_gguf, data_dir):
+  # Full rank (R = 32 = d_model) with plain SVD: the student reproduces the dense teacher.
+  config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, surgery__max_rank=32)
+  dense, model, _ = build_pretrained(config, seed=config.seed)
+  batch = _batch(config)
+  paths = list(nsn_layers(model))
+  at = lambda r: {path: jnp.asarray(r, jnp.int32) for path in paths}  # masked path, as training
+  assert float(distillation_loss(dense, dense, TASK, batch, None)[0]) == 0.0
+  kl_full = float(distillation_loss(model, dense, TASK, batch, at(32))[0])
+  assert 0 <= kl_full < 1e-6
+  kl_low, aux = distillation_loss(model, dense, TASK, batch, at(2))
+  assert float(kl_low) > 100 * max(kl_full, 1e-9) and np.isfinite(float(aux["loss"]))
+
+  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, dense, batch):
+    loss, grads = nnx.value_and_grad(
+        lambda m: distillation_loss(m, dense, TASK, batch, at(2))[0])(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(step(model, optimizer, dense, batch)) for _ in range(8)]
+  assert losses[0] == pytest.approx(float(kl_low), rel=1e-4) and losses[-1] < 0.7 * losses[0]
+
+
+def test_eval_profiles_rows(flex_run, tiny_gguf, data_dir):
+  workdir, final = flex_run
+  rows = run_sweep(workdir, "none", profiles=True, verbose=False)
+  assert [r["model"] for r in rows] == ["flexrank"] * 3
+  for r in rows:
+    budget = r["budget"]
+    assert r["rank"] is None and r["trained"] and r["flops_frac_dense"] <= budget
+    assert r["accuracy"] == pytest.approx(final[f"eval/profile_{budget:g}/accuracy"])
+    assert r["loss"] == pytest.approx(final[f"eval/profile_{budget:g}/loss"], rel=1e-5)
+    assert r["flops"] <= r["xla_flops"] <= 1.2 * r["flops"]  # as test_llm_train's ranks
+  both = run_sweep(workdir, "8", profiles=True, verbose=False)
+  assert [r["model"] for r in both] == ["nsn", "flexrank", "flexrank", "flexrank"]
+  assert not both[0]["trained"]
+  with pytest.raises(ValueError, match="nothing to evaluate"):
+    run_sweep(workdir, "none", verbose=False)
+  proc = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", "--ranks=none",
+                         "--profiles"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "flexrank profile" in proc.stdout and "(mean" in proc.stdout
+
+
+def test_export_at_a_profile_reloads_smaller_and_reproduces_it(flex_run, tmp_path):
+  workdir, _ = flex_run
+  model, metadata, _ = load_params(workdir)
+  profile = saved_profiles(metadata)[0.6]
+  out = str(tmp_path / "p60")
+  info = export(workdir, out, profile_budget=0.6)["export"]
+  reloaded = restore_model(out)[0]
+  batch = _batch(ml_collections.ConfigDict(metadata["config"]))
+  want = TASK.logits(model, batch, profile)
+  assert _relative(TASK.logits(reloaded, batch, None), want) <= 1e-5
+  assert info["profile_budget"] == 0.6 and info["rank"] == dict(profile)
+  assert info["params"] == flops.total_params(reloaded) < flops.total_params(model)
+  seq_len = metadata["config"]["data"]["seq_len"]
+  assert info["flops"] == seq_len * flops.model_flops(reloaded, None, seq_len)
+  with pytest.raises(ValueError, match="no saved profile for budget 0.4.*0.55, 0.6, 0.65"):
+    export(workdir, str(tmp_path / "x"), profile_budget=0.4)
+
+
+def test_an_nsn_run_saves_untrained_profiles_and_keeps_its_objective(tiny_gguf, data_dir,
+                                                                      tmp_path):
+  config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, train__steps=2,
+                   flexrank__budgets=(0.6,))
+  final = train_and_evaluate(config, str(tmp_path))
+  assert {"eval/rank_8/loss", "eval/rank_2/loss", "eval/profile_0.6/loss"} <= set(final)
+  metadata = load_params(str(tmp_path))[1]
+  assert not metadata["flexrank"]["trained"] and metadata["trained_ranks"] == [2, 8]
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert any("train/rank_8/loss" in json.loads(line) for line in f)
+  rows = run_sweep(str(tmp_path), "none", profiles=True, verbose=False)
+  assert [(r["model"], r["trained"]) for r in rows] == [("flexrank", False)]
+
+
+def test_bad_flexrank_configs_are_refused(tiny_gguf, data_dir, smoke_config, tmp_path):
+  def run(variant, name, **overrides):
+    train_and_evaluate(_config(smollm2_genre, variant, tiny_gguf, data_dir, **overrides),
+                       str(tmp_path / name))
+
+  with pytest.raises(ValueError, match="flexrank_distill.*budgets"):
+    run("flexrank,smoke", "a", flexrank__budgets=())
+  with pytest.raises(ValueError, match=r"\[0.3\] are below 0.50"):
+    run("flexrank,smoke", "b", flexrank__budgets=(0.3, 0.6))
+  with pytest.raises(ValueError, match="probabilities"):
+    run("flexrank,smoke", "c", flexrank__probabilities=(0.5, 0.5))
+  with pytest.raises(ValueError, match="repeats"):
+    run("flexrank,smoke", "d", flexrank__budgets=(0.6, 0.6))
+  smoke_config.flexrank.budgets = (0.5,)
+  with pytest.raises(ValueError, match="pretrained model with surgery"):
+    train_and_evaluate(smoke_config, str(tmp_path / "e"))
