@@ -19,7 +19,7 @@ from flax import nnx
 
 from nsn_jax import flops
 from nsn_jax.checkpoint import CheckpointError, Checkpoints, param_shapes
-from nsn_jax.deploy import FORMS, DeployedLayer, deploy, format_report
+from nsn_jax.deploy import FORMS, POLICIES, DeployedLayer, deploy, format_report
 from nsn_jax.sweep import load_params
 
 
@@ -68,8 +68,9 @@ _RANK = flags.DEFINE_integer("rank", None, "Global rank to export.")
 _BUDGET = flags.DEFINE_float("budget", None, "FLOPs fraction; exports the largest rank that fits.")
 _REFERENCE = flags.DEFINE_enum("budget_reference", "max_rank", ["max_rank", "dense"],
                                "What --budget is a fraction of.")
-_FORM = flags.DEFINE_enum("form", "cheapest", ["cheapest", *FORMS],
-                          "Per-layer form: the cheapest in FLOPs, or one for every layer.")
+_FORM = flags.DEFINE_enum("form", "cheapest", [*POLICIES, *FORMS],
+                          "Per-layer form: the cheapest in FLOPs, 'matmul' (dense or "
+                          "factorised, faster on CPU), or one form for every layer.")
 
 
 def main(argv):
