@@ -181,7 +181,8 @@ def deploy(model: nnx.Module, rank: Rank = None,
 
   Every NSN layer becomes a `FixedRankLayer` of the form `form` names: "cheapest" (default: the
   fewest FLOPs per row, see the module docstring), "matmul" (dense or factorised, no gather: the
-  faster choice on CPU), "dense", "factorised", "gar", or a mapping {path: policy}. The copy runs with `rank=None`, stores only the chosen forms' parameters and
+  faster choice on CPU), "dense", "factorised", "gar", or a mapping {path: policy}. The copy
+  runs with `rank=None`, stores only the chosen forms' parameters and
   reproduces `model(x, rank)` up to float32 rounding. `model` is left untouched. Raises
   ValueError for a rank outside a layer's 1..R, naming the layer.
   """
