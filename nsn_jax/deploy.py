@@ -10,17 +10,19 @@ weights. At a fixed rank r an NSN layer (factors a: (d_in, R), b: (R, d_out)) ca
 (GAR, FlexRank's gauge-aligned reparametrisation, see `nsn_jax.flexrank.gar_factors`.) `deploy`
 picks one per layer — by default the fewest FLOPs (`flexrank.cheapest_form`), so a layer above
 its break-even rank is folded into one dense kernel and no layer costs more than dense — and
-stores only what that form reads, so parameters and FLOPs both shrink.
-
-The policy "matmul" picks between dense and factorised only (the break-even rank
-r* = d_in·d_out/(d_in + d_out)), never GAR: GAR saves 2r² FLOPs per row but gathers every input
-row along its feature axis first, and on CPU that gather costs more than it saves. Measured on
-the 2-core CPU of docs/benchmarks.md (XLA, float32, batch 1024): the 784 → 256 layer at r = 64
-takes 2.8 ms as GAR and 0.78 ms factorised; the 4096 × 4096 layer at r = 1536, where GAR does 19%
-fewer FLOPs, 126 ms against 122 ms. Use "matmul" for CPU latency, "cheapest" for the fewest FLOPs
-and parameters. Each form is an ordinary
+stores only what that form reads, so parameters and FLOPs both shrink. Each form is an ordinary
 module called as `layer(x)`; models route projections through `layers.project`, so a deployed
 model runs with `rank=None`.
+
+The policy "matmul" picks between dense and factorised only (the break-even rank
+r* = d_in·d_out/(d_in + d_out)), never GAR. GAR saves 2r² FLOPs per row but first gathers every
+input row along its feature axis, which on CPU costs roughly 150–250 FLOP-equivalents per
+gathered element, so it loses wherever 2r² is small against d_in. Measured on the 2-core CPU of
+docs/benchmarks.md (XLA, float32): the 784 → 256 layer at r = 64, batch 1024, 2.8 ms as GAR
+against 0.78 ms factorised; the default MLP deployed at batch 1024 is 3–17× slower with GAR.
+Where r² is large GAR can win: the 4096 × 4096 layer at batch 64 and r ≥ 1024 ran in 0.6–0.9×
+the factorised time (under load). Use "matmul" for CPU latency at small ranks, "cheapest" for
+the fewest FLOPs and parameters.
 """
 from __future__ import annotations
 
