@@ -95,8 +95,7 @@ def _measure(size: str, cache_dir: str | None) -> dict:
   # Lowering needs shapes only; an abstract model also keeps init's many small eager programs
   # out of the process (and out of the cache).
   model = nnx.eval_shape(lambda: build_model(config, seed=0))
-  forward = eval_program(nnx.graphdef(model))
-  state = nnx.state(model)
+  forward, state = eval_program(model)
   batch = config.eval.batch_size
   images = jax.ShapeDtypeStruct((batch, *config.data.image_shape), jnp.float32)
   # One-time start-up (backend, the compiler's matmul emitter) stays out of rank 1's time.

@@ -61,7 +61,9 @@ def environment(argv: list[str]) -> dict:
       "command": shlex.join(["python", "-m", "benchmarks.run", *argv]),
       "git_commit": _git("rev-parse", "HEAD"),
       "git_dirty": bool(_git("status", "--porcelain")),
-      "env": {name: os.environ.get(name) for name in ("JAX_PLATFORMS", "XLA_FLAGS")},
+      # OMP_NUM_THREADS sets the PyTorch reference's threads (the worker inherits it).
+      "env": {name: os.environ.get(name)
+              for name in ("JAX_PLATFORMS", "XLA_FLAGS", "OMP_NUM_THREADS")},
       "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
 

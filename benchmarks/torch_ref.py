@@ -12,8 +12,12 @@ import math
 import pathlib
 import subprocess
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from benchmarks import layer, model, train_step
-from benchmarks.common import Column, SuiteResult, mlp_config, summary_line
+from benchmarks.common import Column, SuiteResult, mlp_config, summary_line, time_jax
 from benchmarks.timing import Policy
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -38,6 +42,27 @@ def missing_message() -> str:
           f"  {SETUP}")
 
 
+def matmul_ranks(max_rank: int) -> list[int]:
+  """The ranks whose first-layer matmul both sides also time alone: R/4 and up, where the MLP's
+  per-rank inference was slowest against PyTorch."""
+  return [r for r in model.rank_grid(max_rank) if r >= max_rank // 4]
+
+
+def _jax_matmul_rows(mlp_spec: dict, policy: Policy) -> list[dict]:
+  """The MLP's first factor matmul x (batch, d_in) @ a_r (d_in, r) alone, jitted, on contiguous
+  operands: what XLA's CPU dot achieves on the shape PyTorch hands to its BLAS."""
+  matmul = jax.jit(jnp.matmul)
+  rng = np.random.default_rng(2)
+  rows = []
+  for batch in mlp_spec["batches"]:
+    x = jax.device_put(rng.random((batch, mlp_spec["input_dim"]), np.float32))
+    for rank in mlp_spec["matmul_ranks"]:
+      a = jax.device_put(rng.standard_normal((mlp_spec["input_dim"], rank), np.float32))
+      rows.append({"batch": batch, "rank": rank,
+                   "latency_s": time_jax(matmul, x, a, policy=policy).median_s})
+  return rows
+
+
 def spec(size: str, policy: Policy) -> dict:
   """What the worker measures: the JAX suites' grids, so both sides time the same shapes."""
   grid = layer.GRIDS[size]
@@ -50,7 +75,8 @@ def spec(size: str, policy: Policy) -> dict:
       "mlp": {"input_dim": math.prod(config.data.image_shape), "hidden": list(config.model.hidden),
               "num_classes": config.data.num_classes, "max_rank": max_rank,
               "image_shape": list(config.data.image_shape),
-              "ranks": list(model.rank_grid(max_rank)), "batches": list(model.BATCHES[size])},
+              "ranks": list(model.rank_grid(max_rank)), "batches": list(model.BATCHES[size]),
+              "matmul_ranks": matmul_ranks(max_rank)},
       "train": {"batch": config.train.batch_size,
                 "rank_sets": [list(train_step.step_ranks(max_rank, k))
                               for k in train_step.NUM_RANKS],
@@ -62,19 +88,29 @@ def spec(size: str, policy: Policy) -> dict:
 def run(size: str, policy: Policy, jax_results: dict[str, SuiteResult]) -> SuiteResult:
   if not available():
     return SuiteResult([], [], [missing_message()], COLUMNS, skipped=True)
+  config = spec(size, policy)
   done = subprocess.run([str(PYTHON), "-m", "benchmarks.torch_worker"], cwd=REPO,
-                        input=json.dumps(spec(size, policy)), capture_output=True, text=True,
-                        check=False)
+                        input=json.dumps(config), capture_output=True, text=True, check=False)
   if done.returncode:
     raise RuntimeError(f"torch worker failed:\n{done.stderr}")
   reference = json.loads(done.stdout.strip().splitlines()[-1])
+  jax_matmul = {(row["batch"], row["rank"]): row["latency_s"]
+                for row in _jax_matmul_rows(config["mlp"], policy)}
 
+  model_rows = [row for row in jax_results["model"].rows if row["model"] == "mlp"]
   jax_latency = {
-      ("layer", row["batch"], row["rank"]): row["latency_s"]
+      ("layer", "static", row["batch"], row["rank"]): row["latency_s"]
       for row in jax_results["layer"].rows if row["kind"] == "nsn"} | {
-      ("mlp", row["batch"], row["rank"]): row["latency_s"]
-      for row in jax_results["model"].rows if row["kind"] == "nsn"}
-  jax_step = {(row["strategy"], row["k"]): row["step_s"] for row in jax_results["train"].rows}
+      ("mlp", "static", row["batch"], row["rank"]): row["latency_s"]
+      for row in model_rows if row["kind"] == "nsn"} | {
+      # The matmul policy deploys the MLP in the factorised form at every rank: the reference's
+      # computation, on weights sliced once instead of per call.
+      ("mlp", "deployed matmul", row["batch"], row["rank"]): row["latency_s"]
+      for row in model_rows if row["kind"] == "deployed" and row["policy"] == "matmul"} | {
+      ("mlp_matmul", "x @ a_r", batch, rank): latency
+      for (batch, rank), latency in jax_matmul.items()}
+  jax_step = {(row["strategy"], row["k"]): row["step_s"] for row in jax_results["train"].rows
+              if row["model"] == "mlp"}
   rows = []
   for row in reference["rows"]:
     if row["what"] == "train":
@@ -84,10 +120,11 @@ def run(size: str, policy: Policy, jax_results: dict[str, SuiteResult]) -> Suite
                 "torch_over_jax": row["step_s"] / jax_step[strategy, row["k"]]}
                for strategy in ("vmap_masked", "loop_static")]
     else:
-      jax_s = jax_latency[row["what"], row["batch"], row["rank"]]
-      rows.append({"what": row["what"], "batch": row["batch"], "rank": row["rank"], "k": None,
-                   "jax_strategy": "static", "torch_s": row["latency_s"], "jax_s": jax_s,
-                   "torch_over_jax": row["latency_s"] / jax_s})
+      rows += [{"what": row["what"], "batch": row["batch"], "rank": row["rank"], "k": None,
+                "jax_strategy": how, "torch_s": row["latency_s"], "jax_s": jax_s,
+                "torch_over_jax": row["latency_s"] / jax_s}
+               for (what, how, batch, rank), jax_s in jax_latency.items()
+               if (what, batch, rank) == (row["what"], row["batch"], row["rank"])]
 
   def slowest(what, strategy=None):
     return min(row["torch_over_jax"] for row in rows
@@ -99,8 +136,12 @@ def run(size: str, policy: Policy, jax_results: dict[str, SuiteResult]) -> Suite
                    slowest("train", "vmap_masked"), judged=judged, at_least=1.5),
       summary_line("MLP multi-rank train step, torch / jax (loop_static), worst k",
                    slowest("train", "loop_static")),
-      summary_line("MLP per-rank inference, torch / jax, worst rank and batch", slowest("mlp"),
-                   judged=judged, at_least=1.0),
+      summary_line("MLP per-rank inference, torch / jax (static slices), worst rank and batch",
+                   slowest("mlp", "static"), judged=judged, at_least=1.0),
+      summary_line("MLP per-rank inference, torch / jax (deployed, matmul policy), worst rank "
+                   "and batch", slowest("mlp", "deployed matmul"), judged=judged, at_least=1.0),
+      summary_line("MLP first-layer matmul x @ a_r alone, torch / jax, worst rank and batch",
+                   slowest("mlp_matmul")),
       summary_line("NSN layer per-rank inference, torch / jax, worst rank and batch",
                    slowest("layer")),
   ]

@@ -88,6 +88,16 @@ def run(spec: dict) -> dict:
       "mlp", model, {b: torch.rand(b, *mlp_spec["image_shape"]) for b in mlp_spec["batches"]},
       mlp_spec["ranks"], policy)
 
+  # The first layer's factor matmul alone, on a contiguous prefix: the BLAS call it makes.
+  with torch.inference_mode():
+    for batch in mlp_spec["batches"]:
+      x = torch.rand(batch, mlp_spec["input_dim"])
+      for rank in mlp_spec["matmul_ranks"]:
+        a = torch.randn(mlp_spec["input_dim"], rank)
+        timing = time_fn(lambda: x @ a, policy)
+        rows.append({"what": "mlp_matmul", "batch": batch, "rank": rank,
+                     "latency_s": timing.median_s, "latency_min_s": timing.min_s})
+
   optimizer = torch.optim.AdamW(model.parameters(), lr=train_spec["learning_rate"],
                                 weight_decay=train_spec["weight_decay"])
   x = torch.rand(train_spec["batch"], *mlp_spec["image_shape"])

@@ -6,6 +6,10 @@
   single_static  plain cross-entropy at the single static rank R: the cost a multi-rank step is
                  compared to.
 
+Two models: `mlp`, the MLP of configs/default.py (R = 64), where the masked vmap runs every rank
+at R but R is small, and `mlp_wide` (hidden 2048, 2048, R = 1024), where running all k ranks at
+R costs k full-rank passes while the static loop pays R + R/2 + ... (1.875 R at k = 4).
+
 Each is built like nsn_jax.train_lib's step: the state from `create_train_state` (the model,
 the log-variances and nnx.Optimizer(target, tx, wrt=nnx.Param)) on a one-device mesh, since the
 suite times one device; nnx.merge inside the step; jax.jit with the state donated.
@@ -18,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks.common import Column, SuiteResult, mlp_config, summary_line
+from benchmarks.common import Column, SuiteResult, mlp_config, summary_line, wide_mlp_config
 from benchmarks.timing import Policy, time_fn
 from nsn_jax import sharding
 from nsn_jax.objective import Objective, multi_rank_loss
@@ -26,8 +30,11 @@ from nsn_jax.train_lib import create_train_state
 
 NUM_RANKS = (1, 2, 4)
 
+MODELS = {"mlp": mlp_config, "mlp_wide": wide_mlp_config}
+
 COLUMNS = (
-    Column("strategy", "strategy"), Column("k", "k"), Column("ranks", "ranks"),
+    Column("model", "model"), Column("strategy", "strategy"), Column("k", "k"),
+    Column("ranks", "ranks"),
     Column("step_s", "ms/step", ".3f", 1e3), Column("step_min_s", "min ms", ".3f", 1e3),
     Column("steps_per_s", "steps/s", ".1f"),
     Column("program_bytes", "mem MiB", ".2f", 2.0 ** -20),
@@ -99,8 +106,8 @@ def memory_used(compiled) -> dict:
   }
 
 
-def run(size: str, policy: Policy) -> SuiteResult:
-  config = mlp_config(size)
+def _model_rows(model_name: str, size: str, policy: Policy) -> list[dict]:
+  config = MODELS[model_name](size)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   graphdef, initial_state, _ = create_train_state(config, mesh)
   max_rank = config.model.max_rank
@@ -126,20 +133,36 @@ def run(size: str, policy: Policy) -> SuiteResult:
 
       timing = time_fn(one_step, policy)
       memory = memory_used(compiled)
-      rows.append({"strategy": strategy, "k": k, "ranks": list(ranks),
+      rows.append({"model": model_name, "hidden": list(config.model.hidden),
+                   "max_rank": max_rank, "strategy": strategy, "k": k, "ranks": list(ranks),
                    "batch": config.train.batch_size, "step_s": timing.median_s,
                    "step_min_s": timing.min_s, "steps_per_s": 1.0 / timing.median_s,
                    "calls_per_sample": timing.number, **memory})
   single = next(row["step_s"] for row in rows if row["strategy"] == "single_static")
   for row in rows:
     row["vs_single"] = row["step_s"] / single
+  return rows
+
+
+def run(size: str, policy: Policy) -> SuiteResult:
+  rows = [row for model_name in MODELS for row in _model_rows(model_name, size, policy)]
+
+  def step_time(model_name, strategy, k):
+    return next(row for row in rows
+                if (row["model"], row["strategy"], row["k"]) == (model_name, strategy, k))
 
   judged = size == "full"
-  summary = [summary_line(f"{strategy}: two-rank step / single-rank step",
-                          next(row["vs_single"] for row in rows
-                               if row["strategy"] == strategy and row["k"] == 2),
-                          judged=judged, at_most=2.2)
-             for strategy in ("vmap_masked", "loop_static")]
+  summary = []
+  for model_name in MODELS:
+    summary += [summary_line(f"{model_name} {strategy}: two-rank step / single-rank step",
+                             step_time(model_name, strategy, 2)["vs_single"],
+                             judged=judged, at_most=2.2)
+                for strategy in ("vmap_masked", "loop_static")]
+    summary += [summary_line(f"{model_name} k={k}: loop_static step / vmap_masked step (< 1: "
+                             "the static loop is cheaper)",
+                             step_time(model_name, "loop_static", k)["step_s"]
+                             / step_time(model_name, "vmap_masked", k)["step_s"])
+                for k in NUM_RANKS[1:]]
   notes = [f"memory: {rows[0]['memory_source']}",
            "objective: uncertainty weighting for both multi-rank strategies; optimizer: the "
            "config's AdamW with its warm-up/cosine schedule"]

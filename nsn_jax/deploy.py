@@ -13,6 +13,16 @@ its break-even rank is folded into one dense kernel and no layer costs more than
 stores only what that form reads, so parameters and FLOPs both shrink. Each form is an ordinary
 module called as `layer(x)`; models route projections through `layers.project`, so a deployed
 model runs with `rank=None`.
+
+The policy "matmul" picks between dense and factorised only (the break-even rank
+r* = d_in·d_out/(d_in + d_out)), never GAR. GAR saves 2r² FLOPs per row but first gathers every
+input row along its feature axis, which on CPU costs roughly 150–250 FLOP-equivalents per
+gathered element, so it loses wherever 2r² is small against d_in. Measured on the 2-core CPU of
+docs/benchmarks.md (XLA, float32): the 784 → 256 layer at r = 64, batch 1024, 2.8 ms as GAR
+against 0.78 ms factorised; the default MLP deployed at batch 1024 is 3–17× slower with GAR.
+Where r² is large GAR can win: the 4096 × 4096 layer at batch 64 and r ≥ 1024 ran in 0.6–0.9×
+the factorised time (under load). Use "matmul" for CPU latency at small ranks, "cheapest" for
+the fewest FLOPs and parameters.
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ from nsn_jax.layers import (NSNDense, Rank, check_static_rank, nsn_layers, resol
                             set_submodule)
 
 FORMS = ("dense", "factorised", "gar")
+POLICIES = ("cheapest", "matmul")  # form choices made per layer (see the module docstring)
 
 
 class GatherIndex(nnx.Variable):
@@ -130,11 +141,14 @@ class DeployedLayer:
 
 
 def choose_form(d_in: int, d_out: int, rank: int, policy: str = "cheapest") -> str:
-  """The form a layer takes: `policy` itself, or with "cheapest" the fewest FLOPs per row."""
+  """The form a layer takes: `policy` itself; with "cheapest" the fewest FLOPs per row; with
+  "matmul" dense or factorised, whichever has fewer FLOPs (dense on a tie: one matmul)."""
   if policy == "cheapest":
     return flexrank.cheapest_form(d_in, d_out, rank)
+  if policy == "matmul":
+    return "factorised" if rank * (d_in + d_out) < d_in * d_out else "dense"
   if policy not in FORMS:
-    raise ValueError(f"form policy must be 'cheapest' or one of {FORMS}, got {policy!r}.")
+    raise ValueError(f"form policy must be one of {POLICIES} or {FORMS}, got {policy!r}.")
   return policy
 
 
@@ -167,8 +181,9 @@ def deploy(model: nnx.Module, rank: Rank = None,
   """A copy of `model` fixed at `rank` (an int, a profile {path: int}, or None = each layer's R).
 
   Every NSN layer becomes a `FixedRankLayer` of the form `form` names: "cheapest" (default: the
-  fewest FLOPs per row, see the module docstring), "dense", "factorised", "gar", or a mapping
-  {path: policy}. The copy runs with `rank=None`, stores only the chosen forms' parameters and
+  fewest FLOPs per row, see the module docstring), "matmul" (dense or factorised, no gather: the
+  faster choice on CPU), "dense", "factorised", "gar", or a mapping {path: policy}. The copy
+  runs with `rank=None`, stores only the chosen forms' parameters and
   reproduces `model(x, rank)` up to float32 rounding. `model` is left untouched. Raises
   ValueError for a rank outside a layer's 1..R, naming the layer.
   """

@@ -20,7 +20,7 @@ from flax import nnx
 
 from nsn_jax import flops, profiles
 from nsn_jax.checkpoint import CheckpointError, Checkpoints, param_shapes
-from nsn_jax.deploy import FORMS, DeployedLayer, deploy, format_report
+from nsn_jax.deploy import FORMS, POLICIES, DeployedLayer, deploy, format_report
 from nsn_jax.sweep import load_params
 
 
@@ -82,8 +82,9 @@ _REFERENCE = flags.DEFINE_enum("budget_reference", "max_rank", ["max_rank", "den
                                "What --budget is a fraction of.")
 _PROFILE_BUDGET = flags.DEFINE_float("profile_budget", None, "Exports the FlexRank profile the "
                                      "checkpoint saved for this budget (config.flexrank.budgets).")
-_FORM = flags.DEFINE_enum("form", "cheapest", ["cheapest", *FORMS],
-                          "Per-layer form: the cheapest in FLOPs, or one for every layer.")
+_FORM = flags.DEFINE_enum("form", "cheapest", [*POLICIES, *FORMS],
+                          "Per-layer form: the cheapest in FLOPs, 'matmul' (dense or "
+                          "factorised, faster on CPU), or one form for every layer.")
 
 
 def main(argv):

@@ -37,37 +37,76 @@ def test_report_records_environment_and_every_suite(report):
       assert math.isfinite(line["value"]), line
 
 
+def _gar_excess_bound(layers, rows: int) -> int:
+  """What XLA counts for the GAR layers of a deployed program beyond the analytic FLOPs, at most:
+  per row the pivot add (r) and the gather's per-element index check and fill-mode select
+  (2·d_in); per call the gather's index normalisation (≤ 32 ops per index). `layers`:
+  [d_in, d_out, rank, form] per deployed layer."""
+  return sum(rows * (rank + 2 * d_in) + 32 * d_in
+             for d_in, _, rank, form in layers if form == "gar")
+
+
+def _assert_flops_explained(row, rows: int, elementwise_min: int, elementwise_max: int):
+  """XLA's count = the analytic count + elementwise work the analytic count leaves out
+  (activations, norms, softmax; GAR's gather and add), each within its bounds."""
+  excess = row["xla_flops"] - row["analytic_flops"]
+  gar = _gar_excess_bound(row.get("layers", []), rows)
+  assert elementwise_min <= excess <= elementwise_max + gar, (row, excess, gar)
+
+
 def test_layer_rows_cover_the_grid_and_match_xla_flops(report):
   rows = report["suites"]["layer"]["rows"]
-  assert {row["rank"] for row in rows if row["kind"] == "nsn"} == {2, 4, 8, 16, 24, 32}
-  assert {row["kind"] for row in rows} == {"nsn", "dense", "matmul"}
+  ranks = {2, 4, 8, 16, 24, 32}
+  assert {row["rank"] for row in rows if row["kind"] == "nsn"} == ranks
+  assert {(row["policy"], row["rank"]) for row in rows if row["kind"] == "deployed"} == {
+      (policy, r) for policy in ("cheapest", "matmul") for r in ranks}
+  assert {row["kind"] for row in rows} == {"nsn", "dense", "matmul", "deployed"}
   for row in rows:
     assert _positive(row["latency_s"]) and _positive(row["flops_per_s"]), row
-    assert abs(row["xla_flops"] - row["analytic_flops"]) <= 0.1 * row["analytic_flops"], row
+    # A deployed layer's FLOPs: GAR below min(d_in, d_out) = 64 under "cheapest"; under
+    # "matmul" factorised below the break-even rank 32, folded dense at it.
+    if row["kind"] == "deployed":
+      assert row["form"] == {"cheapest": "gar", "matmul": (
+          "factorised" if row["rank"] < 32 else "dense")}[row["policy"]], row
+    layers = [[64, 64, row["rank"], row["form"]]] if row["kind"] == "deployed" else []
+    _assert_flops_explained({**row, "layers": layers}, row["batch"], 0, 0)
   assert [row["vs_dense"] for row in rows if row["kind"] == "dense"] == [1.0]
   assert [row["vs_matmul"] for row in rows if row["kind"] == "matmul"] == [1.0]
 
 
 def test_model_rows_per_rank_and_batch(report):
-  suite = report["suites"]["model"]
-  nsn = [row for row in suite["rows"] if row["kind"] == "nsn"]
-  assert {(row["batch"], row["rank"]) for row in nsn} == {(b, r) for b in (1, 8)
-                                                          for r in (1, 2, 4, 8)}
-  for row in suite["rows"]:
+  rows = report["suites"]["model"]["rows"]
+  mlp = [row for row in rows if row["model"] == "mlp"]
+  for kind, policies in (("nsn", {None}), ("deployed", {"cheapest", "matmul"})):
+    assert {(row["batch"], row["rank"], row["policy"]) for row in mlp if row["kind"] == kind} == {
+        (b, r, p) for b in (1, 8) for r in (1, 2, 4, 8) for p in policies}
+  for row in mlp:
     assert _positive(row["latency_s"]), row
-    # XLA also counts the ReLUs, which the analytic count leaves out.
-    assert abs(row["xla_flops"] - row["analytic_flops"]) <= 0.1 * row["analytic_flops"], row
-  assert any("SmolLM2" in note for note in suite["notes"])
+    # XLA also counts the ReLUs of the smoke MLP's one hidden layer (32 wide), at most once each.
+    _assert_flops_explained(row, row["batch"], 0, row["batch"] * 32)
+  decoder = [row for row in rows if row["model"] == "decoder"]
+  assert [row["kind"] for row in decoder] == ["dense"] + ["nsn"] * 4 + ["deployed"] * 8
+  assert {row["rank"] for row in decoder if row["kind"] != "dense"} == {4, 8, 16, 32}
+  # The tiny decoder (dim 32, 2 blocks, 4 heads of 8, 2 KV heads, ffn 64) on 16 tokens: per
+  # token the elements of its norms, RoPE, attention scores, SwiGLU gate and residual adds;
+  # XLA counts each at least once and, with the softmax's steps, at most 8 times.
+  elements = 2 * (2 * 32 + (4 + 2) * 8 + 4 * 16 + 64 + 2 * 32) + 32
+  for row in decoder:
+    assert _positive(row["latency_s"]) and row["seq_len"] == 16, row
+    _assert_flops_explained(row, 16, 16 * elements, 16 * 8 * elements)
 
 
-def test_train_rows_per_strategy_and_rank_count(report):
+def test_train_rows_per_model_strategy_and_rank_count(report):
   rows = report["suites"]["train"]["rows"]
-  assert {(row["strategy"], row["k"]) for row in rows} == {
-      ("vmap_masked", 1), ("vmap_masked", 2), ("vmap_masked", 4), ("loop_static", 1),
-      ("loop_static", 2), ("loop_static", 4), ("single_static", 1)}
+  assert {(row["model"], row["strategy"], row["k"]) for row in rows} == {
+      (model, strategy, k) for model in ("mlp", "mlp_wide")
+      for strategy, k in (("vmap_masked", 1), ("vmap_masked", 2), ("vmap_masked", 4),
+                          ("loop_static", 1), ("loop_static", 2), ("loop_static", 4),
+                          ("single_static", 1))}
   for row in rows:
     assert _positive(row["steps_per_s"]) and _positive(row["program_bytes"]), row
-    assert len(row["ranks"]) == row["k"] and row["ranks"][0] == 8  # the anchor leads
+    anchor = {"mlp": 8, "mlp_wide": 32}[row["model"]]
+    assert row["ranks"] == [anchor // 2 ** i for i in range(row["k"])]  # the anchor leads
     assert row["memory_source"]
 
 

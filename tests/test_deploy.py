@@ -63,6 +63,18 @@ def test_cheapest_form_never_costs_more_than_dense_and_shrinks_parameters():
   assert forms == {"gar", "dense"}  # GAR below min(d_in, d_out), folded dense at it
 
 
+def test_matmul_policy_switches_from_factorised_to_dense_at_the_break_even_rank():
+  d_in, d_out, max_rank = 40, 24, 24  # break-even r* = 40·24/64 = 15
+  model = Wrapper(NSNDense(d_in, d_out, max_rank, rngs=nnx.Rngs(1)))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((5, d_in)), jnp.float32)
+  for rank in range(1, max_rank + 1):
+    deployed, (entry,) = deploy(model, rank, "matmul")
+    assert entry.form == ("factorised" if rank < 15 else "dense"), rank  # r* itself: a tie
+    assert entry.flops <= min(flops.dense_flops(d_in, d_out),
+                              flops.nsn_layer_flops(model.layer, rank))
+    assert _relative(deployed(x), model(x, rank)) < 1e-4, rank
+
+
 def test_profile_deploys_each_layer_at_its_own_rank_and_leaves_the_model_untouched():
   model = NSNMLP(12, (10, 8), 3, max_rank=8, rngs=nnx.Rngs(2))
   before = nnx.to_pure_dict(nnx.state(model))
