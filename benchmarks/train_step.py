@@ -26,9 +26,11 @@ from benchmarks.common import Column, SuiteResult, mlp_config, summary_line, wid
 from benchmarks.timing import Policy, time_fn
 from nsn_jax import sharding
 from nsn_jax.objective import Objective, multi_rank_loss
+from nsn_jax.tasks import get_task
 from nsn_jax.train_lib import create_train_state
 
 NUM_RANKS = (1, 2, 4)
+IMAGES = get_task("image_classification")
 
 MODELS = {"mlp": mlp_config, "mlp_wide": wide_mlp_config}
 
@@ -65,7 +67,7 @@ def _loss_fns(max_rank: int, k: int):
   ranks = step_ranks(max_rank, k)
   objective = Objective("uncertainty")
   fns = [("vmap_masked", lambda t, x, y, rs: multi_rank_loss(
-             t.model, t.rank_weights, objective, x, y, rs)[0]),
+             t.model, t.rank_weights, objective, IMAGES, {"image": x, "label": y}, rs)[0]),
          ("loop_static", lambda t, x, y, rs: _loop_static_loss(t, x, y, ranks))]
   if k == 1:
     fns.append(("single_static", lambda t, x, y, rs: _cross_entropy(
