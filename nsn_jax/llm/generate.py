@@ -22,6 +22,7 @@ from nsn_jax import flops
 from nsn_jax.checkpoint import CheckpointError
 from nsn_jax.layers import nsn_layers
 from nsn_jax.llm.gguf import GGUFTokenizer, load_gguf, smollm2_path
+from nsn_jax.models.build import model_path
 from nsn_jax.sweep import load_params
 from nsn_jax.models.llama import generate
 from nsn_jax.surgery import decompose_and_replace, format_report
@@ -45,8 +46,7 @@ def _load():
     if config.get("task") != "language_modelling":
       raise ValueError(f"{_WORKDIR.value} was trained for {config.get('task')!r}; generate needs "
                        "a language_modelling run.")
-    path = config.model.get("path") or smollm2_path()
-    return model, GGUFTokenizer.from_reader(gguf.GGUFReader(path))
+    return model, GGUFTokenizer.from_reader(gguf.GGUFReader(model_path(config)))
   _, model, tokenizer = load_gguf(_GGUF.value or smollm2_path())
   if _NSN_MAX_RANK.value is not None:
     model, report = decompose_and_replace(model, max_rank=_NSN_MAX_RANK.value)

@@ -38,7 +38,8 @@ RULES = {"mlp": surgery.MLP_RULES, "attention": surgery.ATTENTION_RULES,
          "mlp_and_attention": surgery.MLP_RULES + surgery.ATTENTION_RULES}
 
 
-def _path(config: ml_collections.ConfigDict) -> pathlib.Path:
+def model_path(config: ml_collections.ConfigDict) -> pathlib.Path:
+  """The pretrained file `config.model.path` names, or the offline SmolLM2 / MiniLM."""
   default = smollm2_path if config.model.name == "llama_gguf" else minilm_path
   return pathlib.Path(config.model.get("path") or default())
 
@@ -46,7 +47,7 @@ def _path(config: ml_collections.ConfigDict) -> pathlib.Path:
 def _backbone(config: ml_collections.ConfigDict, pretrained: bool, seed: int) -> nnx.Module:
   """The pretrained model, or with `pretrained=False` the same architecture with random weights
   (read from the file's metadata only: what restoring a checkpoint needs)."""
-  path = _path(config)
+  path = model_path(config)
   if config.model.name == "llama_gguf":
     if pretrained:
       return load_gguf(path)[1]
@@ -134,10 +135,10 @@ def _task_model(config: ml_collections.ConfigDict, *, pretrained: bool, seed: in
 def text_encoder(config: ml_collections.ConfigDict) -> TextEncoder | None:
   """The tokenizer of a pretrained text model as a TextEncoder; None for image models."""
   if config.model.name == "llama_gguf":
-    tokenizer = GGUFTokenizer.from_reader(gguf.GGUFReader(_path(config)))
+    tokenizer = GGUFTokenizer.from_reader(gguf.GGUFReader(model_path(config)))
     return TextEncoder(tokenizer.encode, tokenizer.eos_id or 0)
   if config.model.name == "bert_hf":
-    tokenizer = tokenizers.Tokenizer.from_file(str(_path(config) / "tokenizer.json"))
+    tokenizer = tokenizers.Tokenizer.from_file(str(model_path(config) / "tokenizer.json"))
     tokenizer.no_padding()  # the pipeline pads and truncates to data.seq_len itself
     tokenizer.no_truncation()
     pad = tokenizer.token_to_id("[PAD]")
