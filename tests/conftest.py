@@ -26,3 +26,11 @@ def smoke_config(data_dir):
   config = default.get_config("smoke")
   config.data.data_dir = data_dir
   return config
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+  """A tiny random-weight Llama GGUF file (tests/test_llama.py's TINY): SmolLM2's stand-in."""
+  from test_llama import TINY, gguf_weights, tiny_model, write_gguf
+  return str(write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", TINY,
+                        gguf_weights(tiny_model())))

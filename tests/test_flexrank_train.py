@@ -28,7 +28,7 @@ from nsn_jax.profiles import ProfileSampler, saved_profiles
 from nsn_jax.sweep import load_params, restore_model, run_sweep
 from nsn_jax.tasks import get_task
 from nsn_jax.train_lib import train_and_evaluate
-from test_llm_train import _config, tiny_gguf  # noqa: F401  (tiny_gguf is a fixture)
+from test_llm_train import _config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = get_task("text_classification")

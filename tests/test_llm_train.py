@@ -16,15 +16,8 @@ from nsn_jax.layers import nsn_layers
 from nsn_jax.sweep import load_params, run_sweep
 from nsn_jax.train_lib import train_and_evaluate
 from test_bert import TINY as BERT_TINY, hf_config, hf_weights, tiny_model as tiny_bert, write_hf
-from test_llama import TINY, gguf_weights, tiny_model, write_gguf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-  return str(write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", TINY,
-                        gguf_weights(tiny_model())))
 
 
 def _config(module, variant, path, data_dir, **overrides):
