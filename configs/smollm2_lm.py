@@ -5,7 +5,7 @@ on passages of the `shakespeare/lm` split (plays disjoint from training), scored
 and next-token accuracy; the decoder keeps its own (tied) head, so only the MLP factors train.
 
   python train.py --config=configs/smollm2_lm.py --workdir=runs/smollm2_lm
-  python eval.py --workdir=runs/smollm2_lm --ranks=64,136,288,576 --references=runs/smollm2_lm_dense
+  python eval.py --workdir=runs/smollm2_lm --ranks=64,133,288,576 --references=runs/smollm2_lm_dense
   python train.py --config=configs/smollm2_lm.py:flexrank --workdir=runs/smollm2_lm_flexrank
   python eval.py --workdir=runs/smollm2_lm_flexrank --ranks=none --profiles
 """
