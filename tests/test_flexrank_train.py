@@ -17,8 +17,9 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import smollm2_genre
+from configs import smollm2_genre, smollm2_lm
 from nsn_jax import flops
+from nsn_jax.checkpoint import CheckpointError
 from nsn_jax.data import pipeline
 from nsn_jax.export import export
 from nsn_jax.layers import nsn_layers
@@ -27,7 +28,7 @@ from nsn_jax.objective import distillation_loss
 from nsn_jax.profiles import ProfileSampler, saved_profiles
 from nsn_jax.sweep import load_params, restore_model, run_sweep
 from nsn_jax.tasks import get_task
-from nsn_jax.train_lib import train_and_evaluate
+from nsn_jax.train_lib import restore_dense_twin, train_and_evaluate
 from test_llm_train import _config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,11 +36,21 @@ TASK = get_task("text_classification")
 
 
 @pytest.fixture(scope="module")
-def flex_run(tiny_gguf, data_dir, tmp_path_factory):
-  """(workdir, final metrics) of the genre `flexrank,smoke` config: budgets 0.55, 0.6, 0.65."""
+def dense_twin(tiny_gguf, data_dir, tmp_path_factory):
+  """The workdir of the genre `dense,smoke` run: the fine-tuned classifier FlexRank distils."""
+  workdir = str(tmp_path_factory.mktemp("twin"))
+  train_and_evaluate(_config(smollm2_genre, "dense,smoke", tiny_gguf, data_dir), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def flex_run(tiny_gguf, data_dir, dense_twin, tmp_path_factory):
+  """(workdir, final metrics) of the genre `flexrank,smoke` config started from the dense twin:
+  budgets 0.55, 0.6, 0.65."""
   workdir = str(tmp_path_factory.mktemp("flex"))
   return workdir, train_and_evaluate(
-      _config(smollm2_genre, "flexrank,smoke", tiny_gguf, data_dir), workdir)
+      _config(smollm2_genre, "flexrank,smoke", tiny_gguf, data_dir, model__init_from=dense_twin),
+      workdir)
 
 
 def _batch(config):
@@ -108,7 +119,8 @@ def test_sampled_profile_sequence_replays_by_seed_and_step():
 def test_kl_is_zero_for_the_teacher_and_full_rank_and_distillation_lowers_it(
     tiny_gguf, data_dir):
   # Full rank (R = 32 = d_model) with plain SVD: the student reproduces the dense teacher.
-  config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, surgery__max_rank=32)
+  config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, surgery__max_rank=32,
+                   surgery__init="svd")
   dense, model, _ = build_pretrained(config, seed=config.seed)
   # A fresh head is zero (uniform predictions) and would make every KL 0: give teacher and
   # student the same random head, as a trained one would be.
@@ -191,7 +203,21 @@ def test_an_nsn_run_saves_untrained_profiles_and_keeps_its_objective(tiny_gguf, 
   assert [(r["model"], r["trained"]) for r in rows] == [("flexrank", False)]
 
 
-def test_bad_flexrank_configs_are_refused(tiny_gguf, data_dir, smoke_config, tmp_path):
+def test_surgery_starts_from_the_dense_twin(tiny_gguf, data_dir, dense_twin):
+  config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, surgery__init="svd",
+                   surgery__max_rank=32, model__init_from=dense_twin)  # full rank: d_model
+  twin = restore_dense_twin(config)
+  assert float(jnp.abs(twin.head.kernel[...]).max()) > 0  # fine-tuned, not a new zero head
+  dense, model, _ = build_pretrained(config, seed=config.seed, calibrate=None,
+                                     dense=restore_dense_twin(config))
+  batch = _batch(config)
+  reference = TASK.logits(load_params(dense_twin)[0], batch, None)
+  assert _relative(TASK.logits(dense, batch, None), reference) == 0
+  assert _relative(TASK.logits(model, batch, config.surgery.max_rank), reference) < 1e-4
+
+
+def test_bad_flexrank_configs_are_refused(tiny_gguf, data_dir, smoke_config, dense_twin,
+                                          flex_run, tmp_path):
   def run(variant, name, **overrides):
     train_and_evaluate(_config(smollm2_genre, variant, tiny_gguf, data_dir, **overrides),
                        str(tmp_path / name))
@@ -199,11 +225,23 @@ def test_bad_flexrank_configs_are_refused(tiny_gguf, data_dir, smoke_config, tmp
   with pytest.raises(ValueError, match="flexrank_distill.*budgets"):
     run("flexrank,smoke", "a", flexrank__budgets=())
   with pytest.raises(ValueError, match=r"\[0.3\] are below 0.50"):
-    run("flexrank,smoke", "b", flexrank__budgets=(0.3, 0.6))
+    run("flexrank,smoke", "b", flexrank__budgets=(0.3, 0.6), model__init_from=dense_twin)
   with pytest.raises(ValueError, match="probabilities"):
-    run("flexrank,smoke", "c", flexrank__probabilities=(0.5, 0.5))
+    run("flexrank,smoke", "c", flexrank__probabilities=(0.5, 0.5), model__init_from=dense_twin)
   with pytest.raises(ValueError, match="repeats"):
     run("flexrank,smoke", "d", flexrank__budgets=(0.6, 0.6))
+  with pytest.raises(ValueError, match="classifier needs a fine-tuned teacher.*init_from"):
+    run("flexrank,smoke", "f")
+  with pytest.raises(ValueError, match="must be a dense twin"):
+    run("flexrank,smoke", "g", model__init_from=flex_run[0])
+  with pytest.raises(ValueError, match="another task, data.num_classes"):
+    train_and_evaluate(_config(smollm2_lm, "smoke", tiny_gguf, data_dir,
+                               model__init_from=dense_twin), str(tmp_path / "h"))
+  with pytest.raises(CheckpointError, match="no checkpoint directory"):
+    run("smoke", "i", model__init_from=str(tmp_path / "nowhere"))
   smoke_config.flexrank.budgets = (0.5,)
   with pytest.raises(ValueError, match="pretrained model with surgery"):
     train_and_evaluate(smoke_config, str(tmp_path / "e"))
+  smoke_config.flexrank.budgets, smoke_config.model.init_from = (), dense_twin
+  with pytest.raises(ValueError, match="init_from.*trains from scratch"):
+    train_and_evaluate(smoke_config, str(tmp_path / "j"))

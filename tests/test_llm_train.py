@@ -10,9 +10,12 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import minilm_genre, smollm2_genre, smollm2_lm
+from nsn_jax import flops
 from nsn_jax.layers import nsn_layers
+from nsn_jax.models.build import build_model
 from nsn_jax.sweep import load_params, run_sweep
 from nsn_jax.train_lib import train_and_evaluate
 from test_bert import TINY as BERT_TINY, hf_config, hf_weights, tiny_model as tiny_bert, write_hf
@@ -108,6 +111,19 @@ def test_bert_encoder_fine_tuning(data_dir, tmp_path):
   final = train_and_evaluate(_config(minilm_genre, "smoke", str(directory), data_dir),
                              str(tmp_path / "run"))
   assert np.isfinite(final["eval/rank_8/loss"])
+
+
+def test_minilm_comparison_ranks_cost_the_comparison_budgets():
+  """configs/minilm_genre.py:compare trains the uniform ranks at FlexRank's budgets (real
+  MiniLM shapes from its config.json; no weights needed)."""
+  config = minilm_genre.get_config("compare")
+  model = nnx.eval_shape(lambda: build_model(config, seed=0, pretrained=False))
+  at_budgets = [flops.rank_for_budget(model, budget, "dense", config.data.seq_len)
+                for budget in sorted(minilm_genre.COMPARE_BUDGETS, reverse=True)]
+  assert minilm_genre.COMPARE_RANKS == (config.surgery.max_rank, *at_budgets)
+  assert config.flexrank.budgets == minilm_genre.COMPARE_BUDGETS
+  with pytest.raises(ValueError, match="compare goes alone"):
+    minilm_genre.get_config("compare,flexrank")
 
 
 def test_bad_llm_configs_are_refused(tiny_gguf, data_dir, tmp_path):

@@ -93,17 +93,20 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int, pretrained: boo
 
 
 def build_pretrained(config: ml_collections.ConfigDict, *, seed: int,
-                     calibrate: Callable[[nnx.Module], None] | None = None
+                     calibrate: Callable[[nnx.Module], None] | None = None,
+                     dense: nnx.Module | None = None,
                      ) -> tuple[nnx.Module, nnx.Module, dict[str, np.ndarray] | None]:
   """(dense, model, calibration) for a pretrained family: the pretrained backbone with the task's
   head before surgery (FlexRank's distillation teacher), the same after `config.surgery` (the
   dense model itself when surgery.max_rank is 0), and the inputs {path: float32 (n, d_in)} the
   surgery's layers received while `calibrate(dense)` ran (None without `calibrate`).
 
+  `dense`: start from this dense model instead (a fine-tuned twin, `model.init_from`).
   Activation-aware surgery (`surgery.init=activation_aware`) needs `calibrate`; plain SVD
   ignores the calibration inputs, which FlexRank's profile search still reads.
   """
-  dense = _task_model(config, pretrained=True, seed=seed)
+  if dense is None:
+    dense = _task_model(config, pretrained=True, seed=seed)
   max_rank = config.surgery.max_rank
   if not max_rank:
     return dense, dense, None
