@@ -24,8 +24,9 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Eval batch size (default: the
 _PROFILES = flags.DEFINE_bool("profiles", False, "Also evaluate each FlexRank profile the "
                               "checkpoint saved (config.flexrank.budgets); --ranks=none for only "
                               "those.")
-_REFERENCES = flags.DEFINE_list("references", [], "Workdirs of dense baselines trained on the "
-                                "same task (surgery.max_rank=0): one reference row each.")
+_REFERENCES = flags.DEFINE_list("references", [], "Workdirs of runs on the same task to show "
+                                "beside this one: a dense baseline (surgery.max_rank=0) gives one "
+                                "row, a FlexRank run one row per distilled profile.")
 flags.mark_flag_as_required("workdir")
 
 

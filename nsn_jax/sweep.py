@@ -103,8 +103,9 @@ def run_sweep(workdir: str, ranks_spec: str = "all", budgets: list[float] = (),
               profiles: bool = False) -> list[dict]:
   """Evaluates the requested ranks (and the ranks that budgets map to), with `profiles` each
   FlexRank profile saved in the checkpoint (model "flexrank", rank None, its budget and a summary
-  of its per-layer ranks), then each reference workdir (a dense baseline trained on the same task)
-  once; writes and returns rows.
+  of its per-layer ranks), then each reference workdir trained on the same task: a dense
+  baseline once (model "dense: DIR"), a FlexRank run at each of its profiles ("flexrank: DIR");
+  writes and returns rows.
 
   FLOPs are per example: for a sequence model, the whole forward pass over data.seq_len tokens.
   Raises ValueError for `profiles` on a checkpoint without them, or when nothing is requested.
@@ -120,8 +121,8 @@ def run_sweep(workdir: str, ranks_spec: str = "all", budgets: list[float] = (),
     budget_of.setdefault(rank, budget)
   ranks = sorted(set(ranks) | set(budget_of))
   saved = flexrank_profiles.saved_profiles(metadata) if profiles else {}
-  if not ranks and not saved:
-    raise ValueError("nothing to evaluate: --ranks=none and no --profiles.")
+  if not ranks and not saved and not references:
+    raise ValueError("nothing to evaluate: --ranks=none, no --profiles and no --references.")
 
   arrays = pipeline.load_split(config.data, config.data.eval_split, text_encoder(config))
   batch_size = batch_size or config.eval.batch_size
@@ -154,25 +155,37 @@ def run_sweep(workdir: str, ranks_spec: str = "all", budgets: list[float] = (),
         "xla_flops": evaluator.forward_flops(nnx.state(model), arrays, rank) / batch_size,
     }
 
+  def profile_rows(model, name, saved, trained):
+    evaluator = RankEvaluator(nnx.graphdef(model), batch_size, task)
+    return [row(model, profile, name, evaluator) | {
+        "rank": None, "profile_ranks": flexrank_profiles.summarise(profile),
+        "trained": trained, "budget": budget} for budget, profile in saved.items()]
+
   evaluator = RankEvaluator(nnx.graphdef(model), batch_size, task)
   rows = [row(model, rank, "nsn", evaluator) for rank in ranks]
-  profiles_trained = metadata.get("flexrank", {}).get("trained", False)
-  rows += [row(model, profile, "flexrank", evaluator) | {
-      "rank": None, "profile_ranks": flexrank_profiles.summarise(profile),
-      "trained": profiles_trained, "budget": budget} for budget, profile in saved.items()]
+  rows += profile_rows(model, "flexrank", saved, _distilled(metadata))
   for reference in references:
-    dense_model = load_params(reference)[0]
-    if nsn_layers(dense_model):
+    other, other_metadata, _ = load_params(reference)
+    if _distilled(other_metadata):
+      rows += profile_rows(other, f"flexrank: {reference}",
+                           flexrank_profiles.saved_profiles(other_metadata), True)
+    elif nsn_layers(other):
       raise ValueError(f"reference {reference} is a nested model; a reference must be dense "
-                       "(trained with surgery.max_rank=0).")
-    rows.append(row(dense_model, 1, f"dense: {reference}",
-                    RankEvaluator(nnx.graphdef(dense_model), batch_size, task)) | {
-                        "rank": None, "trained": True})
+                       "(trained with surgery.max_rank=0) or a FlexRank run (its profiles).")
+    else:
+      rows.append(row(other, 1, f"dense: {reference}",
+                      RankEvaluator(nnx.graphdef(other), batch_size, task)) | {
+                          "rank": None, "trained": True})
   write_outputs(rows, os.path.join(workdir, "eval"), f"{workdir} (step {step})",
                 budget_reference)
   if verbose:
     print(format_table(rows))
   return rows
+
+
+def _distilled(metadata: dict) -> bool:
+  """Whether a checkpoint's FlexRank profiles were trained (distilled), not just searched."""
+  return metadata.get("flexrank", {}).get("trained", False)
 
 
 def _nsn_fraction(model, rank) -> float | None:
@@ -237,10 +250,15 @@ def plot_frontier(rows: list[dict], path: str, title: str, budget_reference: str
   for i, r in enumerate(r for r in rows if r["model"].startswith("dense")):  # references
     ax.axhline(r["accuracy"], color=f"C{i + 3}", linestyle="--", linewidth=1,
                label=f"{r['model']} ({r['accuracy']:.3f})")
-  flex = [r for r in rows if r["model"] == "flexrank"]
-  if flex:
-    ax.plot([r["flops_frac_dense"] for r in flex], [r["accuracy"] for r in flex], "D-",
-            color="C2", zorder=2, label="FlexRank profile")
+  runs = dict.fromkeys(r["model"] for r in rows if r["model"].startswith("flexrank"))
+  for color, run in zip(("C2", "C5", "C6", "C7"), runs):
+    flex = [r for r in rows if r["model"] == run]
+    distilled = flex[0]["trained"]
+    label = "FlexRank profile" + run.removeprefix("flexrank") + ("" if distilled else
+                                                                 " (not distilled)")
+    ax.plot([r["flops_frac_dense"] for r in flex], [r["accuracy"] for r in flex],
+            "D-" if distilled else "D--", color=color, mfc=None if distilled else "none",
+            zorder=2, label=label)
   rows = [r for r in rows if r["model"] == "nsn"]
   x = [r["flops_frac_dense"] for r in rows]
   ax.plot(x, [r["accuracy"] for r in rows], "-", color="0.7", zorder=1)

@@ -148,7 +148,7 @@ def test_kl_is_zero_for_the_teacher_and_full_rank_and_distillation_lowers_it(
   assert losses[0] == pytest.approx(float(kl_low), rel=1e-4) and losses[-1] < 0.7 * losses[0]
 
 
-def test_eval_profiles_rows(flex_run, tiny_gguf, data_dir):
+def test_eval_profiles_rows(flex_run, dense_twin):
   workdir, final = flex_run
   rows = run_sweep(workdir, "none", profiles=True, verbose=False)
   assert [r["model"] for r in rows] == ["flexrank"] * 3
@@ -161,6 +161,10 @@ def test_eval_profiles_rows(flex_run, tiny_gguf, data_dir):
   both = run_sweep(workdir, "8", profiles=True, verbose=False)
   assert [r["model"] for r in both] == ["nsn", "flexrank", "flexrank", "flexrank"]
   assert not both[0]["trained"]
+  # A FlexRank run as a reference of another run: its distilled profiles, evaluated the same.
+  beside = run_sweep(dense_twin, "none", references=[workdir], verbose=False)
+  assert [r["model"] for r in beside] == [f"flexrank: {workdir}"] * 3
+  assert [r["accuracy"] for r in beside] == [r["accuracy"] for r in rows]
   with pytest.raises(ValueError, match="nothing to evaluate"):
     run_sweep(workdir, "none", verbose=False)
   proc = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", "--ranks=none",
