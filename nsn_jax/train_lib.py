@@ -339,7 +339,8 @@ def _pretrained(config, calibrate, distill: bool):
                      "the surgery replaces, and the dense model is the distillation teacher.")
   if len(set(budgets)) != len(budgets):
     raise ValueError(f"flexrank.budgets {budgets} repeats a budget.")
-  if distill and config.get("task") == "text_classification" and not config.model.get("init_from"):
+  classifier = config.get("task") == "text_classification"
+  if distill and classifier and not config.model.get("init_from"):
     # A pretrained backbone gets a new, zero-initialised head: its outputs carry nothing to distil.
     raise ValueError("distilling a classifier needs a fine-tuned teacher: train the dense twin "
                      "(surgery.max_rank=0) and pass its workdir as model.init_from.")
