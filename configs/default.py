@@ -37,7 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.objective.ortho_weight = 0.01
 
   c.flexrank = ml_collections.ConfigDict()  # FlexRank: docs/flexrank.md (pretrained + surgery)
-  c.flexrank.budgets = ()            # fractions of the dense whole-forward FLOPs; () = no profiles
+  c.flexrank.budgets = ()            # fractions of the dense model; () = no profiles
+  c.flexrank.budget_unit = "flops"   # flops (whole forward pass) | params (parameter count)
   c.flexrank.probabilities = ()      # α_k per budget for objective flexrank_distill; () = uniform
 
   c.ranks = ml_collections.ConfigDict()

@@ -2,9 +2,10 @@
 distillation steps, saved in and read back from checkpoint metadata.
 
 A budget is a fraction of the dense model's whole forward pass (`flops.dense_model_flops`:
-attention over the context, dense layers, head), so the per-layer DP (`flexrank.nested_profiles`)
-gets what is left for the NSN layers once everything a rank does not change is paid for. FLOPs
-are per row (per token for a sequence model), as everywhere in `nsn_jax.flops`.
+attention over the context, dense layers, head), or of its parameter count, so the per-layer DP
+(`flexrank.nested_profiles`) gets what is left for the NSN layers once everything a rank does not
+change is paid for. FLOPs are per row (per token for a sequence model), as everywhere in
+`nsn_jax.flops`.
 """
 from __future__ import annotations
 
@@ -19,20 +20,29 @@ from nsn_jax import flexrank, flops
 from nsn_jax.layers import nsn_layers
 
 
+UNITS = ("flops", "params")
+
+
 def search_profiles(model: nnx.Module, dense: nnx.Module, calibration: Mapping[str, np.ndarray],
-                    budgets: Sequence[float], seq_len: int | None = None) -> list[dict]:
-  """One nested profile per budget (in the order given), each within budget × dense FLOPs.
+                    budgets: Sequence[float], seq_len: int | None = None,
+                    unit: str = "flops") -> list[dict]:
+  """One nested profile per budget (in the order given), each within budget × the dense model.
 
   Args:
     model: the model after surgery. dense: the same model before it (the kernels the factors
       approximate, at the NSN layers' paths). calibration: {path: (n, d_in)} inputs of each NSN
-      layer (`surgery.capture_inputs`). budgets: fractions of `dense_model_flops(model, seq_len)`.
+      layer (`surgery.capture_inputs`). budgets: fractions of the dense model's whole-forward
+      FLOPs per row (`dense_model_flops(model, seq_len)`, unit "flops") or of its parameter
+      count (unit "params": embeddings and head included, as a deployed checkpoint holds them).
   Returns:
-    [{"budget": b, "ranks": {path: r}, "flops_frac_dense": whole-model FLOPs / dense,
-      "error": Σ squared relative output errors of the layers on the calibration rows}].
-  Raises ValueError for a budget ≤ 0 or below the all-rank-1 model's fraction, naming that
-  fraction.
+    [{"budget": b, "unit": unit, "ranks": {path: r}, "flops_frac_dense": whole-model FLOPs /
+      dense, "params_frac_dense": parameters read / dense parameters, "error": Σ squared
+      relative output errors of the layers on the calibration rows}].
+  Raises ValueError for an unknown unit, a budget ≤ 0 or below the all-rank-1 model's
+  fraction, naming that fraction.
   """
+  if unit not in UNITS:
+    raise ValueError(f"flexrank.budget_unit must be one of {UNITS}, got {unit!r}.")
   layers = nsn_layers(model)
   kernels = {"/".join(map(str, path)): node.kernel[...] for path, node in nnx.iter_graph(dense)
              if isinstance(node, nnx.Linear)}
@@ -42,24 +52,31 @@ def search_profiles(model: nnx.Module, dense: nnx.Module, calibration: Mapping[s
   tables = {path: flexrank.layer_error_table(kernels[path], layer.a[...], layer.b[...],
                                              calibration[path])
             for path, layer in layers.items()}
-  dense_cost = flops.dense_model_flops(model, seq_len)
-  # What no rank changes (attention, dense layers, head, the NSN biases): the whole model at R
-  # less the tables' rank-dependent costs, so that fixed + Σ table cost = model_flops exactly.
-  fixed = flops.model_flops(model, None, seq_len) - sum(
+  flops_of = lambda ranks: flops.model_flops(model, ranks, seq_len)
+  params_of = lambda ranks: flops.active_params(model, ranks)
+  dense_flops, dense_params = flops.dense_model_flops(model, seq_len), flops.total_params(dense)
+  if unit == "params":  # a rank costs r·(d_in + d_out) parameters: half its FLOPs per row
+    tables = {path: [(r, c // 2, e) for r, c, e in table] for path, table in tables.items()}
+  cost_of, dense_cost = ((flops_of, dense_flops) if unit == "flops" else
+                         (params_of, dense_params))
+  # What no rank changes (attention, dense layers, embeddings, head, the NSN biases): the whole
+  # model at R less the tables' rank-dependent costs, so fixed + Σ table cost = cost_of exactly.
+  fixed = cost_of(None) - sum(
       table[layer.max_rank - 1][1] for table, layer in zip(tables.values(), layers.values()))
   smallest = (fixed + sum(table[0][1] for table in tables.values())) / dense_cost
   low = [b for b in budgets if not b >= smallest]
   if low:
-    raise ValueError(f"flexrank.budgets {low} are below {smallest:.4f}, the whole-forward FLOPs "
-                     "fraction of dense at rank 1 in every NSN layer.")
+    raise ValueError(f"flexrank.budgets {low} are below {smallest:.4f}, the fraction of the "
+                     f"dense model's {unit} at rank 1 in every NSN layer.")
   nested = flexrank.nested_profiles(tables, [b * dense_cost - fixed for b in budgets])
   results = []
   for budget, ranks in zip(budgets, nested):
-    cost = flops.model_flops(model, ranks, seq_len)
-    if cost > budget * dense_cost:  # the DP's costs and model_flops must agree
-      raise RuntimeError(f"profile for budget {budget} costs {cost / dense_cost:.6f} of dense.")
-    results.append({"budget": float(budget), "ranks": ranks,
-                    "flops_frac_dense": cost / dense_cost,
+    if cost_of(ranks) > budget * dense_cost:  # the DP's costs and cost_of must agree
+      raise RuntimeError(f"profile for budget {budget} costs "
+                         f"{cost_of(ranks) / dense_cost:.6f} of the dense {unit}.")
+    results.append({"budget": float(budget), "unit": unit, "ranks": ranks,
+                    "flops_frac_dense": flops_of(ranks) / dense_flops,
+                    "params_frac_dense": params_of(ranks) / dense_params,
                     "error": flexrank.profile_cost_error(tables, ranks)[1]})
   return results
 

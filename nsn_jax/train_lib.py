@@ -354,7 +354,8 @@ def _pretrained(config, calibrate, distill: bool):
   found = []
   if budgets:
     found = profiles.search_profiles(model, dense, calibration, budgets,
-                                     config.data.get("seq_len"))
+                                     config.data.get("seq_len"),
+                                     config.flexrank.get("budget_unit", "flops"))
   return model, dense if distill else None, found
 
 

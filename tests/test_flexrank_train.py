@@ -25,7 +25,8 @@ from nsn_jax.export import export
 from nsn_jax.layers import nsn_layers
 from nsn_jax.models.build import build_pretrained, text_encoder
 from nsn_jax.objective import distillation_loss
-from nsn_jax.profiles import ProfileSampler, saved_profiles
+from nsn_jax.profiles import ProfileSampler, saved_profiles, search_profiles
+from nsn_jax.surgery import capture_inputs
 from nsn_jax.sweep import load_params, restore_model, run_sweep
 from nsn_jax.tasks import get_task
 from nsn_jax.train_lib import restore_dense_twin, train_and_evaluate
@@ -84,6 +85,30 @@ def test_profiles_in_metadata_are_nested_within_budget_and_reload(flex_run):
   assert found[budgets[0]] != found[budgets[-1]]  # the budgets really differ in ranks
   # No global rank trained: the sweep's rank rows are all held out.
   assert metadata["flexrank"]["trained"] and metadata["trained_ranks"] == []
+
+
+def test_parameter_budgets_give_nested_profiles_within_the_parameter_count(tiny_gguf, data_dir):
+  config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, surgery__init="svd")
+  dense, model, _ = build_pretrained(config, seed=config.seed)
+  batch = _batch(config)
+  calibration = capture_inputs(dense, lambda m: TASK.logits(m, batch, None))
+  total = flops.total_params(dense)
+  low, high = flops.active_params(model, 1) / total, flops.active_params(model, None) / total
+  budgets = [low + (high - low) * t for t in (0.9, 0.3, 0.6)]  # any order
+  found = search_profiles(model, dense, calibration, budgets, config.data.seq_len, "params")
+  by_budget = {p["budget"]: p for p in found}
+  assert [p["budget"] for p in found] == budgets
+  for budget, p in by_budget.items():
+    assert p["unit"] == "params"
+    assert p["params_frac_dense"] == flops.active_params(model, p["ranks"]) / total <= budget
+    assert p["params_frac_dense"] > budget - 0.05 * (high - low)  # the DP spends the budget
+  ordered = [by_budget[b]["ranks"] for b in sorted(budgets)]
+  for small, large in zip(ordered, ordered[1:]):
+    assert all(small[path] <= large[path] for path in small)
+  with pytest.raises(ValueError, match="below .* the fraction of the dense model's params"):
+    search_profiles(model, dense, calibration, [low / 2], config.data.seq_len, "params")
+  with pytest.raises(ValueError, match="budget_unit"):
+    search_profiles(model, dense, calibration, budgets, config.data.seq_len, "bytes")
 
 
 def test_distillation_logs_finite_kl_at_the_profiles_the_sampler_draws(flex_run):
