@@ -8,14 +8,17 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from configs import minilm_genre, smollm2_genre, smollm2_lm
 from nsn_jax import flops
+from nsn_jax.data import pipeline
 from nsn_jax.layers import nsn_layers
-from nsn_jax.models.build import build_model
+from nsn_jax.models.build import build_model, text_encoder
 from nsn_jax.sweep import load_params, run_sweep
 from nsn_jax.train_lib import train_and_evaluate
 from test_bert import TINY as BERT_TINY, hf_config, hf_weights, tiny_model as tiny_bert, write_hf
@@ -124,6 +127,27 @@ def test_minilm_comparison_ranks_cost_the_comparison_budgets():
   assert config.flexrank.budgets == minilm_genre.COMPARE_BUDGETS
   with pytest.raises(ValueError, match="compare goes alone"):
     minilm_genre.get_config("compare,flexrank")
+
+
+def test_model_dtype_is_the_pretrained_models_computation_dtype(tiny_gguf, data_dir, tmp_path):
+  config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, surgery__init="svd",
+                   train__steps=2, model__dtype="bfloat16")
+  batch = pipeline.train_batches(config.data, 8, 0, 0, 1, text_encoder(config))[0]
+  model = build_model(config, seed=0)
+  tokens, mask = jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"])
+  hidden = model.backbone.encode(tokens, mask, rank=8)
+  assert hidden.dtype == jnp.bfloat16
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  config.model.dtype = "float32"
+  reference = build_model(config, seed=0).backbone.encode(tokens, mask, rank=8)
+  assert reference.dtype == jnp.float32
+  error = jnp.linalg.norm(hidden.astype(jnp.float32) - reference) / jnp.linalg.norm(reference)
+  assert 1e-5 < float(error) < 3e-2  # bf16 rounding: different, but the same function
+  config.model.dtype = "bfloat16"
+  assert np.isfinite(train_and_evaluate(config, str(tmp_path / "bf16"))["eval/rank_8/loss"])
+  config.model.dtype = "float16"
+  with pytest.raises(ValueError, match="model.dtype must be one of"):
+    build_model(config, seed=0)
 
 
 def test_bad_llm_configs_are_refused(tiny_gguf, data_dir, tmp_path):

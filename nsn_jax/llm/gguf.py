@@ -86,8 +86,10 @@ def _dequantize(tensor) -> np.ndarray:
                     np.float32).reshape(shape)
 
 
-def load_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, LlamaModel, "GGUFTokenizer"]:
-  """Reads a llama-architecture GGUF file into a float32 LlamaModel, with its config and tokenizer.
+def load_gguf(path: str | os.PathLike, dtype=None
+              ) -> tuple[LlamaConfig, LlamaModel, "GGUFTokenizer"]:
+  """Reads a llama-architecture GGUF file into a LlamaModel with float32 parameters computing in
+  `dtype` (None: float32; e.g. jnp.bfloat16), with its config and tokenizer.
 
   GGUF stores a linear map's weight W (d_out, d_in) for y = W x; Flax kernels are its transpose.
   Q/K rows stay as stored. The converter permuted each head's rows so that the pair Hugging Face
@@ -103,7 +105,8 @@ def load_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, LlamaModel, "GGUFTo
   if unexpected:
     raise ValueError(f"{path}: tensors {unexpected} have no place in LlamaModel.")
   # Build the model as shapes only, then fill every parameter from the file.
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaModel(config, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(nnx.eval_shape(
+      lambda: LlamaModel(config, dtype=dtype, rngs=nnx.Rngs(0))))
   for param_path, variable in nnx.to_flat_state(state):
     name, transpose = names[param_path]
     if name not in tensors:

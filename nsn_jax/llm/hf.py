@@ -75,9 +75,10 @@ def _hf_name(param_path: tuple) -> tuple[str, bool]:
   return f"{hf_module}.{theirs}", transpose
 
 
-def load_hf_bert(directory: str | os.PathLike
+def load_hf_bert(directory: str | os.PathLike, dtype=None
                  ) -> tuple[BertConfig, BertModel, tokenizers.Tokenizer]:
-  """Reads a Hugging Face BERT directory into a float32 BertModel, with its config and tokenizer.
+  """Reads a Hugging Face BERT directory into a BertModel with float32 parameters computing in
+  `dtype` (None: float32; e.g. jnp.bfloat16), with its config and tokenizer.
 
   The tokenizer is tokenizer.json as saved, with its own truncation and padding settings.
   """
@@ -86,7 +87,8 @@ def load_hf_bert(directory: str | os.PathLike
   path = directory / "model.safetensors"
   tensors = {name.removeprefix("bert."): array for name, array in load_file(path).items()}
   # Build the model as shapes only, then fill every parameter from the file.
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: BertModel(config, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(nnx.eval_shape(
+      lambda: BertModel(config, dtype=dtype, rngs=nnx.Rngs(0))))
   flat = nnx.to_flat_state(state)
   names = {param_path: _hf_name(param_path) for param_path, _ in flat}
   unexpected = sorted(name for name in set(tensors) - {name for name, _ in names.values()}

@@ -47,15 +47,23 @@ def model_path(config: ml_collections.ConfigDict) -> pathlib.Path:
 def _backbone(config: ml_collections.ConfigDict, pretrained: bool, seed: int) -> nnx.Module:
   """The pretrained model, or with `pretrained=False` the same architecture with random weights
   (read from the file's metadata only: what restoring a checkpoint needs)."""
-  path = model_path(config)
+  path, dtype = model_path(config), _dtype(config)
   if config.model.name == "llama_gguf":
     if pretrained:
-      return load_gguf(path)[1]
-    return LlamaModel(config_from_gguf(gguf.GGUFReader(path)), rngs=nnx.Rngs(seed))
+      return load_gguf(path, dtype)[1]
+    return LlamaModel(config_from_gguf(gguf.GGUFReader(path)), dtype=dtype, rngs=nnx.Rngs(seed))
   if pretrained:
-    return load_hf_bert(path)[1]
-  return BertModel(config_from_hf(json.loads((path / "config.json").read_text())),
+    return load_hf_bert(path, dtype)[1]
+  return BertModel(config_from_hf(json.loads((path / "config.json").read_text())), dtype=dtype,
                    rngs=nnx.Rngs(seed))
+
+
+def _dtype(config: ml_collections.ConfigDict):
+  """`config.model.dtype` (the computation dtype; parameters stay float32)."""
+  name = config.model.get("dtype", "float32")
+  if name not in _DTYPES:
+    raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {name!r}.")
+  return _DTYPES[name]
 
 
 def surgery_rules(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -83,7 +91,7 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int, pretrained: boo
   if name == "nsn_mlp":
     return NSNMLP(math.prod(config.data.image_shape), tuple(config.model.hidden),
                   config.data.num_classes, config.model.max_rank,
-                  dtype=_DTYPES[config.model.get("dtype", "float32")], rngs=nnx.Rngs(params=seed))
+                  dtype=_dtype(config), rngs=nnx.Rngs(params=seed))
   if pretrained:
     return build_pretrained(config, seed=seed, calibrate=calibrate)[1]
   model = _task_model(config, pretrained=False, seed=seed)
