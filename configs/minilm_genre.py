@@ -14,7 +14,8 @@ MiniLM costs ~10× less per token than SmolLM2, so it trains 600 steps of 16 pas
 `:compare` and `:flexrank` are NSN and FlexRank side by side (docs/flexrank.md): both
 start from the fine-tuned dense twin, replace the FFN *and* attention projections (so budgets
 down to 30% of the dense forward fit; the FFNs alone are 65% of it) with activation-aware
-factors, and train 300 steps of 16 passages. NSN trains the uniform ranks that cost 30/50/70/90%
+factors, and train 300 steps of 16 passages (the FFN factors and the head, as above: the
+attention factors keep their init on both sides). NSN trains the uniform ranks that cost 30/50/70/90%
 of the dense FLOPs (and R) on the labels; FlexRank distils the twin into its nested profiles at
 the same budgets.
 
@@ -35,6 +36,9 @@ COMPARE_RANKS = (384, 229, 176, 124, 71)
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   parts = set((arg or "").split(","))
+  if parts - {"", "dense", "smoke", "flexrank", "compare"}:
+    raise ValueError(f"unknown config variant {arg!r}; known: dense, smoke, compare, flexrank "
+                     "and dense,smoke or flexrank,smoke.")
   if "compare" in parts and parts & {"dense", "smoke", "flexrank"}:
     raise ValueError(f"config variant {arg!r}: compare goes alone (flexrank is its FlexRank "
                      "side).")

@@ -16,8 +16,8 @@ the same fine-tuning (MLP projections + head) without surgery.
 at 30–90% of the dense FLOPs, distillation at one sampled profile per step from the fine-tuned
 dense twin, which it starts from (`--config.model.init_from=runs/smollm2_genre_dense`).
 
-Sized for a 2-core CPU (64-token passages, 500 steps of 8, ~0.75 epoch); scale seq_len, steps and batch on
-an accelerator. `:smoke` needs `--config.model.path` to a tiny GGUF (tests).
+Sized for a 2-core CPU (64-token passages, 500 steps of 8, ~0.75 epoch); scale seq_len, steps
+and batch on an accelerator. `:smoke` needs `--config.model.path` to a tiny GGUF (tests).
 """
 import ml_collections
 

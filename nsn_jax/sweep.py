@@ -22,7 +22,7 @@ from nsn_jax.data import pipeline
 from nsn_jax.deploy import DeployedLayer, empty_like
 from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.layers import nsn_layers
-from nsn_jax.models.build import build_model, text_encoder
+from nsn_jax.models.build import build_model, mismatches, text_encoder
 from nsn_jax.tasks import get_task
 
 COLUMNS = ("model", "rank", "profile_ranks", "trained", "budget", "accuracy", "loss", "perplexity",
@@ -84,7 +84,7 @@ def restore_model(directory: str, mesh: jax.sharding.Mesh | None = None):
     state = nnx.state(model)
     shapes = nnx.to_pure_dict(state)
     if mesh is None:  # not the writer's layout: that mesh may not exist here
-      one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       layout = jax.tree.map(lambda _: one_device, shapes)
     else:
       layout = sharding.tree_shardings(shapes, mesh,
@@ -166,12 +166,17 @@ def run_sweep(workdir: str, ranks_spec: str = "all", budgets: list[float] = (),
   rows += profile_rows(model, "flexrank", saved, _distilled(metadata))
   for reference in references:
     other, other_metadata, _ = load_params(reference)
+    differ = mismatches(config, ml_collections.ConfigDict(other_metadata["config"]))
+    if differ:
+      raise ValueError(f"reference {reference} was trained with another {', '.join(differ)}; "
+                       "a reference must be the same model on the same task and data.")
     if _distilled(other_metadata):
       rows += profile_rows(other, f"flexrank: {reference}",
                            flexrank_profiles.saved_profiles(other_metadata), True)
     elif nsn_layers(other):
       raise ValueError(f"reference {reference} is a nested model; a reference must be dense "
-                       "(trained with surgery.max_rank=0) or a FlexRank run (its profiles).")
+                       "(trained with surgery.max_rank=0) or a distilled FlexRank run "
+                       "(objective flexrank_distill).")
     else:
       rows.append(row(other, 1, f"dense: {reference}",
                       RankEvaluator(nnx.graphdef(other), batch_size, task)) | {

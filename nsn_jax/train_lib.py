@@ -23,7 +23,7 @@ from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.layers import nsn_layers
 from nsn_jax.metrics import MetricWriter, Progress, say
-from nsn_jax.models.build import (PRETRAINED, build_model, build_pretrained, model_path,
+from nsn_jax.models.build import (PRETRAINED, build_model, build_pretrained, mismatches,
                                   text_encoder)
 from nsn_jax.objective import (DISTILL, LogVariance, Objective, RankWeights, distillation_loss,
                                multi_rank_loss)
@@ -79,8 +79,9 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
                        calibrate=None, pretrained_model: nnx.Module | None = None):
   """(graphdef, state, state shardings) of (TrainTarget, optimizer), laid out on `mesh`.
 
-  `pretrained_model`: a pretrained family's model already built (`build_pretrained`, as FlexRank
-  does), placed instead of building it again.
+  `pretrained_model`: a pretrained family's model already built (`build_pretrained`, as
+  `train_and_evaluate` does, from the pretrained file or `model.init_from`'s twin), placed
+  instead of building it again; without it the model comes from the pretrained file.
 
   The state is traced as shapes first and its shardings derived from `config.sharding` rules.
   A from-scratch model is then materialised by one jitted init straight into that layout: no
@@ -371,12 +372,9 @@ def restore_dense_twin(config: ml_collections.ConfigDict) -> nnx.Module | None:
   if source.get("surgery", {}).get("max_rank"):
     raise ValueError(f"model.init_from={workdir!r} is a nested run (surgery.max_rank="
                      f"{source.surgery.max_rank}); it must be a dense twin (surgery.max_rank=0).")
-  differ = [key for key, ours, theirs in (
-      ("model.name", config.model.name, source.model.name),
-      ("model file", model_path(config), model_path(source)),
-      ("task", config.get("task"), source.get("task")),
-      ("data.num_classes", config.data.get("num_classes"), source.data.get("num_classes")))
-      if ours != theirs]
+  differ = mismatches(config, source)
+  if config.model.get("dtype", "float32") != source.model.get("dtype", "float32"):
+    differ.append("model.dtype")  # the twin's layers compute in its own dtype
   if differ:
     raise ValueError(f"model.init_from={workdir!r} was trained with another "
                      f"{', '.join(differ)}; it must be the same model on the same task.")

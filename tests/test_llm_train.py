@@ -86,12 +86,15 @@ def test_sweep_with_a_dense_reference_row(genre_runs):
     run_sweep(nsn_dir, "2", references=[nsn_dir], verbose=False)
 
 
-def test_language_modelling_reports_perplexity_and_generates(tiny_gguf, data_dir, tmp_path):
+def test_language_modelling_reports_perplexity_and_generates(tiny_gguf, data_dir, genre_runs,
+                                                             tmp_path):
   final = train_and_evaluate(_config(smollm2_lm, "smoke", tiny_gguf, data_dir,
                                      train__multi_rank="vmap_masked"), str(tmp_path))
   rows = run_sweep(str(tmp_path), "8", verbose=False)
   assert rows[0]["perplexity"] == pytest.approx(np.exp(final["eval/rank_8/loss"]), rel=1e-5)
   assert 0 <= rows[0]["accuracy"] <= 1
+  with pytest.raises(ValueError, match="another task, data.name, data.num_classes"):
+    run_sweep(str(tmp_path), "8", references=[genre_runs[1]], verbose=False)
   cli = lambda *flags: subprocess.run(
       [sys.executable, "-m", "nsn_jax.llm.generate", f"--workdir={tmp_path}", "--prompt=ab",
        "--max_new_tokens=3", *flags], cwd=REPO, capture_output=True, text=True, timeout=300)

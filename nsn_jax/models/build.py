@@ -44,6 +44,19 @@ def model_path(config: ml_collections.ConfigDict) -> pathlib.Path:
   return pathlib.Path(config.model.get("path") or default())
 
 
+def mismatches(config: ml_collections.ConfigDict,
+               other: ml_collections.ConfigDict) -> list[str]:
+  """What differs between two runs' configs that must agree for one run's model to start or
+  stand beside the other's: the model family and file, the task, the dataset and its classes."""
+  pairs = [("model.name", config.model.name, other.model.name),
+           ("task", config.get("task"), other.get("task")),
+           ("data.name", config.data.name, other.data.name),
+           ("data.num_classes", config.data.get("num_classes"), other.data.get("num_classes"))]
+  if config.model.name in PRETRAINED and other.model.name == config.model.name:
+    pairs.insert(1, ("model file", model_path(config), model_path(other)))
+  return [key for key, ours, theirs in pairs if ours != theirs]
+
+
 def _backbone(config: ml_collections.ConfigDict, pretrained: bool, seed: int) -> nnx.Module:
   """The pretrained model, or with `pretrained=False` the same architecture with random weights
   (read from the file's metadata only: what restoring a checkpoint needs)."""
