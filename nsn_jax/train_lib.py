@@ -217,7 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   restored = checkpoints.restore(abstract_tree(params), abstract_tree(train))
   start_step = 0
   if restored is not None:
-    start_step, params, train, _ = restored
+    start_step, params, train, metadata = restored
+    _check_same_profiles(metadata, found, checkpoints.directory)
     nnx.replace_by_pure_dict(state, join_checkpoint(params, train))
     say(f"resumed from step {start_step} of {checkpoints.directory}")
 
@@ -358,6 +359,17 @@ def _pretrained(config, calibrate, distill: bool):
                                      config.data.get("seq_len"),
                                      config.flexrank.get("budget_unit", "flops"))
   return model, dense if distill else None, found
+
+
+def _check_same_profiles(metadata: dict, found: Sequence[dict], directory: str) -> None:
+  """Refuses to resume when the FlexRank profiles searched now differ from those the checkpoint
+  trained with: a resumed run must go on training the same profiles."""
+  saved = metadata.get("flexrank", {}).get("profiles", [])
+  if profiles.by_budget(saved) != profiles.by_budget(found):
+    raise ValueError(f"the FlexRank profiles searched now differ from those the checkpoint in "
+                     f"{directory} was trained with. Resume with the same flexrank.budgets, "
+                     "surgery and model.init_from (whose run must not have trained further), "
+                     "or start a new workdir.")
 
 
 def restore_dense_twin(config: ml_collections.ConfigDict) -> nnx.Module | None:

@@ -260,6 +260,10 @@ def test_bad_flexrank_configs_are_refused(tiny_gguf, data_dir, smoke_config, den
     run("flexrank,smoke", "c", flexrank__probabilities=(0.5, 0.5), model__init_from=dense_twin)
   with pytest.raises(ValueError, match="repeats"):
     run("flexrank,smoke", "d", flexrank__budgets=(0.6, 0.6))
+  with pytest.raises(ValueError, match="profiles searched now differ"):
+    train_and_evaluate(_config(smollm2_genre, "flexrank,smoke", tiny_gguf, data_dir,
+                               model__init_from=dense_twin, flexrank__budgets=(0.55, 0.6)),
+                       flex_run[0])
   with pytest.raises(ValueError, match="classifier needs a fine-tuned teacher.*init_from"):
     run("flexrank,smoke", "f")
   with pytest.raises(ValueError, match="must be a dense twin"):
