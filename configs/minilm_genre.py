@@ -14,8 +14,7 @@ MiniLM costs ~10× less per token than SmolLM2, so it trains 600 steps of 16 pas
 `:compare` and `:flexrank` are NSN and FlexRank side by side (docs/flexrank.md): both
 start from the fine-tuned dense twin, replace the FFN *and* attention projections (so budgets
 down to 30% of the dense forward fit; the FFNs alone are 65% of it) with activation-aware
-factors, and train 300 steps of 16 passages (the FFN factors and the head, as above: the
-attention factors keep their init on both sides). NSN trains the uniform ranks that cost 30/50/70/90%
+factors, and train those factors and the head for 300 steps of 16 passages. NSN trains the uniform ranks that cost 30/50/70/90%
 of the dense FLOPs (and R) on the labels; FlexRank distils the twin into its nested profiles at
 the same budgets.
 
@@ -63,6 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if compare:
     c.surgery.rules = "mlp_and_attention"
     c.surgery.init = "activation_aware"
+    c.train.trainable = ("mlp/", "attn/", "head")  # every replaced layer's factors, and the head
     c.train.steps = 300
     c.train.checkpoint_every = 100
     c.optimizer.warmup_steps = 25
