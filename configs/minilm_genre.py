@@ -14,9 +14,9 @@ MiniLM costs ~10× less per token than SmolLM2, so it trains 600 steps of 16 pas
 `:compare` and `:flexrank` are NSN and FlexRank side by side (docs/flexrank.md): both
 start from the fine-tuned dense twin, replace the FFN *and* attention projections (so budgets
 down to 30% of the dense forward fit; the FFNs alone are 65% of it) with activation-aware
-factors, and train those factors and the head for 300 steps of 16 passages. NSN trains the uniform ranks that cost 30/50/70/90%
-of the dense FLOPs (and R) on the labels; FlexRank distils the twin into its nested profiles at
-the same budgets.
+factors, and train those factors and the head for 300 steps of 16 passages. NSN trains the
+uniform ranks that cost 30/50/70/90% of the dense FLOPs (and R) on the labels; FlexRank distils
+the twin into its nested profiles at the same budgets.
 
   python train.py --config=configs/minilm_genre.py:compare --workdir=runs/minilm_compare_nsn \\
       --config.model.init_from=runs/minilm_genre_dense

@@ -71,9 +71,10 @@ def search_profiles(model: nnx.Module, dense: nnx.Module, calibration: Mapping[s
   nested = flexrank.nested_profiles(tables, [b * dense_cost - fixed for b in budgets])
   results = []
   for budget, ranks in zip(budgets, nested):
-    if cost_of(ranks) > budget * dense_cost:  # the DP's costs and cost_of must agree
-      raise RuntimeError(f"profile for budget {budget} costs "
-                         f"{cost_of(ranks) / dense_cost:.6f} of the dense {unit}.")
+    cost = cost_of(ranks)
+    if cost > budget * dense_cost:  # the DP's costs and cost_of must agree
+      raise RuntimeError(f"profile for budget {budget} costs {cost / dense_cost:.6f} of the "
+                         f"dense {unit}.")
     results.append({"budget": float(budget), "unit": unit, "ranks": ranks,
                     "flops_frac_dense": flops_of(ranks) / dense_flops,
                     "params_frac_dense": params_of(ranks) / dense_params,

@@ -155,32 +155,32 @@ def run_sweep(workdir: str, ranks_spec: str = "all", budgets: list[float] = (),
         "xla_flops": evaluator.forward_flops(nnx.state(model), arrays, rank) / batch_size,
     }
 
-  def profile_rows(model, name, saved, trained):
-    evaluator = RankEvaluator(nnx.graphdef(model), batch_size, task)
+  def profile_rows(model, name, saved, trained, evaluator):
     return [row(model, profile, name, evaluator) | {
         "rank": None, "profile_ranks": flexrank_profiles.summarise(profile),
         "trained": trained, "budget": budget} for budget, profile in saved.items()]
 
   evaluator = RankEvaluator(nnx.graphdef(model), batch_size, task)
   rows = [row(model, rank, "nsn", evaluator) for rank in ranks]
-  rows += profile_rows(model, "flexrank", saved, _distilled(metadata))
+  rows += profile_rows(model, "flexrank", saved, _distilled(metadata), evaluator)
   for reference in references:
     other, other_metadata, _ = load_params(reference)
     differ = mismatches(config, ml_collections.ConfigDict(other_metadata["config"]))
     if differ:
       raise ValueError(f"reference {reference} was trained with another {', '.join(differ)}; "
                        "a reference must be the same model on the same task and data.")
+    other_evaluator = RankEvaluator(nnx.graphdef(other), batch_size, task)
     if _distilled(other_metadata):
       rows += profile_rows(other, f"flexrank: {reference}",
-                           flexrank_profiles.saved_profiles(other_metadata), True)
+                           flexrank_profiles.saved_profiles(other_metadata), True,
+                           other_evaluator)
     elif nsn_layers(other):
       raise ValueError(f"reference {reference} is a nested model; a reference must be dense "
                        "(trained with surgery.max_rank=0) or a distilled FlexRank run "
                        "(objective flexrank_distill).")
     else:
-      rows.append(row(other, 1, f"dense: {reference}",
-                      RankEvaluator(nnx.graphdef(other), batch_size, task)) | {
-                          "rank": None, "trained": True})
+      rows.append(row(other, 1, f"dense: {reference}", other_evaluator) | {
+          "rank": None, "trained": True})
   write_outputs(rows, os.path.join(workdir, "eval"), f"{workdir} (step {step})",
                 budget_reference)
   if verbose:

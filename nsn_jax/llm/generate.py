@@ -23,9 +23,9 @@ from nsn_jax.checkpoint import CheckpointError
 from nsn_jax.layers import nsn_layers
 from nsn_jax.llm.gguf import GGUFTokenizer, load_gguf, smollm2_path
 from nsn_jax.models.build import model_path
-from nsn_jax.sweep import load_params
 from nsn_jax.models.llama import generate
 from nsn_jax.surgery import decompose_and_replace, format_report
+from nsn_jax.sweep import load_params
 
 _GGUF = flags.DEFINE_string("gguf", None, "GGUF file (default: SmolLM2-135M-Instruct, offline).")
 _PROMPT = flags.DEFINE_string("prompt", "The capital of France is", "Text to continue.")
