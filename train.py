@@ -1,15 +1,16 @@
 """Train a nested model from a config file.
 
-  python train.py --config=configs/default.py --workdir=runs/demo [--config.train.steps=500]
+  .venv/bin/python train.py --config=configs/default.py --workdir=runs/demo [--config.train.steps=500]
 
-Re-running with the same --workdir resumes from its newest checkpoint. On several hosts, run the
-same command on every host with --multihost (Cloud TPU VMs discover each other) or with
+Re-running with the same --workdir resumes from its newest good checkpoint. Bad input (a config
+field, a path) is one line and exit code 2 (--verbose for the traceback). On several hosts, run
+the same command on every host with --multihost (Cloud TPU VMs discover each other) or with
 --coordinator_address/--num_processes/--process_id; see docs/tpu.md.
 """
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from nsn_jax import distributed
+from nsn_jax import cli, distributed
 from nsn_jax.train_lib import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
@@ -25,14 +26,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
+def main():
   distributed.initialize(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value, _METRICS_DIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

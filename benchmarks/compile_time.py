@@ -24,7 +24,7 @@ from flax import nnx
 from benchmarks.common import Column, SuiteResult, eval_program, mlp_config, summary_line
 from benchmarks.timing import Policy
 from nsn_jax import flops
-from nsn_jax.models.build import build_model
+from nsn_jax.build import build_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODES = ("off", "cold", "warm")

@@ -24,7 +24,7 @@ from benchmarks.common import (Column, SuiteResult, eval_program, mlp_config, su
 from benchmarks.timing import Policy
 from nsn_jax import flops
 from nsn_jax.deploy import POLICIES, deploy
-from nsn_jax.models.build import build_model
+from nsn_jax.build import build_model
 from nsn_jax.models.llama import LlamaConfig, LlamaModel
 from nsn_jax.surgery import decompose_and_replace
 

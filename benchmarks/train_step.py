@@ -1,33 +1,32 @@
-"""One optimizer step of the NSN MLP, three ways, for k ranks per step:
+"""One optimizer step of the NSN MLP, three ways, for k ranks per step — each the library's own
+step (`nsn_jax.train_step.make_train_step` driving a `nsn_jax.methods.MultiRank`), as train.py
+runs it:
 
-  vmap_masked    the library's step: multi_rank_loss vmaps the masked path over a rank vector;
-  loop_static    a Python loop of static-rank (sliced) forward passes summed into one loss,
-                 with the same uncertainty weighting, jitted as one program;
-  single_static  plain cross-entropy at the single static rank R: the cost a multi-rank step is
-                 compared to.
+  vmap_masked    multi_rank_loss vmaps the masked path over a rank vector (the default);
+  loop_static    the fixed ranks as static slices, one forward pass each, summed into one loss
+                 with the same uncertainty weighting (`train.multi_rank=loop_static`);
+  single_static  plain cross-entropy at the single static rank R (objective anchor_only): the
+                 cost a multi-rank step is compared to.
 
 Two models: `mlp`, the MLP of configs/default.py (R = 64), where the masked vmap runs every rank
 at R but R is small, and `mlp_wide` (hidden 2048, 2048, R = 1024), where running all k ranks at
 R costs k full-rank passes while the static loop pays R + R/2 + ... (1.875 R at k = 4).
-
-Each is built like nsn_jax.train_lib's step: the state from `create_train_state` (the model,
-the log-variances and nnx.Optimizer(target, tx, wrt=nnx.Param)) on a one-device mesh, since the
-suite times one device; nnx.merge inside the step; jax.jit with the state donated.
+The state comes from `create_train_state` on a one-device mesh, since the suite times one device.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
 from benchmarks.common import Column, SuiteResult, mlp_config, summary_line, wide_mlp_config
 from benchmarks.timing import Policy, time_fn
 from nsn_jax import sharding
-from nsn_jax.objective import Objective, multi_rank_loss
+from nsn_jax.methods import MultiRank
+from nsn_jax.objective import Objective
+from nsn_jax.ranks import FixedRanks
 from nsn_jax.tasks import get_task
-from nsn_jax.train_lib import create_train_state
+from nsn_jax.train_step import create_train_state, make_train_step, trainable
 
 NUM_RANKS = (1, 2, 4)
 IMAGES = get_task("image_classification")
@@ -50,39 +49,15 @@ def step_ranks(max_rank: int, k: int) -> tuple[int, ...]:
   return tuple(max_rank // 2 ** i for i in range(k))
 
 
-def _cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels).mean()
-
-
-def _loop_static_loss(target, x, labels, ranks: tuple[int, ...]):
-  """Σ_r exp(−s_r)·CE_r + s_r over static ranks: multi_rank_loss's uncertainty weighting."""
-  log_var = target.rank_weights(jnp.asarray(ranks))
-  return sum(jnp.exp(-s) * _cross_entropy(target.model(x, rank=r), labels) + s
-             for r, s in zip(ranks, log_var))
-
-
-def _loss_fns(max_rank: int, k: int):
-  """(strategy, loss(target, x, labels, ranks_array)) for each strategy at k ranks."""
+def _methods(max_rank: int, k: int) -> list[tuple[str, MultiRank]]:
+  """(strategy, method) for each strategy at k ranks."""
   ranks = step_ranks(max_rank, k)
-  objective = Objective("uncertainty")
-  fns = [("vmap_masked", lambda t, x, y, rs: multi_rank_loss(
-             t.model, t.rank_weights, objective, IMAGES, {"image": x, "label": y}, rs)[0]),
-         ("loop_static", lambda t, x, y, rs: _loop_static_loss(t, x, y, ranks))]
+  source, objective = FixedRanks(ranks, max_rank), Objective("uncertainty")
+  methods = [("vmap_masked", MultiRank(IMAGES, (), objective, source, None)),
+             ("loop_static", MultiRank(IMAGES, (), objective, source, ranks))]
   if k == 1:
-    fns.append(("single_static", lambda t, x, y, rs: _cross_entropy(
-        t.model(x, rank=max_rank), y)))
-  return fns
-
-
-def _jit_step(graphdef, loss_fn):
-  def step(state, x, labels, ranks):
-    target, optimizer = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(loss_fn)(target, x, labels, ranks)
-    optimizer.update(target, grads)
-    return nnx.state((target, optimizer)), loss
-
-  return jax.jit(step, donate_argnums=0)
+    methods.append(("single_static", MultiRank(IMAGES, (), Objective("anchor"), source, ranks)))
+  return methods
 
 
 def memory_used(compiled) -> dict:
@@ -111,27 +86,30 @@ def memory_used(compiled) -> dict:
 def _model_rows(model_name: str, size: str, policy: Policy) -> list[dict]:
   config = MODELS[model_name](size)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  graphdef, initial_state, _ = create_train_state(config, mesh)
+  graphdef, initial_state, state_sharding = create_train_state(config, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
   max_rank = config.model.max_rank
   rng = np.random.default_rng(1)  # host-side inputs: no random-number programs to compile
-  x = jax.device_put(rng.random((config.train.batch_size, *config.data.image_shape), np.float32))
-  labels = jax.device_put(rng.integers(0, config.data.num_classes, config.train.batch_size,
-                                       dtype=np.int32))
+  batch = jax.device_put({
+      "image": rng.random((config.train.batch_size, *config.data.image_shape), np.float32),
+      "label": rng.integers(0, config.data.num_classes, config.train.batch_size, dtype=np.int32),
+  }, batch_sharding)
 
   rows = []
   for k in NUM_RANKS:
     ranks = step_ranks(max_rank, k)
     ranks_array = jnp.asarray(ranks, jnp.int32)
-    for strategy, loss_fn in _loss_fns(max_rank, k):
-      step = _jit_step(graphdef, loss_fn)
+    for strategy, method in _methods(max_rank, k):
+      step = make_train_step(graphdef, method.loss, trainable(config), state_sharding,
+                             batch_sharding)
       # The step donates its state: give each strategy its own copy of the initial state.
       state = jax.tree.map(jnp.copy, initial_state)
-      compiled = step.lower(state, x, labels, ranks_array).compile()  # the calls reuse it
+      compiled = step.lower(state, batch, ranks_array, None).compile()  # the calls reuse it
 
       def one_step():
         nonlocal state
-        state, loss = step(state, x, labels, ranks_array)
-        jax.block_until_ready((state, loss))
+        state, metrics = step(state, batch, ranks_array, None)
+        jax.block_until_ready((state, metrics))
 
       timing = time_fn(one_step, policy)
       memory = memory_used(compiled)

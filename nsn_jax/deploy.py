@@ -3,26 +3,25 @@
 Training keeps every rank in one parameter set; serving one budget needs only that budget's
 weights. At a fixed rank r an NSN layer (factors a: (d_in, R), b: (R, d_out)) can run as
 
-  dense       x @ (a_r b_r)                              2·d_in·d_out              FLOPs per row
-  factorised  (x @ a_r) @ b_r                            2·r·(d_in + d_out)
-  gar         (x[:, rows] + x[:, rest] @ n) @ m          2·r·(d_in + d_out − r)
+  dense       x @ (a_r b_r)
+  factorised  (x @ a_r) @ b_r
+  gar         (x[:, rows] + x[:, rest] @ n) @ m
 
-(GAR, FlexRank's gauge-aligned reparametrisation, see `nsn_jax.flexrank.gar_factors`.) `deploy`
-picks one per layer — by default the fewest FLOPs (`flexrank.cheapest_form`), so a layer above
-its break-even rank is folded into one dense kernel and no layer costs more than dense — and
-stores only what that form reads, so parameters and FLOPs both shrink. Each form is an ordinary
-module called as `layer(x)`; models route projections through `layers.project`, so a deployed
+(GAR, FlexRank's gauge-aligned reparametrisation, see `nsn_jax.flexrank.gar_factors`; the cost
+of each form is `flops.form_flops`.) `deploy` picks one per layer — by default the fewest FLOPs
+(`flops.cheapest_form`), so a layer above its break-even rank is folded into one dense kernel
+and no layer costs more than dense — and stores only what that form reads, so parameters and
+FLOPs both shrink. Each form is an ordinary module called as `layer(x)` that reports its cost
+through `flops_per_row()`; models route projections through `layers.project`, so a deployed
 model runs with `rank=None`.
 
 The policy "matmul" picks between dense and factorised only (the break-even rank
 r* = d_in·d_out/(d_in + d_out)), never GAR. GAR saves 2r² FLOPs per row but first gathers every
-input row along its feature axis, which on CPU costs roughly 150–250 FLOP-equivalents per
-gathered element, so it loses wherever 2r² is small against d_in. Measured on the 2-core CPU of
-docs/benchmarks.md (XLA, float32): the 784 → 256 layer at r = 64, batch 1024, 2.8 ms as GAR
-against 0.78 ms factorised; the default MLP deployed at batch 1024 is 3–17× slower with GAR.
-Where r² is large GAR can win: the 4096 × 4096 layer at batch 64 and r ≥ 1024 ran in 0.6–0.9×
-the factorised time (under load). Use "matmul" for CPU latency at small ranks, "cheapest" for
-the fewest FLOPs and parameters.
+input row along its feature axis, and on CPU that gather costs far more per element than a
+multiply-add, so GAR loses wherever 2r² is small against d_in and can win only where r² is large.
+The measured latencies are in docs/benchmarks.md (summary in docs/design.md, "Deployment form
+per layer"). Use "matmul" for CPU latency at small ranks, "cheapest" for the fewest FLOPs and
+parameters.
 """
 from __future__ import annotations
 
@@ -34,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nsn_jax import flexrank
+from nsn_jax import flexrank, flops
 from nsn_jax.layers import (NSNDense, Rank, check_static_rank, nsn_layers, resolve_rank,
                             set_submodule)
 
-FORMS = ("dense", "factorised", "gar")
+FORMS = flops.FORMS
 POLICIES = ("cheapest", "matmul")  # form choices made per layer (see the module docstring)
 
 
@@ -63,11 +62,10 @@ class FixedRankLayer(nnx.Module):
     raise NotImplementedError
 
   def flops_per_row(self) -> int:
-    """Forward FLOPs per input row (multiply-add = 2, bias add = 1), as `nsn_jax.flops`."""
-    return self._matmul_flops() + (0 if self.bias is None else self.out_features)
-
-  def _matmul_flops(self) -> int:
-    raise NotImplementedError
+    """Forward FLOPs per input row (multiply-add = 2, bias add = 1): how `nsn_jax.flops`
+    counts a module whose cost no rank changes."""
+    return flops.form_flops(self.form, self.in_features, self.out_features, self.rank,
+                            self.bias is not None)
 
   def _add_bias(self, y: jax.Array) -> jax.Array:
     return y if self.bias is None else y + self.bias[...].astype(y.dtype)
@@ -79,9 +77,6 @@ class DenseForm(FixedRankLayer):
 
   def _init_params(self, param_dtype) -> None:
     self.kernel = nnx.Param(jnp.zeros((self.in_features, self.out_features), param_dtype))
-
-  def _matmul_flops(self) -> int:
-    return 2 * self.in_features * self.out_features
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (..., d_in) → (..., d_out)."""
@@ -97,9 +92,6 @@ class FactorisedForm(FixedRankLayer):
     self.a = nnx.Param(jnp.zeros((self.in_features, self.rank), param_dtype))
     self.b = nnx.Param(jnp.zeros((self.rank, self.out_features), param_dtype))
 
-  def _matmul_flops(self) -> int:
-    return 2 * self.rank * (self.in_features + self.out_features)
-
   def __call__(self, x: jax.Array) -> jax.Array:
     x, a, b = nnx.nn.dtypes.promote_dtype((x, self.a[...], self.b[...]), dtype=self.dtype)
     return self._add_bias((x @ a) @ b)
@@ -113,9 +105,6 @@ class GARForm(FixedRankLayer):
     self.perm = GatherIndex(jnp.arange(self.in_features, dtype=jnp.int32))
     self.n = nnx.Param(jnp.zeros((self.in_features - self.rank, self.rank), param_dtype))
     self.m = nnx.Param(jnp.zeros((self.rank, self.out_features), param_dtype))
-
-  def _matmul_flops(self) -> int:
-    return flexrank.gar_flops(self.in_features, self.out_features, self.rank)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x, n, m = nnx.nn.dtypes.promote_dtype((x, self.n[...], self.m[...]), dtype=self.dtype)
@@ -144,9 +133,9 @@ def choose_form(d_in: int, d_out: int, rank: int, policy: str = "cheapest") -> s
   """The form a layer takes: `policy` itself; with "cheapest" the fewest FLOPs per row; with
   "matmul" dense or factorised, whichever has fewer FLOPs (dense on a tie: one matmul)."""
   if policy == "cheapest":
-    return flexrank.cheapest_form(d_in, d_out, rank)
+    return flops.cheapest_form(d_in, d_out, rank)
   if policy == "matmul":
-    return "factorised" if rank * (d_in + d_out) < d_in * d_out else "dense"
+    return flops.cheapest_form(d_in, d_out, rank, ("dense", "factorised"))
   if policy not in FORMS:
     raise ValueError(f"form policy must be one of {POLICIES} or {FORMS}, got {policy!r}.")
   return policy

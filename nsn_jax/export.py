@@ -1,27 +1,28 @@
 """Export one budget of a trained nested model as a standalone, smaller checkpoint.
 
-  python -m nsn_jax.export --workdir=runs/demo --rank=16 --out=runs/demo/export/r16
-  python -m nsn_jax.export --workdir=runs/demo --budget=0.5 --out=runs/demo/export/half
-  python -m nsn_jax.export --workdir=runs/flex --profile_budget=0.5 --out=runs/flex/export/p50
+  .venv/bin/python -m nsn_jax.export --workdir=runs/demo --rank=16 --out=runs/demo/export/r16
+  .venv/bin/python -m nsn_jax.export --workdir=runs/demo --budget=0.5 --out=runs/demo/export/half
+  .venv/bin/python -m nsn_jax.export --workdir=runs/flex --profile_budget=0.5 --out=runs/flex/p50
 
 The export holds only what the chosen budget runs (`nsn_jax.deploy`: each NSN layer folded to
 dense, factorised or GAR, whichever is cheapest at its rank), so its parameter count and FLOPs
-really shrink. `nsn_jax.sweep.restore_model(OUT)` reloads it; it then runs with `rank=None`.
+really shrink. `nsn_jax.restore.restore_model(OUT)` reloads it (it then runs with `rank=None`)
+and `eval.py --workdir=OUT` evaluates it.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 import dataclasses
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags
 from flax import nnx
 
-from nsn_jax import flops, profiles
-from nsn_jax.checkpoint import CheckpointError, Checkpoints, param_shapes
+from nsn_jax import cli, flops, profiles
+from nsn_jax.checkpoint import Checkpoints, param_shapes
 from nsn_jax.deploy import FORMS, POLICIES, DeployedLayer, deploy, format_report
-from nsn_jax.sweep import load_params
+from nsn_jax.restore import restore_model
+from nsn_jax.sweep import check_budgets
 
 
 def export(workdir: str, out: str, rank: int | Mapping[str, int] | None = None,
@@ -35,13 +36,21 @@ def export(workdir: str, out: str, rank: int | Mapping[str, int] | None = None,
   (orbax renames it into place only when complete).
   """
   if sum(x is not None for x in (rank, budget, profile_budget)) != 1:
-    raise ValueError("give exactly one of rank (or a profile), budget and profile_budget.")
+    raise ValueError("give exactly one of --rank (or a profile), --budget and --profile_budget.")
+  if not out:
+    raise ValueError("--out is required: a new directory for the export.")
   if os.path.exists(out):
-    raise ValueError(f"{out} already exists; an export never overwrites: choose a new --out.")
-  model, metadata, step = load_params(workdir)
+    raise ValueError(f"--out={out} already exists; an export never overwrites: choose a new one.")
+  if budget is not None:
+    check_budgets([budget])
+  restored = restore_model(workdir)
+  model, metadata, step = restored
+  if "export" in metadata:
+    raise ValueError(f"--workdir={workdir} is an export already; export from the training run.")
   # A sequence model's FLOPs include attention over its context: per token at data.seq_len, and
   # per example (seq_len tokens) in the metadata, as eval.py reports them.
-  seq_len = metadata["config"]["data"].get("seq_len")
+  config = restored.config
+  seq_len = config.data.seq_len if config.task != "image_classification" else None
   if budget is not None:
     rank = flops.rank_for_budget(model, budget, budget_reference, seq_len)
   if profile_budget is not None:
@@ -87,15 +96,9 @@ _FORM = flags.DEFINE_enum("form", "cheapest", [*POLICIES, *FORMS],
                           "factorised, faster on CPU), or one form for every layer.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  try:
-    metadata = export(_WORKDIR.value, _OUT.value, _RANK.value, _BUDGET.value, _REFERENCE.value,
-                      _FORM.value, _PROFILE_BUDGET.value)
-  except (ValueError, CheckpointError) as e:
-    sys.exit(f"export: {e}")
+def main():
+  metadata = export(_WORKDIR.value, _OUT.value, _RANK.value, _BUDGET.value, _REFERENCE.value,
+                    _FORM.value, _PROFILE_BUDGET.value)
   info = metadata["export"]
   print(format_report([DeployedLayer(**entry) for entry in metadata["deployed"]]))
   what = (f"the profile for budget {info['profile_budget']:g} "
@@ -109,4 +112,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  cli.run(main)

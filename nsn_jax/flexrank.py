@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from nsn_jax import flops
+
 # One entry of a layer's table: (rank, cost in FLOPs per row, error); errors add across layers.
 Entry = tuple[int, float, float]
 
@@ -48,7 +50,8 @@ def output_error(kernel, a, b, activations, rank: int) -> float:
 
 
 def layer_error_table(kernel, a, b, activations) -> list[Entry]:
-  """[(r, 2·r·(d_in + d_out), squared relative output error)] for r = 1..R of one layer.
+  """[(r, cost, squared relative output error)] for r = 1..R of one layer; cost: FLOPs per row
+  of the factorised form without the bias (`flops.form_flops`), which no rank changes.
 
   kernel (d_in, d_out), a (d_in, R), b (R, d_out), activations X (n, d_in). With Y = XW and
   P = Xa, ‖Y − P_r b_r‖² = ‖Y‖² − 2 Σ_{i≤r} ⟨(PᵀY)_i, b_i⟩ + Σ_{i,j≤r} (PᵀP)_ij (bbᵀ)_ij, so every
@@ -64,7 +67,8 @@ def layer_error_table(kernel, a, b, activations) -> list[Entry]:
   quadratic = np.diag(np.cumsum(np.cumsum((p.T @ p) * (b @ b.T), axis=0), axis=1))
   # Cancellation can leave −1e-16 at full rank: an error is never negative.
   errors = np.maximum(total - 2 * cross + quadratic, 0.0) / total
-  return [(r, 2 * r * (d_in + d_out), float(errors[r - 1])) for r in range(1, b.shape[0] + 1)]
+  return [(r, flops.form_flops("factorised", d_in, d_out, r, use_bias=False), float(errors[r - 1]))
+          for r in range(1, b.shape[0] + 1)]
 
 
 def best_profile(tables: Mapping[str, Sequence[Entry]], budget: float,
@@ -156,24 +160,8 @@ def gar_factors(a, b, rank: int) -> tuple[np.ndarray, jnp.ndarray, jnp.ndarray]:
 
 
 def gar_apply(x, perm, n, m):
-  """x: (..., d_in) → (..., d_out) in 2·(d_in + d_out − r)·r FLOPs per row."""
+  """x: (..., d_in) → (..., d_out) in `flops.form_flops("gar", ...)` FLOPs per row."""
   r = m.shape[0]
   x = jnp.asarray(x)[..., perm]
   # The pivot rows of A G are the identity: they add x[:, rows] instead of costing a matmul.
   return (x[..., :r] + x[..., r:] @ n) @ m
-
-
-def gar_flops(d_in: int, d_out: int, r: int) -> int:
-  """FLOPs per row of `gar_apply`: (d_in − r)·r multiply-adds into r sums, then r·d_out."""
-  return 2 * (d_in + d_out - r) * r
-
-
-def cheapest_form(d_in: int, d_out: int, r: int) -> str:
-  """"dense", "factorised" or "gar", whichever runs rank r in the fewest FLOPs per row.
-
-  GAR never loses to the factorised form; it ties dense only at r = min(d_in, d_out), where
-  dense is preferred (no gather, one matmul).
-  """
-  forms = {"dense": 2 * d_in * d_out, "factorised": 2 * r * (d_in + d_out),
-           "gar": gar_flops(d_in, d_out, r)}
-  return min(forms, key=forms.get)  # first minimum in insertion order: dense wins ties

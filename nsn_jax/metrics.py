@@ -20,16 +20,22 @@ def say(message: str) -> None:
 
 
 class MetricWriter:
-  """Appends `{"step": s, name: value, ...}` lines to DIR/metrics.jsonl and TensorBoard events."""
+  """Appends `{"step": s, name: value, ...}` lines to DIR/metrics.jsonl and TensorBoard events.
 
-  def __init__(self, directory: str, enabled: bool | None = None):
+  A run resumed at `start_step` first drops what an earlier attempt logged after that step
+  (those steps are replayed), so metrics.jsonl never holds a step twice.
+  """
+
+  def __init__(self, directory: str, start_step: int = 0, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = self._tb = None
     if self.enabled:
       os.makedirs(directory, exist_ok=True)
       from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
-      self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+      path = os.path.join(directory, "metrics.jsonl")
+      _truncate_after(path, start_step)
+      self._jsonl = open(path, "a")
+      self._tb = SummaryWriter(os.path.join(directory, "tensorboard"), purge_step=start_step + 1)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     """Writes finite scalars; raises FloatingPointError on NaN/inf so a diverged run stops."""
@@ -47,6 +53,19 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """Rewrites the JSONL file at `path` without its lines for steps after `step` (atomically)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 class Progress:

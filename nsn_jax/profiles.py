@@ -23,9 +23,57 @@ from nsn_jax.layers import nsn_layers
 UNITS = ("flops", "params")
 
 
+@dataclasses.dataclass(frozen=True)
+class Profile:
+  """One searched profile: per-layer ranks within `budget` × the dense model's `unit`.
+
+  ranks: {path: r}, a hashable mapping of ints (a static argument of `RankEvaluator`).
+  flops_frac_dense: whole-model FLOPs per row / dense. params_frac_dense: parameters read /
+  dense parameters. error: Σ over the NSN layers of the squared relative output error on the
+  calibration rows.
+  """
+  budget: float
+  unit: str
+  ranks: Mapping[str, int]
+  flops_frac_dense: float
+  params_frac_dense: float
+  error: float
+
+  def __post_init__(self):
+    # Plain Python numbers whatever the search computed with (numpy scalars): JSON as they are.
+    object.__setattr__(self, "ranks", _frozen_ranks(self.ranks))
+    for name in ("budget", "flops_frac_dense", "params_frac_dense", "error"):
+      object.__setattr__(self, name, float(getattr(self, name)))
+
+  def to_json(self) -> dict:
+    """The record checkpoint metadata stores: a dict of the fields, ranks a plain dict."""
+    return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+            "ranks": dict(self.ranks)}
+
+  @classmethod
+  def from_json(cls, record: Mapping) -> "Profile":
+    """The inverse of `to_json`. Raises ValueError naming the fields a record lacks."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [name for name in names if name not in record]
+    if missing:
+      raise ValueError(f"a FlexRank profile record lacks {missing}: {dict(record)}.")
+    return cls(**{name: record[name] for name in names})
+
+
+def _frozen_ranks(ranks: Mapping[str, int]) -> FrozenDict:
+  return FrozenDict({path: int(r) for path, r in ranks.items()})
+
+
+def _budget_and_ranks(profile: Profile | Mapping) -> tuple[float, FrozenDict]:
+  """(budget, ranks) of a `Profile` or of a JSON record, older ones without every field too."""
+  if isinstance(profile, Profile):
+    return profile.budget, profile.ranks
+  return float(profile["budget"]), _frozen_ranks(profile["ranks"])
+
+
 def search_profiles(model: nnx.Module, dense: nnx.Module, calibration: Mapping[str, np.ndarray],
                     budgets: Sequence[float], seq_len: int | None = None,
-                    unit: str = "flops") -> list[dict]:
+                    unit: str = "flops") -> list[Profile]:
   """One nested profile per budget (in the order given), each within budget × the dense model.
 
   Args:
@@ -35,9 +83,7 @@ def search_profiles(model: nnx.Module, dense: nnx.Module, calibration: Mapping[s
       FLOPs per row (`dense_model_flops(model, seq_len)`, unit "flops") or of its parameter
       count (unit "params": embeddings and head included, as a deployed checkpoint holds them).
   Returns:
-    [{"budget": b, "unit": unit, "ranks": {path: r}, "flops_frac_dense": whole-model FLOPs /
-      dense, "params_frac_dense": parameters read / dense parameters, "error": Σ squared
-      relative output errors of the layers on the calibration rows}].
+    One `Profile` per budget, with that budget and `unit`.
   Raises ValueError for an unknown unit, a budget ≤ 0 or below the all-rank-1 model's
   fraction, naming that fraction.
   """
@@ -75,17 +121,16 @@ def search_profiles(model: nnx.Module, dense: nnx.Module, calibration: Mapping[s
     if cost > budget * dense_cost:  # the DP's costs and cost_of must agree
       raise RuntimeError(f"profile for budget {budget} costs {cost / dense_cost:.6f} of the "
                          f"dense {unit}.")
-    results.append({"budget": float(budget), "unit": unit, "ranks": ranks,
-                    "flops_frac_dense": flops_of(ranks) / dense_flops,
-                    "params_frac_dense": params_of(ranks) / dense_params,
-                    "error": flexrank.profile_cost_error(tables, ranks)[1]})
+    results.append(Profile(budget, unit, ranks, flops_of(ranks) / dense_flops,
+                           params_of(ranks) / dense_params,
+                           flexrank.profile_cost_error(tables, ranks)[1]))
   return results
 
 
-def by_budget(found: Sequence[Mapping]) -> dict[float, FrozenDict]:
-  """{budget: profile} from `search_profiles`' records (or the metadata's copy of them); each
-  profile a hashable {path: int}, so it can be a static argument (`RankEvaluator`)."""
-  return {p["budget"]: FrozenDict({k: int(r) for k, r in p["ranks"].items()}) for p in found}
+def by_budget(found: Sequence[Profile | Mapping]) -> dict[float, FrozenDict]:
+  """{budget: ranks} of `search_profiles`' profiles or of their JSON records (the metadata's
+  copy); each ranks a hashable {path: int}, so it can be a static argument (`RankEvaluator`)."""
+  return dict(map(_budget_and_ranks, found))
 
 
 def saved_profiles(metadata: Mapping) -> dict[float, FrozenDict]:
@@ -119,20 +164,20 @@ class ProfileSampler:
   max_rank: int
 
   @classmethod
-  def create(cls, profiles: Sequence[dict], probabilities: Sequence[float], seed: int,
-             max_rank: int) -> "ProfileSampler":
-    """From `search_profiles`' output; `probabilities` () means uniform. Raises ValueError
-    unless there is one probability ≥ 0 per profile and they sum to 1."""
+  def create(cls, profiles: Sequence[Profile | Mapping], probabilities: Sequence[float],
+             seed: int, max_rank: int) -> "ProfileSampler":
+    """From `search_profiles`' profiles or their JSON records; `probabilities` () means uniform.
+    Raises ValueError unless there is one probability ≥ 0 per profile and they sum to 1."""
     k = len(profiles)
     probabilities = tuple(probabilities) or (1.0 / k,) * k
     if (len(probabilities) != k or min(probabilities) < 0
         or not np.isclose(sum(probabilities), 1.0)):
       raise ValueError(f"flexrank.probabilities {probabilities} must be {k} non-negative numbers "
                        "summing to 1, one per budget (or () for uniform).")
-    paths = tuple(profiles[0]["ranks"])
-    ranks = np.asarray([[p["ranks"][path] for path in paths] for p in profiles], np.int32)
-    return cls(tuple(p["budget"] for p in profiles), paths, ranks, probabilities, seed,
-               max_rank)
+    budgets, profile_ranks = zip(*map(_budget_and_ranks, profiles))
+    paths = tuple(profile_ranks[0])
+    ranks = np.asarray([[p[path] for path in paths] for p in profile_ranks], np.int32)
+    return cls(budgets, paths, ranks, probabilities, seed, max_rank)
 
   def __call__(self, step: int) -> np.ndarray:
     """int32 (L,): the per-layer ranks step `step` trains."""

@@ -49,12 +49,14 @@ class ReplacedLayer:
   output_error_at_half_rank: float | None
 
 
-def _chosen_linears(model: nnx.Module,
+def chosen_linears(model: nnx.Module,
                     rules: Sequence[str]) -> list[tuple[str, tuple, nnx.Linear]]:
   """(path as "a/0/b", path as graph keys, layer) of each `nnx.Linear` matching any of `rules`.
 
-  Raises ValueError if none matches, listing the dense layers there are.
+  Raises ValueError if none matches, listing the dense layers there are. A single string is
+  one rule (not a sequence of one-character rules).
   """
+  rules = (rules,) if isinstance(rules, str) else rules
   dense = [("/".join(map(str, path)), path, node) for path, node in nnx.iter_graph(model)
            if isinstance(node, nnx.Linear)]
   chosen = [entry for entry in dense if any(re.search(rule, entry[0]) for rule in rules)]
@@ -97,7 +99,7 @@ def capture_inputs(model: nnx.Module, forward: Callable[[nnx.Module], Any],
   and put back afterwards, also if `forward` raises, so the model ends exactly as it was.
   Raises ValueError if no layer matches or `forward` never calls a chosen layer.
   """
-  chosen = _chosen_linears(model, rules)
+  chosen = chosen_linears(model, rules)
   kept = {name: [] for name, _, _ in chosen}
   try:
     for name, path, linear in chosen:
@@ -128,7 +130,7 @@ def decompose_and_replace(model: nnx.Module, rules: Sequence[str] = MLP_RULES,
   the dense layers there are, or if `calibration` lacks a chosen layer, naming it.
   """
   model = nnx.clone(model)
-  chosen = _chosen_linears(model, rules)
+  chosen = chosen_linears(model, rules)
   missing = [name for name, _, _ in chosen if calibration is not None and name not in calibration]
   if missing:
     raise ValueError(f"calibration has no activations for the chosen layers {missing}; "
@@ -164,7 +166,7 @@ def nsn_skeleton(model: nnx.Module, rules: Sequence[str] = MLP_RULES,
   layers are NSN layers of the same shapes and R with zero factors. Under `nnx.eval_shape` this
   is the restore target of a checkpoint of a decomposed model (no SVD, no report)."""
   model = nnx.clone(model)
-  for _, path, linear in _chosen_linears(model, rules):
+  for _, path, linear in chosen_linears(model, rules):
     d_in, d_out = linear.in_features, linear.out_features
     r = min(max_rank, d_in, d_out)
     bias = None if linear.bias is None else linear.bias[...]

@@ -1,33 +1,60 @@
 """The rank sweep behind eval.py: every requested rank as its own compiled program.
 
-Restores only the parameters from the one checkpoint, evaluates each rank (and, with `profiles`,
-each FlexRank profile the checkpoint saved), and writes DIR/eval/sweep.json, sweep.csv and
-frontier.png (accuracy against FLOPs fraction).
+Restores only the parameters from the one checkpoint (a workdir, a checkpoint directory or an
+export), evaluates each rank (and, with `profiles`, each FlexRank profile the checkpoint saved),
+and writes sweep.json, sweep.csv and frontier.png (accuracy against FLOPs fraction) to the out
+directory, by default DIR/eval/step_<step>: a sweep of another step never overwrites this one,
+and sweeping the same step again adds its rows to (or refreshes them in) the table there.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import csv
+import dataclasses
 import json
 import math
 import os
 
 import jax
-import ml_collections
 from flax import nnx
 
-from nsn_jax import flops, profiles as flexrank_profiles, sharding
-from nsn_jax.checkpoint import CheckpointError, Checkpoints, abstract_tree
+from nsn_jax import flops, profiles as flexrank_profiles
+from nsn_jax.build import mismatches, text_encoder
 from nsn_jax.data import pipeline
-from nsn_jax.deploy import DeployedLayer, empty_like
 from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.layers import nsn_layers
-from nsn_jax.models.build import build_model, mismatches, text_encoder
+from nsn_jax.restore import Restored, restore_model
 from nsn_jax.tasks import get_task
 
-COLUMNS = ("model", "rank", "profile_ranks", "trained", "budget", "accuracy", "loss", "perplexity",
-           "flops", "flops_frac_dense", "flops_frac_max_rank", "nsn_frac_dense", "active_params",
-           "latency_ms", "xla_flops")
+
+@dataclasses.dataclass(frozen=True)
+class SweepRow:
+  """One evaluated model, rank or profile. FLOPs per example (a sequence model's whole forward
+  pass over data.seq_len tokens); fractions of the dense model and of rank R; latency in ms per
+  batch; xla_flops: XLA's count of the same forward pass, per example."""
+  model: str
+  rank: int | None
+  profile_ranks: str | None
+  trained: bool
+  budget: float | None
+  accuracy: float
+  loss: float
+  perplexity: float | None
+  flops: int
+  flops_frac_dense: float
+  flops_frac_max_rank: float
+  nsn_frac_dense: float | None
+  active_params: int
+  latency_ms: float
+  xla_flops: float
+
+  @property
+  def key(self) -> tuple:
+    """What a row is of: a later sweep's row with the same key replaces it."""
+    return (self.model, self.rank, self.profile_ranks)
+
+
+COLUMNS = tuple(f.name for f in dataclasses.fields(SweepRow))
 
 
 def parse_ranks(spec: str, max_rank: int) -> list[int]:
@@ -54,138 +81,142 @@ def parse_ranks(spec: str, max_rank: int) -> list[int]:
   return ranks
 
 
-def load_params(workdir: str, mesh: jax.sharding.Mesh | None = None):
-  """(model with restored parameters, checkpoint metadata, step) from workdir's checkpoint.
-
-  Only the `params` item is read: no optimizer state is restored. With `mesh`, parameters are
-  restored directly into the layout the checkpoint's sharding rules give on that mesh, whatever
-  mesh wrote them; without, onto the default device.
-  """
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"no checkpoint directory {directory}; train first: "
-                          f"python train.py --config=... --workdir={workdir}")
-  return restore_model(directory, mesh)
+def check_budgets(budgets: Sequence[float]) -> None:
+  """Raises ValueError unless every budget is a fraction in (0, 1]."""
+  bad = [b for b in budgets if not 0 < b <= 1]
+  if bad:
+    raise ValueError(f"--budgets={','.join(map(str, budgets))}: {bad} are not fractions; valid: "
+                     "numbers in (0, 1], e.g. 0.25,0.5")
 
 
-def restore_model(directory: str, mesh: jax.sharding.Mesh | None = None):
-  """(model, metadata, step) from a checkpoint directory: a training run's, or an export's.
+class _Rows:
+  """Turns evaluations of one restored model into SweepRows (costs shared by every row)."""
 
-  The model is rebuilt as shapes from the metadata's config (and, for an export, the deployed
-  form of each layer, `nsn_jax.deploy`), then only its parameters are restored into it.
-  """
-  checkpoints = Checkpoints(directory)
-  try:
-    metadata = checkpoints.metadata()
-    config = ml_collections.ConfigDict(metadata["config"])
-    deployed = [DeployedLayer(**entry) for entry in metadata.get("deployed", [])]
-    model = nnx.eval_shape(lambda: empty_like(
-        build_model(config, seed=config.seed, pretrained=False), deployed))
-    state = nnx.state(model)
-    shapes = nnx.to_pure_dict(state)
-    if mesh is None:  # not the writer's layout: that mesh may not exist here
-      one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      layout = jax.tree.map(lambda _: one_device, shapes)
-    else:
-      layout = sharding.tree_shardings(shapes, mesh,
-                                       sharding.rules_from_config(config.get("sharding")))
-    step, params, _, metadata = checkpoints.restore(abstract_tree(shapes, layout))
-  finally:
-    checkpoints.close()
-  nnx.replace_by_pure_dict(state, params)
-  nnx.update(model, state)
-  return model, metadata, step
+  def __init__(self, restored: Restored, arrays: dict, batch_size: int, budgets: dict,
+               reference_model: nnx.Module):
+    self.model, self.arrays, self.budgets = restored.model, arrays, budgets
+    self.config = restored.config
+    self.seq_len = self.config.data.seq_len if self.config.task != "image_classification" \
+        else None
+    self.task = get_task(self.config.task)
+    self.trained = set(restored.metadata.get("trained_ranks", []))
+    self.evaluator = RankEvaluator(nnx.graphdef(self.model), batch_size, self.task)
+    per_example = self.seq_len or 1
+    self.per_example = per_example
+    self.dense = per_example * flops.dense_model_flops(reference_model, self.seq_len)
+    self.full = per_example * flops.model_flops(reference_model, None, self.seq_len)
 
-
-def run_sweep(workdir: str, ranks_spec: str = "all", budgets: list[float] = (),
-              budget_reference: str = "max_rank", batch_size: int | None = None,
-              references: list[str] = (), verbose: bool = True,
-              profiles: bool = False) -> list[dict]:
-  """Evaluates the requested ranks (and the ranks that budgets map to), with `profiles` each
-  FlexRank profile saved in the checkpoint (model "flexrank", rank None, its budget and a summary
-  of its per-layer ranks), then each reference workdir trained on the same task: a dense
-  baseline once (model "dense: DIR"), a FlexRank run at each of its profiles ("flexrank: DIR");
-  writes and returns rows.
-
-  FLOPs are per example: for a sequence model, the whole forward pass over data.seq_len tokens.
-  Raises ValueError for `profiles` on a checkpoint without them, or when nothing is requested.
-  """
-  model, metadata, step = load_params(workdir)
-  config = ml_collections.ConfigDict(metadata["config"])
-  task = get_task(config.get("task", "image_classification"))
-  seq_len = config.data.get("seq_len")  # None: an image model, one row per example
-  ranks = parse_ranks(ranks_spec, flops.rank_count(model))
-  budget_of = {}
-  for budget in budgets:
-    rank = flops.rank_for_budget(model, budget, budget_reference, seq_len)
-    budget_of.setdefault(rank, budget)
-  ranks = sorted(set(ranks) | set(budget_of))
-  saved = flexrank_profiles.saved_profiles(metadata) if profiles else {}
-  if not ranks and not saved and not references:
-    raise ValueError("nothing to evaluate: --ranks=none, no --profiles and no --references.")
-
-  arrays = pipeline.load_split(config.data, config.data.eval_split, text_encoder(config))
-  batch_size = batch_size or config.eval.batch_size
-  trained = set(metadata["trained_ranks"])
-  per_example = seq_len or 1
-  dense = per_example * flops.dense_model_flops(model, seq_len)
-  full = per_example * flops.model_flops(model, None, seq_len)
-  n = len(arrays[task.keys[0]])
-  if verbose:
-    print(f"sweeping {len(ranks)} ranks and {len(saved)} profiles of {workdir} (step {step}, "
-          f"R={flops.rank_count(model)}, {n} {config.data.eval_split} examples)", flush=True)
-
-  def row(model, rank, name, evaluator):
-    metrics = evaluator(nnx.state(model), arrays, rank)
-    cost = per_example * flops.model_flops(model, rank, seq_len)
+  def row(self, name: str, rank, verbose: bool, **fields) -> SweepRow:
+    """The row of `rank` (an int, a profile, or None for the model as it is)."""
+    params = nnx.state(self.model)
+    metrics = self.evaluator(params, self.arrays, rank)
+    cost = self.per_example * flops.model_flops(self.model, rank, self.seq_len)
     if verbose:
       label = (f"profile {flexrank_profiles.summarise(rank)}" if isinstance(rank, Mapping)
-               else f"rank {rank}")
+               else f"rank {rank}" if rank is not None else "")
       print(f"  {name} {label}: accuracy {metrics['accuracy']:.4f}", flush=True)
-    return {
-        "model": name, "rank": rank, "profile_ranks": None, "trained": rank in trained,
-        "budget": budget_of.get(rank),
-        "accuracy": metrics["accuracy"], "loss": metrics["loss"],
-        "perplexity": (math.exp(metrics["loss"]) if task.name == "language_modelling"
-                       else None),
-        "flops": cost, "flops_frac_dense": cost / dense, "flops_frac_max_rank": cost / full,
-        "nsn_frac_dense": _nsn_fraction(model, rank),
-        "active_params": flops.active_params(model, rank),
-        "latency_ms": 1e3 * metrics["latency_s"],
-        "xla_flops": evaluator.forward_flops(nnx.state(model), arrays, rank) / batch_size,
-    }
+    values = dict(
+        model=name, rank=rank, profile_ranks=None, trained=rank in self.trained,
+        budget=self.budgets.get(rank) if isinstance(rank, int) else None,
+        accuracy=metrics["accuracy"], loss=metrics["loss"],
+        perplexity=(math.exp(metrics["loss"]) if self.task.name == "language_modelling"
+                    else None),
+        flops=cost, flops_frac_dense=cost / self.dense, flops_frac_max_rank=cost / self.full,
+        nsn_frac_dense=_nsn_fraction(self.model, rank),
+        active_params=flops.active_params(self.model, rank),
+        latency_ms=1e3 * metrics["latency_s"],
+        xla_flops=self.evaluator.forward_flops(params, self.arrays, rank)
+        / self.evaluator.batch_size)
+    return SweepRow(**(values | fields))
 
-  def profile_rows(model, name, saved, trained, evaluator):
-    return [row(model, profile, name, evaluator) | {
-        "rank": None, "profile_ranks": flexrank_profiles.summarise(profile),
-        "trained": trained, "budget": budget} for budget, profile in saved.items()]
+  def profile_rows(self, name: str, saved: Mapping, trained: bool, verbose: bool):
+    return [self.row(name, profile, verbose, rank=None, budget=budget, trained=trained,
+                     profile_ranks=flexrank_profiles.summarise(profile))
+            for budget, profile in saved.items()]
 
-  evaluator = RankEvaluator(nnx.graphdef(model), batch_size, task)
-  rows = [row(model, rank, "nsn", evaluator) for rank in ranks]
-  rows += profile_rows(model, "flexrank", saved, _distilled(metadata), evaluator)
-  for reference in references:
-    other, other_metadata, _ = load_params(reference)
-    differ = mismatches(config, ml_collections.ConfigDict(other_metadata["config"]))
-    if differ:
-      raise ValueError(f"reference {reference} was trained with another {', '.join(differ)}; "
-                       "a reference must be the same model on the same task and data.")
-    other_evaluator = RankEvaluator(nnx.graphdef(other), batch_size, task)
-    if _distilled(other_metadata):
-      rows += profile_rows(other, f"flexrank: {reference}",
-                           flexrank_profiles.saved_profiles(other_metadata), True,
-                           other_evaluator)
-    elif nsn_layers(other):
-      raise ValueError(f"reference {reference} is a nested model; a reference must be dense "
-                       "(trained with surgery.max_rank=0) or a distilled FlexRank run "
-                       "(objective flexrank_distill).")
-    else:
-      rows.append(row(other, 1, f"dense: {reference}", other_evaluator) | {
-          "rank": None, "trained": True})
-  write_outputs(rows, os.path.join(workdir, "eval"), f"{workdir} (step {step})",
-                budget_reference)
+
+def run_sweep(workdir: str, ranks_spec: str = "all", budgets: Sequence[float] = (),
+              budget_reference: str = "max_rank", batch_size: int | None = None,
+              references: Sequence[str] = (), verbose: bool = True, profiles: bool = False,
+              out: str | None = None, step: int | None = None) -> list[SweepRow]:
+  """Evaluates the requested ranks (and the ranks that budgets map to) of `workdir`'s newest
+  checkpoint (or `step`); with `profiles` each FlexRank profile saved in it (model "flexrank");
+  then each reference run on the same task: a dense baseline once ("dense: DIR"), a FlexRank run
+  at each of its profiles ("flexrank: DIR"). A model without ranks (a dense run, an export) is
+  one row, model "dense" or "export". Writes the rows to `out` (default DIR/eval/step_<step>,
+  merged with the rows already there) and returns this sweep's rows.
+
+  Raises ValueError for bad ranks or budgets, `profiles` on a checkpoint without them, or when
+  nothing is requested.
+  """
+  check_budgets(budgets)
+  if batch_size is not None and batch_size < 1:
+    raise ValueError(f"--batch_size={batch_size}: valid: an integer ≥ 1 (or unset: the config's)")
+  restored = restore_model(workdir, step=step)
+  model, config = restored.model, restored.config
+  ranks, budget_of = _requested_ranks(restored, ranks_spec, budgets, budget_reference)
+  saved = flexrank_profiles.saved_profiles(restored.metadata) if profiles else {}
+  if not ranks and not saved and not references:
+    raise ValueError("nothing to evaluate: --ranks=none, no --profiles and no --references.")
+  arrays = pipeline.load_split(config.data, config.data.eval_split, text_encoder(config))
+  batch_size = batch_size or config.eval.batch_size
   if verbose:
-    print(format_table(rows))
+    print(f"sweeping {len(ranks)} ranks and {len(saved)} profiles of {workdir} (step "
+          f"{restored.step}, R={_max_rank(model)}, {len(next(iter(arrays.values())))} "
+          f"{config.data.eval_split} examples)", flush=True)
+  own = _Rows(restored, arrays, batch_size, budget_of, model)
+  kind = "export" if "export" in restored.metadata else "dense"
+  rows = [own.row("nsn" if nsn_layers(model) else kind, rank, verbose) for rank in ranks]
+  rows += own.profile_rows("flexrank", saved, _distilled(restored.metadata), verbose)
+  for reference in references:
+    rows += _reference_rows(reference, restored, arrays, batch_size, verbose)
+  out = out or os.path.join(workdir, "eval", f"step_{restored.step}")
+  merged = write_outputs(rows, out, f"{workdir} (step {restored.step})", budget_reference)
+  if verbose:
+    print(format_table(merged))
+    print(f"wrote {out}/sweep.json, sweep.csv and frontier.png ({len(merged)} rows)")
   return rows
+
+
+def _max_rank(model: nnx.Module) -> int | None:
+  return flops.max_rank(model) if nsn_layers(model) else None
+
+
+def _requested_ranks(restored: Restored, spec: str, budgets, reference: str):
+  """(sorted ranks to evaluate, {rank: the budget it serves}); [None] for a model without
+  ranks (evaluated as it is)."""
+  model, config = restored.model, restored.config
+  if not nsn_layers(model):
+    if spec not in ("all", "none") or budgets:
+      what = "an export" if "export" in restored.metadata else "a dense model"
+      raise ValueError(f"--ranks={spec!r} / --budgets: {what} has no ranks; valid: --ranks=all "
+                       "(the model as it is) and no --budgets")
+    return ([None] if spec == "all" else []), {}
+  seq_len = config.data.seq_len if config.task != "image_classification" else None
+  ranks = parse_ranks(spec, flops.max_rank(model))
+  budget_of = {}
+  for budget in budgets:
+    budget_of.setdefault(flops.rank_for_budget(model, budget, reference, seq_len), budget)
+  return sorted(set(ranks) | set(budget_of)), budget_of
+
+
+def _reference_rows(reference: str, restored: Restored, arrays, batch_size: int,
+                    verbose: bool) -> list[SweepRow]:
+  """A reference run's rows beside `restored`'s (costs as fractions of `restored`'s model)."""
+  other = restore_model(reference)
+  differ = mismatches(restored.config, other.config)
+  if differ:
+    raise ValueError(f"reference {reference} was trained with another {', '.join(differ)}; "
+                     "a reference must be the same model on the same task and data.")
+  rows = _Rows(other, arrays, batch_size, {}, restored.model)
+  if _distilled(other.metadata):
+    return rows.profile_rows(f"flexrank: {reference}",
+                             flexrank_profiles.saved_profiles(other.metadata), True, verbose)
+  if nsn_layers(other.model):
+    raise ValueError(f"reference {reference} is a nested model; a reference must be dense "
+                     "(trained with model.dense=True) or a distilled FlexRank run "
+                     "(objective flexrank_distill).")
+  return [rows.row(f"dense: {reference}", None, verbose, trained=True)]
 
 
 def _distilled(metadata: dict) -> bool:
@@ -204,11 +235,11 @@ def _nsn_fraction(model, rank) -> float | None:
               for l in layers))
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: Sequence[SweepRow]) -> str:
   """The sweep as a fixed-width text table; a profile shows its per-layer ranks' range for a
   rank, a dense reference its workdir."""
-  perplexity = any(r["perplexity"] is not None for r in rows)
-  labels = [r["rank"] if r["rank"] is not None else r["profile_ranks"] or r["model"]
+  perplexity = any(r.perplexity is not None for r in rows)
+  labels = [r.rank if r.rank is not None else r.profile_ranks or r.model
             for r in rows]
   width = max(5, *(len(str(label)) for label in labels))
   header = (f"{'rank':>{width}} {'trained':>7} {'budget':>6} {'accuracy':>8} {'loss':>7} "
@@ -217,72 +248,89 @@ def format_table(rows: list[dict]) -> str:
             f"{'ms/batch':>8}")
   lines = [header, "-" * len(header)]
   for r, rank in zip(rows, labels):
-    budget = "" if r["budget"] is None else f"{r['budget']:g}"
+    budget = "" if r.budget is None else f"{r.budget:g}"
     lines.append(
-        f"{rank:>{width}} {'yes' if r['trained'] else 'no':>7} {budget:>6} "
-        f"{r['accuracy']:>8.4f} {r['loss']:>7.4f} "
-        + (f"{r['perplexity']:>8.2f} " if perplexity else "") +
-        f"{r['flops']:>13,} {100 * r['flops_frac_dense']:>6.1f} "
-        f"{100 * r['flops_frac_max_rank']:>6.1f} "
-        + ("     -" if r["nsn_frac_dense"] is None else f"{100 * r['nsn_frac_dense']:>6.1f}") +
-        f" {r['active_params']:>11,} "
-        f"{r['latency_ms']:>8.3f}")
+        f"{rank:>{width}} {'yes' if r.trained else 'no':>7} {budget:>6} "
+        f"{r.accuracy:>8.4f} {r.loss:>7.4f} "
+        + (f"{r.perplexity:>8.2f} " if perplexity else "") +
+        f"{r.flops:>13,} {100 * r.flops_frac_dense:>6.1f} "
+        f"{100 * r.flops_frac_max_rank:>6.1f} "
+        + ("     -" if r.nsn_frac_dense is None else f"{100 * r.nsn_frac_dense:>6.1f}") +
+        f" {r.active_params:>11,} "
+        f"{r.latency_ms:>8.3f}")
   return "\n".join(lines)
 
 
-def write_outputs(rows: list[dict], directory: str, title: str,
-                  budget_reference: str = "max_rank") -> None:
-  """sweep.json, sweep.csv and frontier.png in `directory` (process 0 only)."""
+def write_outputs(rows: Sequence[SweepRow], directory: str, title: str,
+                  budget_reference: str = "max_rank") -> list[SweepRow]:
+  """Merges `rows` into `directory`'s sweep (a row of the same model and rank is replaced) and
+  writes sweep.json, sweep.csv and frontier.png there (process 0 only); returns the merged rows,
+  ordered by model then FLOPs."""
+  path = os.path.join(directory, "sweep.json")
+  merged = {row.key: row for row in read_rows(path)} if os.path.exists(path) else {}
+  merged.update({row.key: row for row in rows})
+  order = list(dict.fromkeys(row.model for row in rows))  # this sweep's models first
+  merged = sorted(merged.values(), key=lambda r: (
+      order.index(r.model) if r.model in order else len(order), r.model, r.flops))
   if jax.process_index() != 0:
-    return
+    return merged
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "sweep.json"), "w") as f:
-    json.dump(rows, f, indent=1)
+  records = [dataclasses.asdict(row) for row in merged]
+  with open(path + ".tmp", "w") as f:
+    json.dump(records, f, indent=1)
+  os.replace(path + ".tmp", path)  # a reader never sees half a file
   with open(os.path.join(directory, "sweep.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
     writer.writeheader()
-    writer.writerows(rows)
-  plot_frontier(rows, os.path.join(directory, "frontier.png"), title, budget_reference)
+    writer.writerows(records)
+  plot_frontier(merged, os.path.join(directory, "frontier.png"), title, budget_reference)
+  return merged
 
 
-def plot_frontier(rows: list[dict], path: str, title: str, budget_reference: str) -> None:
+def read_rows(path: str) -> list[SweepRow]:
+  """The rows of a sweep.json."""
+  with open(path) as f:
+    return [SweepRow(**record) for record in json.load(f)]
+
+
+def plot_frontier(rows: Sequence[SweepRow], path: str, title: str, budget_reference: str) -> None:
   """Accuracy against FLOPs (fraction of the dense model); trained ranks filled, held-out hollow."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for i, r in enumerate(r for r in rows if r["model"].startswith("dense")):  # references
-    ax.axhline(r["accuracy"], color=f"C{i + 3}", linestyle="--", linewidth=1,
-               label=f"{r['model']} ({r['accuracy']:.3f})")
-  runs = dict.fromkeys(r["model"] for r in rows if r["model"].startswith("flexrank"))
+  for i, r in enumerate(r for r in rows if r.model.startswith(("dense", "export"))):
+    ax.axhline(r.accuracy, color=f"C{i + 3}", linestyle="--", linewidth=1,
+               label=f"{r.model} ({r.accuracy:.3f})")
+  runs = dict.fromkeys(r.model for r in rows if r.model.startswith("flexrank"))
   for color, run in zip(("C2", "C5", "C6", "C7"), runs):
-    flex = [r for r in rows if r["model"] == run]
-    distilled = flex[0]["trained"]
+    flex = [r for r in rows if r.model == run]
+    distilled = flex[0].trained
     label = "FlexRank profile" + run.removeprefix("flexrank") + ("" if distilled else
                                                                  " (not distilled)")
-    ax.plot([r["flops_frac_dense"] for r in flex], [r["accuracy"] for r in flex],
+    ax.plot([r.flops_frac_dense for r in flex], [r.accuracy for r in flex],
             "D-" if distilled else "D--", color=color, mfc=None if distilled else "none",
             zorder=2, label=label)
-  rows = [r for r in rows if r["model"] == "nsn"]
-  x = [r["flops_frac_dense"] for r in rows]
-  ax.plot(x, [r["accuracy"] for r in rows], "-", color="0.7", zorder=1)
+  rows = [r for r in rows if r.model == "nsn"]
+  x = [r.flops_frac_dense for r in rows]
+  ax.plot(x, [r.accuracy for r in rows], "-", color="0.7", zorder=1)
   for trained, style in ((True, dict(color="C0", label="trained rank")),
                          (False, dict(facecolors="none", edgecolors="C1",
                                       label="held-out rank (never trained)"))):
-    points = [r for r in rows if r["trained"] == trained]
+    points = [r for r in rows if r.trained == trained]
     if points:
-      ax.scatter([r["flops_frac_dense"] for r in points], [r["accuracy"] for r in points],
+      ax.scatter([r.flops_frac_dense for r in points], [r.accuracy for r in points],
                  zorder=2, **style)
   for r in rows:
-    if r["budget"] is not None:
-      ax.axvline(r["flops_frac_dense"], color="0.5", linestyle=":", linewidth=1)
-      ax.annotate(f"budget {r['budget']:g} of {budget_reference} → r={r['rank']}",
-                  (r["flops_frac_dense"], 0.25),
+    if r.budget is not None:
+      ax.axvline(r.flops_frac_dense, color="0.5", linestyle=":", linewidth=1)
+      ax.annotate(f"budget {r.budget:g} of {budget_reference} → r={r.rank}",
+                  (r.flops_frac_dense, 0.25),
                   xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
                   xytext=(-9, 0), textcoords="offset points")
   for r in rows[:1] + rows[-1:]:
-    ax.annotate(f"r={r['rank']}", (r["flops_frac_dense"], r["accuracy"]),
+    ax.annotate(f"r={r.rank}", (r.flops_frac_dense, r.accuracy),
                 textcoords="offset points", xytext=(4, -10), fontsize=8)
   ax.set_xlabel("forward FLOPs, fraction of the dense model")
   ax.set_ylabel("accuracy")

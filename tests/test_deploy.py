@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 
 from nsn_jax import flops
-from nsn_jax.deploy import FORMS, deploy
+from nsn_jax.deploy import FORM_CLASSES, FORMS, deploy
 from nsn_jax.export import export
 from nsn_jax.layers import NSNDense, project
 from nsn_jax.models.mlp import NSNMLP
-from nsn_jax.sweep import load_params, restore_model
+from nsn_jax.restore import restore_model
 from nsn_jax.train_lib import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +45,19 @@ def test_every_form_reproduces_the_layer_at_every_rank(d_in, d_out):
       deployed, (entry,) = deploy(model, rank, form)
       assert entry.form == form and entry.rank == rank
       assert _relative(deployed(x), expected) < 1e-4, (form, rank)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_each_form_reports_the_cost_flops_gives_it(use_bias):
+  d_in, d_out = 24, 16
+  model = Wrapper(NSNDense(d_in, d_out, 16, use_bias=use_bias, rngs=nnx.Rngs(0)))
+  for rank in (1, 7, 16):
+    for form in FORMS:
+      expected = flops.form_flops(form, d_in, d_out, rank, use_bias)
+      deployed, (entry,) = deploy(model, rank, form)
+      assert deployed.layer.flops_per_row() == entry.flops == expected, (form, rank)
+      assert flops.model_flops(deployed) == expected  # counted once, through flops_per_row
+      assert FORM_CLASSES[form](d_in, d_out, rank, use_bias).flops_per_row() == expected
 
 
 def test_cheapest_form_never_costs_more_than_dense_and_shrinks_parameters():
@@ -114,7 +127,7 @@ def trained(tmp_path_factory, data_dir):
 
 @pytest.mark.parametrize("rank,form", [(4, "gar"), (16, "dense")])
 def test_export_reloads_smaller_and_reproduces_the_rank(trained, tmp_path, rank, form):
-  model, _, step = load_params(trained)
+  model, _, step = restore_model(trained)
   out = str(tmp_path / f"r{rank}")
   metadata = export(trained, out, rank=rank)
   reloaded, saved, saved_step = restore_model(out)

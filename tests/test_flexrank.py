@@ -1,12 +1,17 @@
-"""FlexRank: activation-aware factors, exact and nested profile search, GAR deployment."""
+"""FlexRank: activation-aware factors, exact and nested profile search, GAR deployment, and the
+profile records a search returns and a checkpoint stores."""
 import itertools
+import json
 
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-from nsn_jax import flexrank
-from nsn_jax.layers import svd_factors
+from nsn_jax import flexrank, flops
+from nsn_jax.layers import nsn_layers, set_submodule, svd_factors
+from nsn_jax.models.mlp import NSNMLP
+from nsn_jax.profiles import Profile, ProfileSampler, by_budget, saved_profiles, search_profiles
 
 D_IN, D_OUT = 24, 16
 
@@ -138,11 +143,45 @@ def test_gar_matches_factorised_output(r):
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
 
 
-def test_gar_flops_and_cheapest_form():
-  for d_in, d_out in [(24, 16), (16, 24), (7, 7)]:
-    dense, top = 2 * d_in * d_out, min(d_in, d_out)
-    for r in range(1, top + 1):
-      gar = flexrank.gar_flops(d_in, d_out, r)
-      assert gar <= 2 * r * (d_in + d_out)
-      assert gar < dense if r < top else gar == dense
-      assert flexrank.cheapest_form(d_in, d_out, r) == ("gar" if r < top else "dense")
+def _searched(budgets=(0.9, 0.5), unit="flops"):
+  """Profiles of a small MLP (12 → 10 → 8 → 3, R = 8) against an unrelated dense twin."""
+  model = NSNMLP(12, (10, 8), 3, max_rank=8, rngs=nnx.Rngs(0))
+  dense = nnx.clone(model)
+  for path, layer in nsn_layers(dense).items():
+    set_submodule(dense, path, nnx.Linear(layer.in_features, layer.out_features, rngs=nnx.Rngs(1)))
+  rng = np.random.default_rng(0)
+  calibration = {"hidden/0": rng.normal(size=(64, 12)), "hidden/1": rng.normal(size=(64, 10))}
+  return model, search_profiles(model, dense, calibration, budgets, unit=unit)
+
+
+@pytest.mark.parametrize("unit", ["flops", "params"])
+def test_search_returns_profiles_within_budget(unit):
+  model, found = _searched(unit=unit)
+  assert all(isinstance(p, Profile) and p.unit == unit for p in found)
+  assert [p.budget for p in found] == [0.9, 0.5]
+  for p in found:
+    assert p.flops_frac_dense == flops.model_flops(model, p.ranks) / flops.dense_model_flops(model)
+    assert (p.flops_frac_dense if unit == "flops" else p.params_frac_dense) <= p.budget
+    assert all(isinstance(r, int) for r in p.ranks.values()) and p.error >= 0
+  assert all(found[1].ranks[path] <= found[0].ranks[path] for path in found[0].ranks)  # nested
+
+
+def test_profile_json_round_trip_and_metadata_readers():
+  model, found = _searched()
+  records = json.loads(json.dumps([p.to_json() for p in found]))  # what metadata holds
+  assert list(records[0]) == ["budget", "unit", "ranks", "flops_frac_dense",
+                              "params_frac_dense", "error"]
+  assert [Profile.from_json(r) for r in records] == found
+  assert len({*found}) == 2  # hashable
+  metadata = {"flexrank": {"profiles": records}}
+  assert by_budget(found) == by_budget(records) == saved_profiles(metadata)
+  assert by_budget(found)[0.5] == found[1].ranks
+  # Records written before `unit` and `params_frac_dense` existed still give their ranks.
+  old = [{k: r[k] for k in ("budget", "ranks", "flops_frac_dense", "error")} for r in records]
+  assert by_budget(old) == by_budget(found)
+  with pytest.raises(ValueError, match=r"lacks \['unit', 'params_frac_dense'\]"):
+    Profile.from_json(old[0])
+  samplers = [ProfileSampler.create(p, (0.25, 0.75), seed=3, max_rank=8) for p in (found, records)]
+  assert samplers[0].budgets == samplers[1].budgets == (0.9, 0.5)
+  np.testing.assert_array_equal(samplers[0].ranks, samplers[1].ranks)
+  assert samplers[0].paths == ("hidden/0", "hidden/1")

@@ -23,13 +23,15 @@ from nsn_jax.checkpoint import CheckpointError
 from nsn_jax.data import pipeline
 from nsn_jax.export import export
 from nsn_jax.layers import nsn_layers
-from nsn_jax.models.build import build_pretrained, text_encoder
+from nsn_jax.build import build_pretrained, text_encoder
 from nsn_jax.objective import distillation_loss
 from nsn_jax.profiles import ProfileSampler, saved_profiles, search_profiles
 from nsn_jax.surgery import capture_inputs
-from nsn_jax.sweep import load_params, restore_model, run_sweep
+from nsn_jax.restore import restore_model
+from nsn_jax.sweep import run_sweep
 from nsn_jax.tasks import get_task
-from nsn_jax.train_lib import restore_dense_twin, train_and_evaluate
+from nsn_jax.restore import restore_dense_twin
+from nsn_jax.train_lib import train_and_evaluate
 from test_llm_train import _config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +69,7 @@ def _relative(a, b):
 
 def test_profiles_in_metadata_are_nested_within_budget_and_reload(flex_run):
   workdir, final = flex_run
-  model, metadata, _ = load_params(workdir)
+  model, metadata, _ = restore_model(workdir)
   seq_len = metadata["config"]["data"]["seq_len"]
   found = saved_profiles(metadata)
   assert sorted(found) == [0.55, 0.6, 0.65]
@@ -114,7 +116,7 @@ def test_parameter_budgets_give_nested_profiles_within_the_parameter_count(tiny_
 
 def test_distillation_logs_finite_kl_at_the_profiles_the_sampler_draws(flex_run):
   workdir, _ = flex_run
-  metadata = load_params(workdir)[1]
+  metadata = restore_model(workdir)[1]
   sampler = ProfileSampler.create(metadata["flexrank"]["profiles"], (), metadata["config"]["seed"],
                                   metadata["max_rank"])
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -145,7 +147,7 @@ def test_sampled_profile_sequence_replays_by_seed_and_step():
 def test_kl_is_zero_for_the_teacher_and_full_rank_and_distillation_lowers_it(
     tiny_gguf, data_dir):
   # Full rank (R = 32 = d_model) with plain SVD: the student reproduces the dense teacher.
-  config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, surgery__max_rank=32,
+  config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, model__max_rank=32,
                    surgery__init="svd")
   dense, model, _ = build_pretrained(config, seed=config.seed)
   # A fresh head is zero (uniform predictions) and would make every KL 0: give teacher and
@@ -177,20 +179,20 @@ def test_kl_is_zero_for_the_teacher_and_full_rank_and_distillation_lowers_it(
 def test_eval_profiles_rows(flex_run, dense_twin):
   workdir, final = flex_run
   rows = run_sweep(workdir, "none", profiles=True, verbose=False)
-  assert [r["model"] for r in rows] == ["flexrank"] * 3
+  assert [r.model for r in rows] == ["flexrank"] * 3
   for r in rows:
-    budget = r["budget"]
-    assert r["rank"] is None and r["trained"] and r["flops_frac_dense"] <= budget
-    assert r["accuracy"] == pytest.approx(final[f"eval/profile_{budget:g}/accuracy"])
-    assert r["loss"] == pytest.approx(final[f"eval/profile_{budget:g}/loss"], rel=1e-5)
-    assert r["flops"] <= r["xla_flops"] <= 1.2 * r["flops"]  # as test_llm_train's ranks
+    budget = r.budget
+    assert r.rank is None and r.trained and r.flops_frac_dense <= budget
+    assert r.accuracy == pytest.approx(final[f"eval/profile_{budget:g}/accuracy"])
+    assert r.loss == pytest.approx(final[f"eval/profile_{budget:g}/loss"], rel=1e-5)
+    assert r.flops <= r.xla_flops <= 1.2 * r.flops  # as test_llm_train's ranks
   both = run_sweep(workdir, "8", profiles=True, verbose=False)
-  assert [r["model"] for r in both] == ["nsn", "flexrank", "flexrank", "flexrank"]
+  assert [r.model for r in both] == ["nsn", "flexrank", "flexrank", "flexrank"]
   assert not both[0]["trained"]
   # A FlexRank run as a reference of another run: its distilled profiles, evaluated the same.
   beside = run_sweep(dense_twin, "none", references=[workdir], verbose=False)
-  assert [r["model"] for r in beside] == [f"flexrank: {workdir}"] * 3
-  assert [r["accuracy"] for r in beside] == [r["accuracy"] for r in rows]
+  assert [r.model for r in beside] == [f"flexrank: {workdir}"] * 3
+  assert [r.accuracy for r in beside] == [r.accuracy for r in rows]
   with pytest.raises(ValueError, match="nothing to evaluate"):
     run_sweep(workdir, "none", verbose=False)
   proc = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", "--ranks=none",
@@ -201,7 +203,7 @@ def test_eval_profiles_rows(flex_run, dense_twin):
 
 def test_export_at_a_profile_reloads_smaller_and_reproduces_it(flex_run, tmp_path):
   workdir, _ = flex_run
-  model, metadata, _ = load_params(workdir)
+  model, metadata, _ = restore_model(workdir)
   profile = saved_profiles(metadata)[0.6]
   out = str(tmp_path / "p60")
   info = export(workdir, out, profile_budget=0.6)["export"]
@@ -225,25 +227,25 @@ def test_an_nsn_run_saves_untrained_profiles_and_keeps_its_objective(tiny_gguf, 
                    flexrank__budgets=(0.6,))
   final = train_and_evaluate(config, str(tmp_path))
   assert {"eval/rank_8/loss", "eval/rank_2/loss", "eval/profile_0.6/loss"} <= set(final)
-  metadata = load_params(str(tmp_path))[1]
+  metadata = restore_model(str(tmp_path))[1]
   assert not metadata["flexrank"]["trained"] and metadata["trained_ranks"] == [2, 8]
   with open(tmp_path / "metrics.jsonl") as f:
     assert any("train/rank_8/loss" in json.loads(line) for line in f)
   rows = run_sweep(str(tmp_path), "none", profiles=True, verbose=False)
-  assert [(r["model"], r["trained"]) for r in rows] == [("flexrank", False)]
+  assert [(r.model, r.trained) for r in rows] == [("flexrank", False)]
 
 
 def test_surgery_starts_from_the_dense_twin(tiny_gguf, data_dir, dense_twin):
   config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, surgery__init="svd",
-                   surgery__max_rank=32, model__init_from=dense_twin)  # full rank: d_model
+                   model__max_rank=32, model__init_from=dense_twin)  # full rank: d_model
   twin = restore_dense_twin(config)
   assert float(jnp.abs(twin.head.kernel[...]).max()) > 0  # fine-tuned, not a new zero head
   dense, model, _ = build_pretrained(config, seed=config.seed, calibrate=None,
                                      dense=restore_dense_twin(config))
   batch = _batch(config)
-  reference = TASK.logits(load_params(dense_twin)[0], batch, None)
+  reference = TASK.logits(restore_model(dense_twin)[0], batch, None)
   assert _relative(TASK.logits(dense, batch, None), reference) == 0
-  assert _relative(TASK.logits(model, batch, config.surgery.max_rank), reference) < 1e-4
+  assert _relative(TASK.logits(model, batch, config.model.max_rank), reference) < 1e-4
 
 
 def test_bad_flexrank_configs_are_refused(tiny_gguf, data_dir, smoke_config, dense_twin,
@@ -252,30 +254,30 @@ def test_bad_flexrank_configs_are_refused(tiny_gguf, data_dir, smoke_config, den
     train_and_evaluate(_config(smollm2_genre, variant, tiny_gguf, data_dir, **overrides),
                        str(tmp_path / name))
 
-  with pytest.raises(ValueError, match="flexrank_distill.*budgets"):
+  with pytest.raises(ValueError, match="flexrank.budgets.*flexrank_distill"):
     run("flexrank,smoke", "a", flexrank__budgets=())
   with pytest.raises(ValueError, match=r"\[0.3\] are below 0.50"):
     run("flexrank,smoke", "b", flexrank__budgets=(0.3, 0.6), model__init_from=dense_twin)
   with pytest.raises(ValueError, match="probabilities"):
     run("flexrank,smoke", "c", flexrank__probabilities=(0.5, 0.5), model__init_from=dense_twin)
-  with pytest.raises(ValueError, match="repeats"):
+  with pytest.raises(ValueError, match="repeated budget"):
     run("flexrank,smoke", "d", flexrank__budgets=(0.6, 0.6))
-  with pytest.raises(ValueError, match="profiles searched now differ"):
+  with pytest.raises(CheckpointError, match="profiles searched now differ"):
     train_and_evaluate(_config(smollm2_genre, "flexrank,smoke", tiny_gguf, data_dir,
                                model__init_from=dense_twin, flexrank__budgets=(0.55, 0.6)),
                        flex_run[0])
-  with pytest.raises(ValueError, match="classifier needs a fine-tuned teacher.*init_from"):
+  with pytest.raises(ValueError, match="init_from.*classifier needs a fine-tuned teacher"):
     run("flexrank,smoke", "f")
-  with pytest.raises(ValueError, match="must be a dense twin"):
+  with pytest.raises(ValueError, match="nested run.*dense twin"):
     run("flexrank,smoke", "g", model__init_from=flex_run[0])
   with pytest.raises(ValueError, match="another task, data.name, data.num_classes"):
     train_and_evaluate(_config(smollm2_lm, "smoke", tiny_gguf, data_dir,
                                model__init_from=dense_twin), str(tmp_path / "h"))
-  with pytest.raises(CheckpointError, match="no checkpoint directory"):
+  with pytest.raises(CheckpointError, match="no checkpoint in"):
     run("smoke", "i", model__init_from=str(tmp_path / "nowhere"))
   smoke_config.flexrank.budgets = (0.5,)
-  with pytest.raises(ValueError, match="pretrained model with surgery"):
+  with pytest.raises(ValueError, match="pretrained model gets surgery"):
     train_and_evaluate(smoke_config, str(tmp_path / "e"))
   smoke_config.flexrank.budgets, smoke_config.model.init_from = (), dense_twin
-  with pytest.raises(ValueError, match="init_from.*trains from scratch"):
+  with pytest.raises(ValueError, match="model.init_from.*only pretrained"):
     train_and_evaluate(smoke_config, str(tmp_path / "j"))

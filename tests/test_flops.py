@@ -1,4 +1,8 @@
-"""FLOPs/params accounting against XLA's own count, and the budget solver."""
+"""FLOPs/params accounting against XLA's own count, the forms' formulas, and the budget solver."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -7,6 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 from nsn_jax import flops
 from nsn_jax.models.mlp import NSNMLP
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # XLA also counts one FLOP per ReLU output, which the analytic count leaves out; after adding
 # those, the counts must agree to rounding.
@@ -64,3 +70,33 @@ def test_bad_budget_and_rank_errors():
     flops.rank_for_budget(model, 0.0)
   with pytest.raises(ValueError, match="R=16"):
     flops.model_flops(model, 17)
+
+
+def test_form_flops_by_hand():
+  # 10 → 6 at rank 2: dense 2·60, factorised 2·2·16, GAR 2·2·(16 − 2); a bias adds 6.
+  assert [flops.form_flops(form, 10, 6, 2) for form in flops.FORMS] == [126, 70, 62]
+  assert flops.form_flops("gar", 10, 6, 2, use_bias=False) == 56
+  assert flops.dense_flops(10, 6, use_bias=False) == 120
+  with pytest.raises(ValueError, match="form must be one of"):
+    flops.form_flops("folded", 10, 6, 2)
+
+
+@pytest.mark.parametrize("d_in,d_out", [(24, 16), (16, 24), (7, 7)])
+def test_cheapest_form(d_in, d_out):
+  top = min(d_in, d_out)
+  for r in range(1, top + 1):
+    cost = {form: flops.form_flops(form, d_in, d_out, r) for form in flops.FORMS}
+    assert cost["gar"] <= cost["factorised"]
+    assert cost["gar"] < cost["dense"] if r < top else cost["gar"] == cost["dense"]
+    assert flops.cheapest_form(d_in, d_out, r) == ("gar" if r < top else "dense")
+    # Without GAR: factorised strictly below the break-even rank, dense from it (ties included).
+    assert flops.cheapest_form(d_in, d_out, r, ("dense", "factorised")) == (
+        "factorised" if r < flops.break_even_rank(d_in, d_out) else "dense")
+
+
+def test_importing_flops_leaves_the_deployed_modules_out():
+  code = "import sys, nsn_jax.flops; print('nsn_jax.deploy' in sys.modules)"
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == "False"

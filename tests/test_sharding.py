@@ -18,8 +18,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from nsn_jax import sharding
-from nsn_jax.sweep import load_params
-from nsn_jax.train_lib import create_train_state, train_and_evaluate
+from nsn_jax.restore import restore_model
+from nsn_jax.train_lib import train_and_evaluate
+from nsn_jax.train_step import create_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_RTOL = 1e-4
@@ -86,7 +87,7 @@ def test_parameters_are_sharded_as_the_rules_say(smoke_config):
   }
   for path, spec in golden.items():
     assert specs[path] == spec, path
-  a = state[0]["model"]["hidden"][0]["a"][...]
+  a = state["model"]["hidden"][0]["a"][...]
   assert a.addressable_shards[0].data.shape == (784 // 2, 8)  # really split over fsdp=2
 
 
@@ -112,8 +113,8 @@ def test_bad_mesh_fails_before_compiling(smoke_config, tmp_path):
 
 def test_checkpoint_restores_on_other_meshes(runs, smoke_config, tmp_path):
   x = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
-  single, _, step = load_params(runs["fsdp8"])  # written by an 8-way fsdp mesh
-  other, _, _ = load_params(runs["fsdp8"], mesh=_mesh(data=4, tensor=2))
+  single, _, step = restore_model(runs["fsdp8"])  # written by an 8-way fsdp mesh
+  other, _, _ = restore_model(runs["fsdp8"], mesh=_mesh(data=4, tensor=2))
   assert other.hidden[0].b[...].sharding.spec == P(None, "tensor")
   # The parameters are bitwise the same; outputs differ only by the reduction order of the
   # tensor-parallel matmuls (observed ≤ 2e-5 relative on a logit near 0).

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from nsn_jax.checkpoint import CheckpointError
-from nsn_jax.sweep import load_params, parse_ranks, run_sweep
+from nsn_jax.restore import restore_model
+from nsn_jax.sweep import parse_ranks, run_sweep
 from nsn_jax.train_lib import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,7 @@ def test_fresh_process_restore_reproduces_training_outputs_at_every_rank(trained
   proc = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", "--ranks=all"],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  with open(os.path.join(workdir, "eval", "sweep.json")) as f:
+  with open(os.path.join(workdir, "eval", "step_20", "sweep.json")) as f:
     rows = {r["rank"]: r for r in json.load(f)}
   assert sorted(rows) == list(range(1, 9))
   for rank in range(1, 9):  # losses from the live training state vs the restored one
@@ -49,22 +50,22 @@ def test_fresh_process_restore_reproduces_training_outputs_at_every_rank(trained
     assert rows[rank]["accuracy"] == final[f"eval/rank_{rank}/accuracy"]
   assert [rows[r]["trained"] for r in range(1, 9)] == [r in (2, 4, 8) for r in range(1, 9)]
   assert "rank trained" in proc.stdout and os.path.getsize(
-      os.path.join(workdir, "eval", "frontier.png")) > 10_000
-  with open(os.path.join(workdir, "eval", "sweep.csv")) as f:
+      os.path.join(workdir, "eval", "step_20", "frontier.png")) > 10_000
+  with open(os.path.join(workdir, "eval", "step_20", "sweep.csv")) as f:
     assert len(list(csv.DictReader(f))) == 8
 
 
 def test_sweep_rows_and_budgets(trained):
   workdir, _ = trained
   rows = run_sweep(workdir, "8", budgets=[0.5], verbose=False)
-  by_rank = {r["rank"]: r for r in rows}
-  half = [r for r in rows if r["budget"] == 0.5]
+  by_rank = {r.rank: r for r in rows}
+  half = [r for r in rows if r.budget == 0.5]
   assert len(half) == 1 and half[0]["flops_frac_max_rank"] <= 0.5
   assert by_rank[8]["flops_frac_max_rank"] == 1.0
   assert by_rank[8]["flops_frac_dense"] < 1.0  # R=8 is below break-even
   # XLA counts one extra FLOP per hidden ReLU (32 per example) on top of the analytic count.
   for r in rows:
-    assert r["xla_flops"] == pytest.approx(r["flops"] + 32, rel=1e-3)
+    assert r.xla_flops == pytest.approx(r.flops + 32, rel=1e-3)
 
 
 def test_bad_ranks_and_budgets_are_clear_cli_errors(trained):
@@ -79,7 +80,7 @@ def test_bad_ranks_and_budgets_are_clear_cli_errors(trained):
 
 def test_missing_workdir_is_a_clear_error(tmp_path):
   with pytest.raises(CheckpointError, match="train first"):
-    load_params(str(tmp_path))
+    restore_model(str(tmp_path))
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(trained, tmp_path):
@@ -90,11 +91,11 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(trained, tmp_p
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  _, _, step = load_params(str(copy))
+  _, _, step = restore_model(str(copy))
   assert step == 10
   for root, _, files in os.walk(copy / "checkpoints" / "10" / "params"):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
   with pytest.raises(CheckpointError, match=r"(?s)no readable checkpoint.*step 20.*step 10"):
-    load_params(str(copy))
+    restore_model(str(copy))

@@ -74,7 +74,7 @@ def test_missing_dataset_is_a_clear_error(smoke_config, tmp_path):
 
 def test_bad_batch_size_is_caught_before_compiling(smoke_config, tmp_path):
   smoke_config.train.batch_size = 30  # 8 fake devices on the data axis
-  with pytest.raises(ValueError, match="divisible"):
+  with pytest.raises(ValueError, match="batch_size=30.*multiple of the data × fsdp devices"):
     train_and_evaluate(smoke_config, str(tmp_path))
 
 

@@ -22,10 +22,10 @@ from nsn_jax import flops
 from nsn_jax.checkpoint import CheckpointError
 from nsn_jax.layers import nsn_layers
 from nsn_jax.llm.gguf import GGUFTokenizer, load_gguf, smollm2_path
-from nsn_jax.models.build import model_path
+from nsn_jax.build import model_path
 from nsn_jax.models.llama import generate
 from nsn_jax.surgery import decompose_and_replace, format_report
-from nsn_jax.sweep import load_params
+from nsn_jax.restore import restore_model
 
 _GGUF = flags.DEFINE_string("gguf", None, "GGUF file (default: SmolLM2-135M-Instruct, offline).")
 _PROMPT = flags.DEFINE_string("prompt", "The capital of France is", "Text to continue.")
@@ -41,12 +41,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir of a languag
 def _load():
   """(model, tokenizer): a train.py workdir's decoder, or a GGUF file (SVD surgery if asked)."""
   if _WORKDIR.value is not None:
-    model, metadata, _ = load_params(_WORKDIR.value)
-    config = ml_collections.ConfigDict(metadata["config"])
-    if config.get("task") != "language_modelling":
-      raise ValueError(f"{_WORKDIR.value} was trained for {config.get('task')!r}; generate needs "
-                       "a language_modelling run.")
-    return model, GGUFTokenizer.from_reader(gguf.GGUFReader(model_path(config)))
+    restored = restore_model(_WORKDIR.value)
+    config = restored.config
+    if config.task != "language_modelling":
+      raise ValueError(f"--workdir={_WORKDIR.value} was trained for {config.task!r}; generate "
+                       "needs a language_modelling run.")
+    return restored.model, GGUFTokenizer.from_reader(gguf.GGUFReader(model_path(config)))
   _, model, tokenizer = load_gguf(_GGUF.value or smollm2_path())
   if _NSN_MAX_RANK.value is not None:
     model, report = decompose_and_replace(model, max_rank=_NSN_MAX_RANK.value)

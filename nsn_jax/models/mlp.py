@@ -14,12 +14,15 @@ class NSNMLP(nnx.Module):
   """An MLP whose hidden layers are NSN layers sharing one rank argument.
 
   The classifier stays dense (it is d_hidden × num_classes, too small to be worth factorising).
+  `max_rank=None` builds the dense twin: plain `nnx.Linear` hidden layers, no ranks.
   """
 
-  def __init__(self, input_dim: int, hidden: Sequence[int], num_classes: int, max_rank: int, *,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, input_dim: int, hidden: Sequence[int], num_classes: int,
+               max_rank: int | None, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     widths = [input_dim, *hidden]
     self.hidden = nnx.List([
+        nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if max_rank is None else
         NSNDense(d_in, d_out, max_rank, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         for d_in, d_out in zip(widths[:-1], widths[1:])])
     self.head = nnx.Linear(widths[-1], num_classes, dtype=dtype, param_dtype=param_dtype,

@@ -10,7 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from nsn_jax.metrics import say
-from nsn_jax.sweep import run_sweep
+from nsn_jax.sweep import SweepRow, read_rows, run_sweep
 from nsn_jax.train_lib import train_and_evaluate
 
 CONFIG = config_flags.DEFINE_config_file(
@@ -36,20 +36,19 @@ def main(run) -> None:
   app.run(_main)
 
 
-def train_and_sweep(config: ml_collections.ConfigDict, name: str) -> list[dict]:
+def train_and_sweep(config: ml_collections.ConfigDict, name: str) -> list[SweepRow]:
   """Sweep rows (every rank) of `config` trained in WORKDIR/name; reuses a finished run."""
   workdir = os.path.join(WORKDIR.value, name)
-  sweep = os.path.join(workdir, "eval", "sweep.json")
+  sweep = os.path.join(workdir, "eval", "all", "sweep.json")
   done = os.path.join(workdir, "done.json")
   if os.path.exists(done) and os.path.exists(sweep):
     with open(done) as f:
       if json.load(f) == json.loads(config.to_json_best_effort()):
         say(f"[{name}] reusing the finished run in {workdir}")
-        with open(sweep) as f:
-          return json.load(f)
+        return read_rows(sweep)
   say(f"[{name}] training in {workdir}")
   train_and_evaluate(config, workdir)
-  rows = run_sweep(workdir, "all", verbose=False)
+  rows = run_sweep(workdir, "all", verbose=False, out=os.path.dirname(sweep))
   with open(done, "w") as f:
     f.write(config.to_json_best_effort())
   return rows
@@ -57,7 +56,7 @@ def train_and_sweep(config: ml_collections.ConfigDict, name: str) -> list[dict]:
 
 def accuracy_at(rows: list[dict], ranks) -> float:
   """Mean accuracy over `ranks` (each must be in the sweep)."""
-  by_rank = {r["rank"]: r["accuracy"] for r in rows}
+  by_rank = {r.rank: r.accuracy for r in rows}
   return float(np.mean([by_rank[r] for r in ranks]))
 
 

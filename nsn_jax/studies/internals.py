@@ -17,7 +17,7 @@ from nsn_jax import analysis
 from nsn_jax.layers import nsn_layers
 from nsn_jax.studies import common
 from nsn_jax.studies.truncation import single_rank
-from nsn_jax.sweep import load_params
+from nsn_jax.restore import restore_model
 
 MODELS = ("nsn", "truncation")  # run names in WORKDIR; "truncation" is the plain model
 LABELS = {"nsn": "NSN", "truncation": "plain (CE at R only)"}
@@ -39,7 +39,7 @@ def run() -> dict:
   base = common.base_config()
   common.train_and_sweep(base, "nsn")
   common.train_and_sweep(single_rank(base, base.model.max_rank), "truncation")
-  models = {name: load_params(os.path.join(common.WORKDIR.value, name))[0] for name in MODELS}
+  models = {name: restore_model(os.path.join(common.WORKDIR.value, name)).model for name in MODELS}
   max_rank = base.model.max_rank
   pairs = [(r, 2 * r) for r in (2 ** i for i in range(max_rank.bit_length())) if 2 * r <= max_rank]
   result = {"energy": {}, "containment": {}, "inter_layer_similarity": {}}

@@ -38,14 +38,14 @@ def run() -> dict:
   truncation = common.train_and_sweep(single_rank(base, max_rank), "truncation")
   # The native model at R is the truncation model itself: same config, trained once.
   native = {r: common.train_and_sweep(single_rank(base, r), "truncation" if r == max_rank
-                                      else f"native_r{r}")[-1]["accuracy"]
+                                      else f"native_r{r}")[-1].accuracy
             for r in native_ranks}
   result = {
       "ranks": list(range(1, max_rank + 1)),
-      "nsn": [row["accuracy"] for row in nsn],
-      "truncation": [row["accuracy"] for row in truncation],
+      "nsn": [row.accuracy for row in nsn],
+      "truncation": [row.accuracy for row in truncation],
       "native": {str(r): a for r, a in native.items()},
-      "trained_nsn_ranks": [row["rank"] for row in nsn if row["trained"]],
+      "trained_nsn_ranks": [row.rank for row in nsn if row.trained],
   }
   low = [r for r in result["ranks"] if r <= max(1, max_rank // 8)]
   result["mean_accuracy_at_ranks_up_to_R/8"] = {

@@ -1,13 +1,13 @@
-"""Models built from a config by name (`build_model`), and the tokenizer a text model brings.
+"""Models built from a validated config (`nsn_jax.config`), and the tokenizer a text model brings.
 
-  nsn_mlp      the paper's from-scratch MLP (`config.model.hidden`, `max_rank`)
-  llama_gguf   a Llama-family decoder from a GGUF file (`config.model.path`; default SmolLM2-135M)
+  nsn_mlp      the paper's from-scratch MLP (`model.hidden`, `model.max_rank`)
+  llama_gguf   a Llama-family decoder from a GGUF file (`model.path`; default SmolLM2-135M)
   bert_hf      a BERT encoder from a Hugging Face directory (default all-MiniLM-L6-v2)
 
-A pretrained backbone gets the task's head (`config.task`: text_classification adds
-`SequenceClassifier`; language_modelling keeps the decoder's own head), then `config.surgery`
-turns the layers its rules select into NSN layers (`nsn_jax.surgery`; max_rank 0 keeps the model
-dense: the fine-tuned baseline).
+A pretrained backbone gets the task's head (`task`: text_classification adds
+`SequenceClassifier`; language_modelling keeps the decoder's own head), then `surgery` turns the
+layers its rules select into NSN layers of rank `model.max_rank` (`nsn_jax.surgery`). With
+`model.dense` every model keeps plain dense layers: the baseline twin.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import tokenizers
 from flax import nnx
 
 from nsn_jax import surgery
+from nsn_jax.config import PRETRAINED, ConfigError
 from nsn_jax.data.pipeline import TextEncoder
 from nsn_jax.llm import (GGUFTokenizer, config_from_gguf, config_from_hf, load_gguf, load_hf_bert,
                          minilm_path, smollm2_path)
@@ -33,7 +34,6 @@ from nsn_jax.models.llama import LlamaModel
 from nsn_jax.models.mlp import NSNMLP
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-PRETRAINED = ("llama_gguf", "bert_hf")
 RULES = {"mlp": surgery.MLP_RULES, "attention": surgery.ATTENTION_RULES,
          "mlp_and_attention": surgery.MLP_RULES + surgery.ATTENTION_RULES}
 
@@ -41,7 +41,7 @@ RULES = {"mlp": surgery.MLP_RULES, "attention": surgery.ATTENTION_RULES,
 def model_path(config: ml_collections.ConfigDict) -> pathlib.Path:
   """The pretrained file `config.model.path` names, or the offline SmolLM2 / MiniLM."""
   default = smollm2_path if config.model.name == "llama_gguf" else minilm_path
-  return pathlib.Path(config.model.get("path") or default())
+  return pathlib.Path(config.model.path or default())
 
 
 def mismatches(config: ml_collections.ConfigDict,
@@ -49,9 +49,9 @@ def mismatches(config: ml_collections.ConfigDict,
   """What differs between two runs' configs that must agree for one run's model to start or
   stand beside the other's: the model family and file, the task, the dataset and its classes."""
   pairs = [("model.name", config.model.name, other.model.name),
-           ("task", config.get("task"), other.get("task")),
+           ("task", config.task, other.task),
            ("data.name", config.data.name, other.data.name),
-           ("data.num_classes", config.data.get("num_classes"), other.data.get("num_classes"))]
+           ("data.num_classes", config.data.num_classes, other.data.num_classes)]
   if config.model.name in PRETRAINED and other.model.name == config.model.name:
     pairs.insert(1, ("model file", model_path(config), model_path(other)))
   return [key for key, ours, theirs in pairs if ours != theirs]
@@ -73,21 +73,13 @@ def _backbone(config: ml_collections.ConfigDict, pretrained: bool, seed: int) ->
 
 def _dtype(config: ml_collections.ConfigDict):
   """`config.model.dtype` (the computation dtype; parameters stay float32)."""
-  name = config.model.get("dtype", "float32")
-  if name not in _DTYPES:
-    raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {name!r}.")
-  return _DTYPES[name]
+  return _DTYPES[config.model.dtype]
 
 
 def surgery_rules(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """`config.surgery.rules`: a preset name (mlp, attention, mlp_and_attention) or regexes."""
   rules = config.surgery.rules
-  if isinstance(rules, str):
-    if rules not in RULES:
-      raise ValueError(f"surgery.rules {rules!r} is not a preset {sorted(RULES)} or a tuple of "
-                       "path regexes.")
-    return RULES[rules]
-  return tuple(rules)
+  return RULES[rules] if isinstance(rules, str) else tuple(rules)
 
 
 def build_model(config: ml_collections.ConfigDict, *, seed: int, pretrained: bool = True,
@@ -100,17 +92,32 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int, pretrained: boo
   `calibrate(model)` runs the dense model on calibration data when `surgery.init` is
   activation_aware.
   """
-  name = config.model.name
-  if name == "nsn_mlp":
+  if config.model.name == "nsn_mlp":
     return NSNMLP(math.prod(config.data.image_shape), tuple(config.model.hidden),
-                  config.data.num_classes, config.model.max_rank,
+                  config.data.num_classes, None if config.model.dense else config.model.max_rank,
                   dtype=_dtype(config), rngs=nnx.Rngs(params=seed))
   if pretrained:
     return build_pretrained(config, seed=seed, calibrate=calibrate)[1]
   model = _task_model(config, pretrained=False, seed=seed)
-  if not config.surgery.max_rank:
+  if config.model.dense:
     return model
-  return surgery.nsn_skeleton(model, surgery_rules(config), config.surgery.max_rank)
+  return surgery.nsn_skeleton(model, surgery_rules(config), config.model.max_rank)
+
+
+def check_rank_fits(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError when `model.max_rank` exceeds min(d_in, d_out) of a layer that
+  `surgery.rules` chooses (a global rank above it could not run). Reads shapes only: the
+  architecture from the pretrained file's metadata, built abstractly, no weights."""
+  if config.model.name not in PRETRAINED or config.model.dense:
+    return
+  model = nnx.eval_shape(lambda: _task_model(config, pretrained=False, seed=0))
+  widths = {path: min(layer.in_features, layer.out_features)
+            for path, _, layer in surgery.chosen_linears(model, surgery_rules(config))}
+  narrowest = min(widths, key=widths.get)
+  if config.model.max_rank > widths[narrowest]:
+    raise ConfigError("model.max_rank", config.model.max_rank,
+                      f"1..{widths[narrowest]} (min(d_in, d_out) of {narrowest}, the narrowest "
+                      "layer surgery.rules chooses)")
 
 
 def build_pretrained(config: ml_collections.ConfigDict, *, seed: int,
@@ -119,7 +126,7 @@ def build_pretrained(config: ml_collections.ConfigDict, *, seed: int,
                      ) -> tuple[nnx.Module, nnx.Module, dict[str, np.ndarray] | None]:
   """(dense, model, calibration) for a pretrained family: the pretrained backbone with the task's
   head before surgery (FlexRank's distillation teacher), the same after `config.surgery` (the
-  dense model itself when surgery.max_rank is 0), and the inputs {path: float32 (n, d_in)} the
+  dense model itself with `model.dense`), and the inputs {path: float32 (n, d_in)} the
   surgery's layers received while `calibrate(dense)` ran (None without `calibrate`).
 
   `dense`: start from this dense model instead (a fine-tuned twin, `model.init_from`).
@@ -128,32 +135,23 @@ def build_pretrained(config: ml_collections.ConfigDict, *, seed: int,
   """
   if dense is None:
     dense = _task_model(config, pretrained=True, seed=seed)
-  max_rank = config.surgery.max_rank
-  if not max_rank:
+  if config.model.dense:
     return dense, dense, None
-  rules, init = surgery_rules(config), config.surgery.get("init", "svd")
-  if init not in ("svd", "activation_aware"):
-    raise ValueError(f"surgery.init must be 'svd' or 'activation_aware', got {init!r}.")
+  rules, init = surgery_rules(config), config.surgery.init
   if init == "activation_aware" and calibrate is None:
     raise ValueError("surgery.init=activation_aware needs calibration data.")
   calibration = None if calibrate is None else surgery.capture_inputs(dense, calibrate, rules)
   model = surgery.decompose_and_replace(
-      dense, rules, max_rank, calibration=calibration if init == "activation_aware" else None)[0]
+      dense, rules, config.model.max_rank, calibration=calibration if init == "activation_aware" else None)[0]
   return dense, model, calibration
 
 
 def _task_model(config: ml_collections.ConfigDict, *, pretrained: bool, seed: int) -> nnx.Module:
   """The backbone (pretrained or random) with the head `config.task` needs, before surgery."""
-  name = config.model.name
-  if name not in PRETRAINED:
-    raise ValueError(f"unknown model name {name!r}; known: 'nsn_mlp', {', '.join(PRETRAINED)}.")
   model = _backbone(config, pretrained, seed)
-  task = config.get("task", "text_classification")
-  if task == "text_classification":
+  if config.task == "text_classification":
     return SequenceClassifier(model, config.data.num_classes, rngs=nnx.Rngs(params=seed))
-  if task != "language_modelling" or name != "llama_gguf":
-    raise ValueError(f"model {name!r} does not do task {task!r}.")
-  return model
+  return model  # language_modelling: the decoder's own head
 
 
 def text_encoder(config: ml_collections.ConfigDict) -> TextEncoder | None:

@@ -1,0 +1,55 @@
+"""What every command-line tool shares: one-line errors with exit code 2, and --verbose.
+
+Bad input (a config field, a path, a rank, a checkpoint) is reported as `tool: error: message`
+with exit code 2 and no traceback; a diverged run as `tool: error: ...` with exit code 1.
+`--verbose` shows the traceback as well.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+import os
+import sys
+
+from absl import app, flags, logging
+
+from nsn_jax.checkpoint import CheckpointError
+from nsn_jax.workdir import WorkdirLockedError
+
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, show the full traceback too.")
+
+# ValueError covers ConfigError and DatasetNotFoundError: every check of user input raises one.
+USER_ERRORS = (ValueError, CheckpointError, WorkdirLockedError, FileNotFoundError,
+               NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _fail(error: BaseException, code: int) -> None:
+  if _VERBOSE.value:
+    raise error
+  print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag (or config file / override) as one line, exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"{os.path.basename(argv[0])}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(main: Callable[[], None]) -> None:
+  """Runs `main()` under absl (orbax's per-file INFO logs silenced) with one-line errors."""
+
+  def _main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}", exitcode=2)
+    logging.set_verbosity(logging.WARNING)
+    try:
+      main()
+    except USER_ERRORS as e:
+      _fail(e, 2)
+    except FloatingPointError as e:  # a diverged run: its last good checkpoint is kept
+      _fail(e, 1)
+
+  app.run(_main, flags_parser=_parse_flags)

@@ -1,0 +1,383 @@
+"""The one config schema: every field, its default, and `validate`, run before any work.
+
+`defaults()` holds every field any model family reads, so code reads `config.a.b` and never
+`config.get("b", fallback)`; `configs/*.py` start from it and change what they need. `validate`
+checks a config against the schema and itself (ranks against R, budgets, intervals, ...) and
+raises `ConfigError`, whose one-line message names the field, the value and what is valid.
+train.py, eval.py, the export and `restore_model` all call it before reading data or weights.
+
+R has one name, `model.max_rank`: the NSN MLP's rank, or the rank surgery gives a pretrained
+model's chosen layers. `model.dense=True` is the explicit dense mode: the same model with plain
+dense layers (the baseline twin), trained with one loss and evaluated as one model, not a rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+MODELS = ("nsn_mlp", "llama_gguf", "bert_hf")
+PRETRAINED = ("llama_gguf", "bert_hf")
+TASKS = ("image_classification", "text_classification", "language_modelling")
+OBJECTIVES = ("anchor_only", "uniform", "uncertainty", "uncertainty_logits", "uncertainty_ortho",
+              "flexrank_distill")
+DISTILL = "flexrank_distill"
+DTYPES = ("float32", "bfloat16")
+SURGERY_PRESETS = ("mlp", "attention", "mlp_and_attention")
+MULTI_RANK = ("vmap_masked", "loop_static")
+
+
+class ConfigError(ValueError):
+  """A config value outside what is valid: `field=value: problem; valid: ...`, one line."""
+
+  def __init__(self, field: str, value: Any, valid: str, problem: str = ""):
+    self.field, self.value, self.valid = field, value, valid
+    shown = value if isinstance(value, (int, float, str, bool, type(None))) else tuple(value)
+    super().__init__(f"{field}={shown!r}: {problem + '; ' if problem else ''}valid: {valid}")
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every field with its default: the offline MNIST-digits NSN MLP (configs/default.py)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                         # parameter init, data order and rank draws
+  c.task = "image_classification"    # | text_classification | language_modelling
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "mnist5k"            # a TFDS dataset (mnist5k and shakespeare/* are built offline)
+  c.data.data_dir = config_dict.placeholder(str)  # None: TFDS's default (~/tensorflow_datasets)
+  c.data.image_shape = (28, 28, 1)   # image tasks: must match the dataset
+  c.data.num_classes = 10            # classification; None for language modelling
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.cache = True                # hold this process's shard of the train split in memory
+  c.data.text_feature = ()           # text tasks: the feature(s) tokenised, e.g. ("text",)
+  c.data.seq_len = config_dict.placeholder(int)  # text tasks: tokens per example
+  c.data.eval_examples = 0           # text tasks: a fixed random cap on the eval split; 0 = all
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "nsn_mlp"           # | llama_gguf (GGUF file) | bert_hf (Hugging Face directory)
+  c.model.max_rank = 64              # R: the NSN MLP's rank, or the rank surgery gives
+  c.model.dense = False              # True: plain dense layers (the baseline twin), no ranks
+  c.model.hidden = (256, 256)        # nsn_mlp: hidden widths
+  c.model.dtype = "float32"          # computation dtype (parameters stay float32)
+  c.model.path = ""                  # pretrained file; "": the offline SmolLM2 / MiniLM
+  c.model.init_from = ""             # pretrained: a dense twin's workdir to start surgery from
+
+  c.surgery = ml_collections.ConfigDict()  # pretrained models: which layers become NSN layers
+  c.surgery.rules = "mlp"            # mlp | attention | mlp_and_attention | (path regex, ...)
+  c.surgery.init = "svd"             # | activation_aware (FlexRank's whitened SVD)
+  c.surgery.calibration_batches = 4  # training batches recorded for activation-aware init
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.name = "uncertainty"   # one of OBJECTIVES; flexrank_distill needs flexrank.budgets
+  c.objective.logits_weight = 1.0    # uncertainty_logits: weight of the KL to the anchor rank
+  c.objective.ortho_weight = 0.01    # uncertainty_ortho: weight of the orthogonality penalty
+
+  c.flexrank = ml_collections.ConfigDict()  # docs/flexrank.md (pretrained models with surgery)
+  c.flexrank.budgets = ()            # fractions of the dense model; () = no profiles
+  c.flexrank.budget_unit = "flops"   # flops (whole forward pass) | params (parameter count)
+  c.flexrank.probabilities = ()      # α_k per budget for flexrank_distill; () = uniform
+
+  c.ranks = ml_collections.ConfigDict()  # which ranks each step trains (not in dense mode)
+  c.ranks.kind = "fixed"             # fixed (ranks.fixed every step) | anchor_variants (paper)
+  c.ranks.fixed = (64, 32, 16, 8, 7, 6, 5, 4, 3, 2, 1)
+  c.ranks.min_rank = 1               # anchor_variants: smallest rank drawn after warm-up
+  c.ranks.num_variants = 1           # anchor_variants: ranks drawn per step besides R
+  c.ranks.curriculum = "linear"      # anchor_variants: linear | step | none
+  c.ranks.warmup_fraction = 0.3      # anchor_variants: share of training the range widens over
+  c.ranks.num_stages = 4             # anchor_variants, curriculum step: jumps of the range
+  c.ranks.held_out = ()              # anchor_variants: never drawn; reported as held out
+
+  c.mesh = ml_collections.ConfigDict()   # device axes; -1 = all remaining devices
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.rules = ()              # ((path regex, (axis|None, ...)), ...); () = the defaults
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 3000
+  c.train.batch_size = 128           # global; divisible by the data × fsdp devices
+  c.train.log_every = 100
+  c.train.checkpoint_every = 1000
+  c.train.max_to_keep = 3
+  c.train.trainable = ("",)          # path regexes of the parameters that train; "" = all
+  c.train.multi_rank = "vmap_masked"  # | loop_static (fixed ranks as static slices)
+
+  c.optimizer = ml_collections.ConfigDict()  # AdamW, linear warm-up then cosine decay
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.weight_decay = 0.1
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 1000                # steps between evaluations during training
+  c.eval.ranks = (64, 16, 4)         # ranks evaluated during training (not in dense mode)
+  c.eval.batch_size = 500
+  return c
+
+
+def from_json(saved: dict) -> ml_collections.ConfigDict:
+  """A checkpoint's saved config on top of `defaults()` (fields added since are filled in;
+  `surgery.max_rank` of checkpoints written before R had one name becomes model.max_rank /
+  model.dense)."""
+  saved = json.loads(json.dumps(saved))  # a deep copy
+  legacy = saved.get("surgery", {}).pop("max_rank", None)
+  if legacy is not None:
+    saved["model"]["max_rank"], saved["model"]["dense"] = legacy or 1, not legacy
+  if saved.get("data", {}).get("eval_examples") is None and "data" in saved:
+    saved["data"]["eval_examples"] = 0
+  config = defaults()
+  _merge(config, saved, "")
+  return config
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict, prefix: str) -> None:
+  for key, value in saved.items():
+    if key not in config:
+      continue  # a field retired since: nothing reads it
+    if isinstance(config[key], ml_collections.ConfigDict):
+      _merge(config[key], value, f"{prefix}{key}.")
+    else:
+      config[key] = tuple(_tuples(value)) if isinstance(value, list) else value
+
+
+def _tuples(values: list) -> list:
+  return [tuple(_tuples(v)) if isinstance(v, list) else v for v in values]
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ConfigError for the first field outside what is valid.
+
+  `num_devices`: the devices the mesh is laid over (checks the mesh and batch split); None
+  skips those checks (eval, export).
+  """
+  _check_fields(config, defaults(), "")
+  _check_top(config)
+  _check_data(config)
+  _check_model(config)
+  if not config.model.dense:
+    _check_ranks(config)
+  _check_objective(config)
+  _check_train(config)
+  if num_devices is not None:
+    _check_mesh(config, num_devices)
+
+
+def _check_fields(config, schema, prefix: str) -> None:
+  """Unknown fields (a typo in a config file) and sections replaced by a non-section."""
+  for key in config.keys():
+    if key not in schema:
+      raise ConfigError(f"{prefix}{key}", config[key], f"the fields of {prefix or 'the config'}"
+                        f" in nsn_jax/config.py ({', '.join(sorted(schema.keys()))})",
+                        "unknown field")
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      if not isinstance(config[key], ml_collections.ConfigDict):
+        raise ConfigError(f"{prefix}{key}", str(config[key]), "a section", "not a section")
+      _check_fields(config[key], schema[key], f"{prefix}{key}.")
+
+
+def _one_of(field: str, value: Any, choices: tuple) -> None:
+  if value not in choices:
+    raise ConfigError(field, value, " | ".join(map(str, choices)))
+
+
+def _integer(field: str, value: Any, low: int, high: float = math.inf) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    span = f"{low}..{high}" if high != math.inf else f"an integer ≥ {low}"
+    raise ConfigError(field, value, span)
+
+
+def _number(field: str, value: Any, low: float, high: float = math.inf,
+            low_open: bool = False) -> None:
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  if not ok or value > high or value < low or (low_open and value == low):
+    left = "(" if low_open else "["
+    raise ConfigError(field, value, f"a number in {left}{low:g}, {high:g}]")
+
+
+def _check_top(config) -> None:
+  _integer("seed", config.seed, 0)
+  _one_of("task", config.task, TASKS)
+
+
+def _check_data(config) -> None:
+  data = config.data
+  if not data.name:
+    raise ConfigError("data.name", data.name, "a TFDS dataset name, e.g. mnist5k")
+  if config.task == "image_classification":
+    if not data.image_shape or any(not isinstance(d, int) or d < 1 for d in data.image_shape):
+      raise ConfigError("data.image_shape", data.image_shape, "positive sizes, e.g. (28, 28, 1)")
+  else:
+    if not data.text_feature:
+      raise ConfigError("data.text_feature", data.text_feature, "one or more feature names")
+    _integer("data.seq_len", data.seq_len, 2)
+    _integer("data.eval_examples", data.eval_examples, 0)
+  if config.task == "language_modelling":
+    if data.num_classes is not None:
+      raise ConfigError("data.num_classes", data.num_classes, "None for language_modelling",
+                        "a language model predicts tokens, not classes")
+  else:
+    _integer("data.num_classes", data.num_classes, 2)
+
+
+def _check_model(config) -> None:
+  model = config.model
+  _one_of("model.name", model.name, MODELS)
+  _one_of("model.dtype", model.dtype, DTYPES)
+  if not isinstance(model.dense, bool):
+    raise ConfigError("model.dense", model.dense, "True | False")
+  pretrained = model.name in PRETRAINED
+  if model.name == "nsn_mlp":
+    if config.task != "image_classification":
+      raise ConfigError("task", config.task, "image_classification for model.name=nsn_mlp")
+    if not model.hidden or any(not isinstance(h, int) or h < 1 for h in model.hidden):
+      raise ConfigError("model.hidden", model.hidden, "one or more positive widths")
+    for field in ("path", "init_from"):
+      if model[field]:
+        raise ConfigError(f"model.{field}", model[field], '"" for nsn_mlp',
+                          "only pretrained models read a file")
+    width = min(math.prod(config.data.image_shape), *model.hidden)
+    if not model.dense:
+      _integer("model.max_rank", model.max_rank, 1, width)
+  else:
+    if model.name == "bert_hf" and config.task == "language_modelling":
+      raise ConfigError("task", config.task, "text_classification for model.name=bert_hf")
+    if config.task == "image_classification":
+      raise ConfigError("task", config.task,
+                        f"text_classification or language_modelling for {model.name}")
+    if not model.dense:
+      _integer("model.max_rank", model.max_rank, 1)
+    _check_surgery(config)
+  if model.init_from and not pretrained:
+    raise ConfigError("model.init_from", model.init_from, '"" for nsn_mlp')
+
+
+def _check_surgery(config) -> None:
+  surgery = config.surgery
+  rules = surgery.rules
+  if isinstance(rules, str):
+    _one_of("surgery.rules", rules, SURGERY_PRESETS + ("(path regex, ...)",))
+  elif not rules:
+    raise ConfigError("surgery.rules", rules, "a preset or one or more path regexes")
+  else:
+    for rule in rules:
+      _regex("surgery.rules", rule)
+  _one_of("surgery.init", surgery.init, ("svd", "activation_aware"))
+  _integer("surgery.calibration_batches", surgery.calibration_batches, 1)
+
+
+def _regex(field: str, rule: Any) -> None:
+  try:
+    re.compile(rule)
+  except (re.error, TypeError) as e:
+    raise ConfigError(field, rule, "Python regular expressions", str(e)) from None
+
+
+def _check_ranks(config) -> None:
+  ranks, max_rank = config.ranks, config.model.max_rank
+  _one_of("ranks.kind", ranks.kind, ("fixed", "anchor_variants"))
+  valid = f"distinct integers in 1..{max_rank} (model.max_rank)"
+  if ranks.kind == "fixed":
+    _rank_list("ranks.fixed", ranks.fixed, max_rank, valid, empty_ok=False)
+    if ranks.held_out:
+      raise ConfigError("ranks.held_out", ranks.held_out, "() with ranks.kind=fixed",
+                        "with fixed ranks every rank not in ranks.fixed is held out")
+  else:
+    _integer("ranks.min_rank", ranks.min_rank, 1, max_rank)
+    _integer("ranks.num_variants", ranks.num_variants, 1)
+    _one_of("ranks.curriculum", ranks.curriculum, ("linear", "step", "none"))
+    _number("ranks.warmup_fraction", ranks.warmup_fraction, 0.0, 1.0)
+    _integer("ranks.num_stages", ranks.num_stages, 1)
+    _rank_list("ranks.held_out", ranks.held_out, max_rank - 1, f"distinct integers in "
+               f"1..{max_rank - 1} (R={max_rank} is the anchor)", empty_ok=True)
+    if set(range(ranks.min_rank, max_rank)) and set(range(ranks.min_rank, max_rank)) <= set(
+        ranks.held_out):
+      raise ConfigError("ranks.held_out", ranks.held_out, "leaving a rank below R to train")
+  _rank_list("eval.ranks", config.eval.ranks, max_rank, valid, empty_ok=True)
+  _one_of("train.multi_rank", config.train.multi_rank, MULTI_RANK)
+  if config.train.multi_rank == "loop_static" and ranks.kind != "fixed":
+    raise ConfigError("train.multi_rank", "loop_static", "vmap_masked with ranks.kind="
+                      "anchor_variants", "drawn ranks are data, not static slices")
+
+
+def _rank_list(field: str, ranks: Any, max_rank: int, valid: str, empty_ok: bool) -> None:
+  if isinstance(ranks, (int, str)) or (not ranks and not empty_ok):
+    raise ConfigError(field, ranks, f"a tuple of {valid}")
+  bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, int)
+         or not 1 <= r <= max_rank]
+  if bad or len(set(ranks)) != len(ranks):
+    raise ConfigError(field, ranks, valid, f"{bad} out of range" if bad else "repeated ranks")
+
+
+def _check_objective(config) -> None:
+  name, flex = config.objective.name, config.flexrank
+  _one_of("objective.name", name, OBJECTIVES)
+  _number("objective.logits_weight", config.objective.logits_weight, 0.0)
+  _number("objective.ortho_weight", config.objective.ortho_weight, 0.0)
+  _one_of("flexrank.budget_unit", flex.budget_unit, ("flops", "params"))
+  for budget in flex.budgets:
+    _number("flexrank.budgets", budget, 0.0, 1.0, low_open=True)
+  if len(set(flex.budgets)) != len(flex.budgets):
+    raise ConfigError("flexrank.budgets", flex.budgets, "distinct fractions", "repeated budget")
+  nested = config.model.name in PRETRAINED and not config.model.dense
+  if flex.budgets and not nested:
+    raise ConfigError("flexrank.budgets", flex.budgets, "() unless a pretrained model gets "
+                      "surgery (model.name llama_gguf / bert_hf, model.dense=False)")
+  if flex.probabilities and (len(flex.probabilities) != len(flex.budgets)
+                             or min(flex.probabilities) < 0
+                             or not math.isclose(sum(flex.probabilities), 1.0)):
+    raise ConfigError("flexrank.probabilities", flex.probabilities,
+                      f"{len(flex.budgets)} non-negative numbers summing to 1, or () = uniform")
+  if name == DISTILL:
+    if not flex.budgets:
+      raise ConfigError("flexrank.budgets", flex.budgets, "one or more fractions in (0, 1] "
+                        f"for objective.name={DISTILL}, e.g. (0.3, 0.5, 0.7, 0.9)")
+    if config.task == "text_classification" and not config.model.init_from:
+      raise ConfigError("model.init_from", "", "the workdir of the dense twin fine-tuned on "
+                        "this task", "distilling a classifier needs a fine-tuned teacher")
+  elif config.model.dense and name not in ("uncertainty", "uniform", "anchor_only"):
+    raise ConfigError("objective.name", name, "the default (ignored) in dense mode",
+                      "a dense model trains one plain loss")
+
+
+def _check_train(config) -> None:
+  train, opt, ev = config.train, config.optimizer, config.eval
+  _integer("train.steps", train.steps, 1)
+  _integer("train.batch_size", train.batch_size, 1)
+  for field in ("log_every", "checkpoint_every", "max_to_keep"):
+    _integer(f"train.{field}", train[field], 1)
+  if isinstance(train.trainable, str) or not train.trainable:
+    raise ConfigError("train.trainable", train.trainable, 'a tuple of path regexes; ("",) = all')
+  for rule in train.trainable:
+    _regex("train.trainable", rule)
+  _number("optimizer.learning_rate", opt.learning_rate, 0.0, low_open=True)
+  _number("optimizer.weight_decay", opt.weight_decay, 0.0)
+  _integer("optimizer.warmup_steps", opt.warmup_steps, 0, train.steps - 1)
+  _integer("eval.every", ev.every, 1)
+  _integer("eval.batch_size", ev.batch_size, 1)
+
+
+def _check_mesh(config, num_devices: int) -> None:
+  sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
+  for axis, size in sizes.items():
+    if isinstance(size, bool) or not isinstance(size, int) or size == 0 or size < -1:
+      raise ConfigError(f"mesh.{axis}", size, "a positive device count, or -1 for the rest")
+  if list(sizes.values()).count(-1) > 1:
+    raise ConfigError("mesh", str(sizes), "at most one axis of -1")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if num_devices % known:
+    raise ConfigError("mesh", str(sizes), f"axis sizes whose product divides the "
+                      f"{num_devices} devices")
+  split = math.prod(num_devices // known if sizes[a] == -1 else sizes[a]
+                    for a in ("data", "fsdp"))
+  if config.train.batch_size % split:
+    raise ConfigError("train.batch_size", config.train.batch_size,
+                      f"a multiple of the data × fsdp devices ({split})")
+  for rule in config.sharding.rules:
+    if len(rule) != 2:
+      raise ConfigError("sharding.rules", str(rule), "(path regex, (axis | None, ...)) pairs")
+    _regex("sharding.rules", rule[0])

@@ -1,0 +1,100 @@
+"""Restoring a trained model from the one checkpoint that serves every rank.
+
+`restore_model(path)` takes what the CLIs take: a training workdir (its `checkpoints/`), a
+checkpoint directory, or an export (`python -m nsn_jax.export`); local or gs://. It rebuilds the
+model as shapes from the checkpoint's own (validated) config and restores only the parameters.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+from etils import epath
+from flax import nnx
+
+from nsn_jax import config as config_lib, sharding
+from nsn_jax.build import build_model, mismatches
+from nsn_jax.checkpoint import CheckpointError, Checkpoints, abstract_tree
+from nsn_jax.deploy import DeployedLayer, empty_like
+from nsn_jax.metrics import say
+
+
+class Restored(NamedTuple):
+  """A restored model, its checkpoint's metadata and step."""
+  model: nnx.Module
+  metadata: dict[str, Any]
+  step: int
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    """The config the checkpoint was trained with, on top of today's defaults."""
+    return config_lib.from_json(self.metadata["config"])
+
+
+def checkpoint_directory(path: str) -> str:
+  """`path/checkpoints` for a workdir, else `path` itself when it holds checkpoint steps.
+
+  Raises CheckpointError naming the path when neither holds a checkpoint."""
+  root = epath.Path(path)
+  for candidate in (root / "checkpoints", root):
+    if candidate.is_dir() and any(p.name.isdigit() for p in candidate.iterdir()):
+      return str(candidate)
+  raise CheckpointError(f"no checkpoint in {path}: give a train.py --workdir, its checkpoints/ "
+                        "folder or an export's --out (train first: python train.py "
+                        f"--config=... --workdir={path}).")
+
+
+def restore_model(path: str, mesh: jax.sharding.Mesh | None = None,
+                  step: int | None = None) -> Restored:
+  """The model of `path`'s newest readable checkpoint (or of `step`).
+
+  The model is rebuilt as shapes from the metadata's config (and, for an export, the deployed
+  form of each layer, `nsn_jax.deploy`); only its parameters are read. With `mesh` they are
+  restored straight into the layout the config's sharding rules give on it, whatever mesh wrote
+  them; without, onto this process's first device. Raises CheckpointError (no or unreadable
+  checkpoint, another model) or ConfigError (a config that no longer validates).
+  """
+  checkpoints = Checkpoints(checkpoint_directory(path))
+  try:
+    metadata = checkpoints.metadata(step)
+    config = config_lib.from_json(metadata["config"])
+    config_lib.validate(config)
+    deployed = [DeployedLayer(**entry) for entry in metadata.get("deployed", [])]
+    model = nnx.eval_shape(lambda: empty_like(
+        build_model(config, seed=config.seed, pretrained=False), deployed))
+    state = nnx.state(model)
+    shapes = nnx.to_pure_dict(state)
+    if mesh is None:  # not the writer's layout: that mesh may not exist here
+      one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      layout = jax.tree.map(lambda _: one_device, shapes)
+    else:
+      layout = sharding.tree_shardings(shapes, mesh, sharding.rules_from_config(config.sharding))
+    step, params, _, metadata = checkpoints.restore(abstract_tree(shapes, layout), step=step)
+  finally:
+    checkpoints.close()
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+  return Restored(model, metadata, step)
+
+
+def restore_dense_twin(config: ml_collections.ConfigDict) -> nnx.Module | None:
+  """The dense model of the run in `model.init_from` (a twin fine-tuned on the same task with
+  model.dense=True), which surgery then starts from instead of the pretrained file and a new
+  head; None when unset. Raises ConfigError if that run is not such a twin."""
+  workdir = config.model.init_from
+  if not workdir:
+    return None
+  restored = restore_model(workdir)
+  source = restored.config
+  if not source.model.dense:
+    raise config_lib.ConfigError("model.init_from", workdir, "the workdir of a dense twin "
+                                 "(model.dense=True)", "it holds a nested run")
+  differ = mismatches(config, source)
+  if config.model.dtype != source.model.dtype:
+    differ.append("model.dtype")  # the twin's layers compute in its own dtype
+  if differ:
+    raise config_lib.ConfigError("model.init_from", workdir, "a run of the same model on the "
+                                 f"same task", f"it was trained with another {', '.join(differ)}")
+  say(f"starting from the dense run {workdir} at step {restored.step}")
+  return restored.model
