@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ranks.fixed = (384, 192, 96, 64, 32)
     c.eval.ranks = (384, 64)
   if compare:
-    c.surgery.rules = "mlp_and_attention"
+    c.surgery.rules = ("mlp_and_attention",)
     c.surgery.init = "activation_aware"
     c.train.trainable = ("mlp/", "attn/", "head")  # every replaced layer's factors, and the head
     c.train.steps = 300

@@ -77,9 +77,9 @@ def _dtype(config: ml_collections.ConfigDict):
 
 
 def surgery_rules(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """`config.surgery.rules`: a preset name (mlp, attention, mlp_and_attention) or regexes."""
-  rules = config.surgery.rules
-  return RULES[rules] if isinstance(rules, str) else tuple(rules)
+  """`config.surgery.rules` with each preset (mlp, attention, mlp_and_attention) expanded into
+  its path regexes; any other entry is a regex itself."""
+  return tuple(regex for rule in config.surgery.rules for regex in RULES.get(rule, (rule,)))
 
 
 def build_model(config: ml_collections.ConfigDict, *, seed: int, pretrained: bool = True,
@@ -111,8 +111,14 @@ def check_rank_fits(config: ml_collections.ConfigDict) -> None:
   if config.model.name not in PRETRAINED or config.model.dense:
     return
   model = nnx.eval_shape(lambda: _task_model(config, pretrained=False, seed=0))
-  widths = {path: min(layer.in_features, layer.out_features)
-            for path, _, layer in surgery.chosen_linears(model, surgery_rules(config))}
+  try:
+    chosen = surgery.chosen_linears(model, surgery_rules(config))
+  except ValueError:  # no layer matches: name a few that exist
+    linears = [path for path, _, _ in surgery.chosen_linears(model, ("",))]
+    raise ConfigError("surgery.rules", config.surgery.rules, f"presets ({', '.join(RULES)}) "
+                      f"or regexes matching layer paths such as {', '.join(linears[:4])}",
+                      "matches no dense layer") from None
+  widths = {path: min(layer.in_features, layer.out_features) for path, _, layer in chosen}
   narrowest = min(widths, key=widths.get)
   if config.model.max_rank > widths[narrowest]:
     raise ConfigError("model.max_rank", config.model.max_rank,

@@ -18,24 +18,37 @@ from nsn_jax.workdir import WorkdirLockedError
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, show the full traceback too.")
 
 # ValueError covers ConfigError and DatasetNotFoundError: every check of user input raises one.
-USER_ERRORS = (ValueError, CheckpointError, WorkdirLockedError, FileNotFoundError,
-               NotADirectoryError, IsADirectoryError, PermissionError)
+# OSError: a config file that fails to load is reported when the config is first read.
+USER_ERRORS = (ValueError, CheckpointError, WorkdirLockedError, OSError)
 
 
 def _fail(error: BaseException, code: int) -> None:
   if _VERBOSE.value:
     raise error
-  print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+  print(f"{os.path.basename(sys.argv[0])}: error: {_one_line(error)}", file=sys.stderr)
   sys.exit(code)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a bad flag (or config file / override) as one line, exit 2."""
+  """absl's flag parsing, with a bad flag, config file or `--config.a.b=v` override (unknown
+  field, wrong type) as one line and exit code 2."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"{os.path.basename(argv[0])}: error: {e}", file=sys.stderr)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    if _VERBOSE.name in " ".join(argv):
+      raise
+    print(f"{os.path.basename(argv[0])}: error: {_one_line(e)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _one_line(error: BaseException) -> str:
+  """ml_collections' override errors nest quoted reprs ("'\\'x\\'\\nDid you mean...'")."""
+  text = str(error.args[0] if error.args else error)
+  if "Traceback (most recent call last)" in text:  # a config file's own error, with its trace
+    text = text.strip().splitlines()[-1]
+  while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    text = text[1:-1].encode().decode("unicode_escape")
+  return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def run(main: Callable[[], None]) -> None:

@@ -68,7 +68,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.model.init_from = ""             # pretrained: a dense twin's workdir to start surgery from
 
   c.surgery = ml_collections.ConfigDict()  # pretrained models: which layers become NSN layers
-  c.surgery.rules = "mlp"            # mlp | attention | mlp_and_attention | (path regex, ...)
+  c.surgery.rules = ("mlp",)         # presets (mlp, attention, mlp_and_attention) and/or regexes
   c.surgery.init = "svd"             # | activation_aware (FlexRank's whitened SVD)
   c.surgery.calibration_batches = 4  # training batches recorded for activation-aware init
 
@@ -157,6 +157,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   """
   _check_fields(config, defaults(), "")
   _check_top(config)
+  _check_task(config)
   _check_data(config)
   _check_model(config)
   if not config.model.dense:
@@ -202,6 +203,18 @@ def _number(field: str, value: Any, low: float, high: float = math.inf,
 def _check_top(config) -> None:
   _integer("seed", config.seed, 0)
   _one_of("task", config.task, TASKS)
+  _one_of("model.name", config.model.name, MODELS)
+
+
+def _check_task(config) -> None:
+  """The task the model family can do."""
+  name, task = config.model.name, config.task
+  if name == "nsn_mlp" and task != "image_classification":
+    raise ConfigError("task", task, "image_classification for model.name=nsn_mlp")
+  if name == "bert_hf" and task != "text_classification":
+    raise ConfigError("task", task, "text_classification for model.name=bert_hf")
+  if name == "llama_gguf" and task == "image_classification":
+    raise ConfigError("task", task, "text_classification | language_modelling for llama_gguf")
 
 
 def _check_data(config) -> None:
@@ -226,14 +239,11 @@ def _check_data(config) -> None:
 
 def _check_model(config) -> None:
   model = config.model
-  _one_of("model.name", model.name, MODELS)
   _one_of("model.dtype", model.dtype, DTYPES)
   if not isinstance(model.dense, bool):
     raise ConfigError("model.dense", model.dense, "True | False")
   pretrained = model.name in PRETRAINED
   if model.name == "nsn_mlp":
-    if config.task != "image_classification":
-      raise ConfigError("task", config.task, "image_classification for model.name=nsn_mlp")
     if not model.hidden or any(not isinstance(h, int) or h < 1 for h in model.hidden):
       raise ConfigError("model.hidden", model.hidden, "one or more positive widths")
     for field in ("path", "init_from"):
@@ -243,29 +253,20 @@ def _check_model(config) -> None:
     width = min(math.prod(config.data.image_shape), *model.hidden)
     if not model.dense:
       _integer("model.max_rank", model.max_rank, 1, width)
-  else:
-    if model.name == "bert_hf" and config.task == "language_modelling":
-      raise ConfigError("task", config.task, "text_classification for model.name=bert_hf")
-    if config.task == "image_classification":
-      raise ConfigError("task", config.task,
-                        f"text_classification or language_modelling for {model.name}")
-    if not model.dense:
-      _integer("model.max_rank", model.max_rank, 1)
-    _check_surgery(config)
+  elif not model.dense:
+    _integer("model.max_rank", model.max_rank, 1)
+  _check_surgery(config)  # also where no surgery runs: a set field is never silently ignored
   if model.init_from and not pretrained:
     raise ConfigError("model.init_from", model.init_from, '"" for nsn_mlp')
 
 
 def _check_surgery(config) -> None:
   surgery = config.surgery
-  rules = surgery.rules
-  if isinstance(rules, str):
-    _one_of("surgery.rules", rules, SURGERY_PRESETS + ("(path regex, ...)",))
-  elif not rules:
-    raise ConfigError("surgery.rules", rules, "a preset or one or more path regexes")
-  else:
-    for rule in rules:
-      _regex("surgery.rules", rule)
+  if isinstance(surgery.rules, str) or not surgery.rules:
+    raise ConfigError("surgery.rules", surgery.rules, "a tuple of presets "
+                      f"({' | '.join(SURGERY_PRESETS)}) and/or path regexes, e.g. ('mlp',)")
+  for rule in surgery.rules:
+    _regex("surgery.rules", rule)
   _one_of("surgery.init", surgery.init, ("svd", "activation_aware"))
   _integer("surgery.calibration_batches", surgery.calibration_batches, 1)
 

@@ -159,12 +159,6 @@ def max_rank(model: nnx.Module) -> int:
   return min(layer.max_rank for layer in layers.values())
 
 
-def rank_count(model: nnx.Module) -> int:
-  """The ranks a model serves: `max_rank`, or 1 for a model with no NSN layers (a dense
-  baseline, whose one "rank" is the model itself)."""
-  return max_rank(model) if nsn_layers(model) else 1
-
-
 def rank_for_budget(model: nnx.Module, budget: float, relative_to: str = "max_rank",
                     seq_len: int | None = None) -> int:
   """The largest global rank whose model FLOPs are ≤ budget × the reference.

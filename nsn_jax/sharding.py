@@ -44,7 +44,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] | N
   that many devices. Raises ValueError otherwise, before anything is compiled.
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = [int(mesh_config.get(axis, 1)) for axis in AXES]
+  sizes = [int(mesh_config[axis]) for axis in AXES]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f"mesh {dict(zip(AXES, sizes))}: sizes must be positive, with at most "
                      "one -1.")
@@ -93,8 +93,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def rules_from_config(config: ml_collections.ConfigDict | None):
-  """`config.sharding.rules` as ((regex, spec), ...), or the defaults when absent."""
-  if config is None or not config.get("rules"):
+def rules_from_config(config: ml_collections.ConfigDict):
+  """`config.sharding.rules` as ((regex, spec), ...), or the defaults when ()."""
+  if not config.rules:
     return DEFAULT_RULES
   return tuple((pattern, tuple(spec)) for pattern, spec in config.rules)

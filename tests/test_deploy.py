@@ -163,5 +163,6 @@ def test_export_cli(trained, tmp_path):
   proc = subprocess.run([sys.executable, "-m", "nsn_jax.export", f"--workdir={trained}",
                          "--rank=17", f"--out={tmp_path / 'bad'}"], cwd=REPO,
                         capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1 and "export: " in proc.stderr and "rank 17" in proc.stderr
+  # Bad input: one line `tool: error: message` and exit code 2 (`nsn_jax.cli`).
+  assert proc.returncode == 2 and "export.py: error: " in proc.stderr and "rank 17" in proc.stderr
   assert "Traceback" not in proc.stderr and not (tmp_path / "bad").exists()

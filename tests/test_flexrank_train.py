@@ -98,14 +98,14 @@ def test_parameter_budgets_give_nested_profiles_within_the_parameter_count(tiny_
   low, high = flops.active_params(model, 1) / total, flops.active_params(model, None) / total
   budgets = [low + (high - low) * t for t in (0.9, 0.3, 0.6)]  # any order
   found = search_profiles(model, dense, calibration, budgets, config.data.seq_len, "params")
-  by_budget = {p["budget"]: p for p in found}
-  assert [p["budget"] for p in found] == budgets
+  by_budget = {p.budget: p for p in found}
+  assert [p.budget for p in found] == budgets
   for budget, p in by_budget.items():
-    assert p["unit"] == "params"
-    fraction = flops.active_params(model, p["ranks"]) / total
-    assert fraction <= budget and p["params_frac_dense"] == pytest.approx(fraction)
+    assert p.unit == "params"
+    fraction = flops.active_params(model, p.ranks) / total
+    assert fraction <= budget and p.params_frac_dense == pytest.approx(fraction)
     assert fraction > budget - 0.05 * (high - low)  # the DP spends the budget
-  ordered = [by_budget[b]["ranks"] for b in sorted(budgets)]
+  ordered = [by_budget[b].ranks for b in sorted(budgets)]
   for small, large in zip(ordered, ordered[1:]):
     assert all(small[path] <= large[path] for path in small)
   with pytest.raises(ValueError, match="below .* the fraction of the dense model's params"):

@@ -307,5 +307,5 @@ def test_generate_cli_on_a_gguf_file(tmp_path):
   nsn = cli("--nsn_max_rank=8", "--rank=4")
   assert nsn.returncode == 0 and "rank 4:" in nsn.stderr and "layers/0/mlp/gate" in nsn.stderr
   bad = cli("--nsn_max_rank=8", "--rank=99")
-  assert bad.returncode == 1 and "valid ranks are 1..8" in bad.stderr
+  assert bad.returncode == 2 and "valid ranks are 1..8" in bad.stderr
   assert "Traceback" not in bad.stderr

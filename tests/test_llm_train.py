@@ -104,7 +104,7 @@ def test_language_modelling_reports_perplexity_and_generates(tiny_gguf, data_dir
   assert done.returncode == 0 and done.stdout.startswith("ab"), done.stderr[-2000:]
   assert "rank 2:" in done.stderr
   bad = cli("--rank=9")
-  assert bad.returncode == 1 and "valid ranks are 1..8" in bad.stderr
+  assert bad.returncode == 2 and "valid ranks are 1..8" in bad.stderr
 
 
 def test_activation_aware_surgery_from_training_batches(tiny_gguf, data_dir, tmp_path):
@@ -159,9 +159,9 @@ def test_bad_llm_configs_are_refused(tiny_gguf, data_dir, tmp_path):
   with pytest.raises(ValueError, match="loop_static.*ranks.kind=fixed"):
     train_and_evaluate(_config(smollm2_genre, "smoke", tiny_gguf, data_dir,
                                ranks__kind="anchor_variants"), str(tmp_path / "a"))
-  with pytest.raises(ValueError, match="surgery.rules 'ffn'"):
+  with pytest.raises(ValueError, match=r"surgery.rules=\('ffn',\): matches no dense layer"):
     train_and_evaluate(_config(smollm2_genre, "smoke", tiny_gguf, data_dir,
-                               surgery__rules="ffn"), str(tmp_path / "b"))
+                               surgery__rules=("ffn",)), str(tmp_path / "b"))
 
 
 def test_a_prepared_tfds_text_pair_dataset_runs_by_config(tiny_gguf, tmp_path):

@@ -60,9 +60,9 @@ def test_sweep_rows_and_budgets(trained):
   rows = run_sweep(workdir, "8", budgets=[0.5], verbose=False)
   by_rank = {r.rank: r for r in rows}
   half = [r for r in rows if r.budget == 0.5]
-  assert len(half) == 1 and half[0]["flops_frac_max_rank"] <= 0.5
-  assert by_rank[8]["flops_frac_max_rank"] == 1.0
-  assert by_rank[8]["flops_frac_dense"] < 1.0  # R=8 is below break-even
+  assert len(half) == 1 and half[0].flops_frac_max_rank <= 0.5
+  assert by_rank[8].flops_frac_max_rank == 1.0
+  assert by_rank[8].flops_frac_dense < 1.0  # R=8 is below break-even
   # XLA counts one extra FLOP per hidden ReLU (32 per example) on top of the analytic count.
   for r in rows:
     assert r.xla_flops == pytest.approx(r.flops + 32, rel=1e-3)
@@ -74,7 +74,7 @@ def test_bad_ranks_and_budgets_are_clear_cli_errors(trained):
                         (["--budgets=0.01"], "below the cost of rank 1")):
     proc = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-1000:]
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1000:]
     assert "Traceback" not in proc.stderr
 
 

@@ -123,5 +123,5 @@ def test_cifar10_config_trains_on_a_prepared_dataset(tmp_path):
 
 
 def test_remote_workdir_needs_a_local_metrics_dir(smoke_config):
-  with pytest.raises(ValueError, match="local --metrics_dir"):
+  with pytest.raises(ValueError, match="--metrics_dir=.*valid: a local directory"):
     train_and_evaluate(smoke_config, "gs://bucket/run")

@@ -88,9 +88,9 @@ def data_source(data_config: ml_collections.ConfigDict, split: str) -> Any:
 def _check_features(data_config: ml_collections.ConfigDict, features: Any) -> None:
   """Fails early when the config's image shape, text feature or class count disagrees with the
   dataset's."""
-  text = data_config.get("text_feature")
+  text = data_config.text_feature
   wanted, found = {}, {}
-  if data_config.get("num_classes") is not None:  # None: language modelling, no labels read
+  if data_config.num_classes is not None:  # None: language modelling, no labels read
     wanted["num_classes"] = data_config.num_classes
     found["num_classes"] = features["label"].num_classes if "label" in features else None
   if text:
@@ -121,7 +121,7 @@ def record_reader(data_config: ml_collections.ConfigDict,
   """records → host arrays: {"image": uint8 (n, H, W, C), "label": int32 (n,)} for images, or
   {"tokens": int32 (n, T), "mask": bool (n, T)} (+ "label") for text, T = data.seq_len; several
   text features are joined, one line each."""
-  text, labelled = data_config.get("text_feature"), data_config.get("num_classes") is not None
+  text, labelled = data_config.text_feature, data_config.num_classes is not None
   if text and encoder is None:
     raise ValueError(f"{data_config.name!r} is a text dataset: it needs the model's tokenizer.")
   keys = _text_features(data_config) if text else ()
@@ -164,11 +164,11 @@ def train_batches(data_config: ml_collections.ConfigDict, batch_size: int, seed:
   """
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}.")
-  source = data_source(data_config, data_config.get("train_split", "train"))
+  source = data_source(data_config, data_config.train_split)
   read = record_reader(data_config, encoder)
   local = batch_size // process_count
   mine = slice(process_index * local, (process_index + 1) * local)
-  if data_config.get("cache", True):
+  if data_config.cache:
     arrays = read(source.__getitems__(list(range(len(source)))))
     gather = lambda indices: preprocess({k: v[indices[mine]] for k, v in arrays.items()})
   else:
@@ -193,7 +193,7 @@ def load_split(data_config: ml_collections.ConfigDict, split: str,
   without replacement by a fixed seed, so a capped split still mixes its classes and plays.
   """
   source = data_source(data_config, split)
-  limit = limit or data_config.get("eval_examples") or len(source)
+  limit = limit or data_config.eval_examples or len(source)
   indices = list(range(len(source)))
   if limit < len(source):
     indices = sorted(np.random.default_rng(0).choice(len(source), limit, replace=False).tolist())

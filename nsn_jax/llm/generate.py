@@ -15,11 +15,9 @@ import sys
 import time
 
 import gguf
-import ml_collections
-from absl import app, flags, logging
+from absl import flags
 
-from nsn_jax import flops
-from nsn_jax.checkpoint import CheckpointError
+from nsn_jax import cli, flops
 from nsn_jax.layers import nsn_layers
 from nsn_jax.llm.gguf import GGUFTokenizer, load_gguf, smollm2_path
 from nsn_jax.build import model_path
@@ -54,27 +52,20 @@ def _load():
   return model, tokenizer
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+def main():
   if _RANK.value is not None and _NSN_MAX_RANK.value is None and _WORKDIR.value is None:
-    sys.exit("generate: --rank needs --nsn_max_rank or --workdir (a dense model has no ranks).")
+    raise ValueError(f"--rank={_RANK.value}: needs --nsn_max_rank or --workdir (a dense model "
+                     "has no ranks)")
   start = time.perf_counter()
-  try:
-    model, tokenizer = _load()
-  except (ValueError, CheckpointError) as e:
-    sys.exit(f"generate: {e}")
+  model, tokenizer = _load()
   print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
   rank = None
   if nsn_layers(model):
     rank = _RANK.value or flops.max_rank(model)
     context = len(tokenizer.encode(_PROMPT.value)) + _MAX_NEW.value
-    try:  # checks the rank against every NSN layer before anything compiles
-      fraction = (flops.model_flops(model, rank, seq_len=context) /
-                  flops.dense_model_flops(model, seq_len=context))
-    except ValueError as e:
-      sys.exit(f"generate: {e}")
+    # model_flops checks the rank against every NSN layer before anything compiles.
+    fraction = (flops.model_flops(model, rank, seq_len=context) /
+                flops.dense_model_flops(model, seq_len=context))
     print(f"rank {rank}: {100 * fraction:.1f}% of the dense model's FLOPs per token (whole "
           f"forward pass at a {context}-token context)", file=sys.stderr)
   start = time.perf_counter()
@@ -86,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

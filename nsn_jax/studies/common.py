@@ -6,9 +6,10 @@ import os
 
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
+from nsn_jax import cli
 from nsn_jax.metrics import say
 from nsn_jax.sweep import SweepRow, read_rows, run_sweep
 from nsn_jax.train_lib import train_and_evaluate
@@ -27,13 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def main(run) -> None:
-  """Runs a study's `run()` under absl with orbax's per-file INFO logs silenced."""
-  def _main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
-    run()
-  app.run(_main)
+  """Runs a study's `run()` as a CLI: bad input is one line (`nsn_jax.cli`)."""
+  cli.run(run)
 
 
 def train_and_sweep(config: ml_collections.ConfigDict, name: str) -> list[SweepRow]:
