@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-slow bench torch-venv clean
+.PHONY: setup demo lint format test test-slow bench torch-venv clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,15 @@ demo: setup
 	$(PY) train.py --config=configs/default.py --workdir=$(DEMO_DIR) --config.data.data_dir=runs/tfds
 	$(PY) eval.py --workdir=$(DEMO_DIR) --ranks=all --budgets=0.25,0.5,0.75
 
-test: setup
+lint: setup  # formatting and lint rules: pyproject.toml [tool.ruff]
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+format: setup  # rewrites the code into the checked layout and applies safe lint fixes
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: lint
 	$(PY) -m pytest -q
 
 test-slow: setup

@@ -24,6 +24,7 @@ from flax import nnx
 
 from nsn_jax import profiles, sharding
 from nsn_jax.checkpoint import CheckpointError
+from nsn_jax import config as config_lib
 from nsn_jax.config import DISTILL
 from nsn_jax.layers import Rank
 from nsn_jax.objective import Objective, distillation_loss, multi_rank_loss
@@ -182,4 +183,4 @@ def build_method(config: ml_collections.ConfigDict, task: Task, max_rank: int | 
             else None)
   objective = Objective.named(config.objective.name, config.objective.logits_weight,
                               config.objective.ortho_weight)
-  return MultiRank(task, found, objective, source, static, tuple(config.eval.ranks))
+  return MultiRank(task, found, objective, source, static, config_lib.eval_ranks(config))

@@ -106,26 +106,27 @@ class _Rows:
     self.dense = per_example * flops.dense_model_flops(reference_model, self.seq_len)
     self.full = per_example * flops.model_flops(reference_model, None, self.seq_len)
 
-  def row(self, name: str, rank, verbose: bool, **fields) -> SweepRow:
-    """The row of `rank` (an int, a profile, or None for the model as it is)."""
+  def row(self, name: str, point, verbose: bool, **fields) -> SweepRow:
+    """The row of `point`: a rank, a profile, or None for the model as it is; `fields`
+    override columns (a profile's row has rank None and its budget)."""
     params = nnx.state(self.model)
-    metrics = self.evaluator(params, self.arrays, rank)
-    cost = self.per_example * flops.model_flops(self.model, rank, self.seq_len)
+    metrics = self.evaluator(params, self.arrays, point)
+    cost = self.per_example * flops.model_flops(self.model, point, self.seq_len)
     if verbose:
-      label = (f"profile {flexrank_profiles.summarise(rank)}" if isinstance(rank, Mapping)
-               else f"rank {rank}" if rank is not None else "")
+      label = (f"profile {flexrank_profiles.summarise(point)}" if isinstance(point, Mapping)
+               else f"rank {point}" if point is not None else "")
       print(f"  {name} {label}: accuracy {metrics['accuracy']:.4f}", flush=True)
     values = dict(
-        model=name, rank=rank, profile_ranks=None, trained=rank in self.trained,
-        budget=self.budgets.get(rank) if isinstance(rank, int) else None,
+        model=name, rank=point, profile_ranks=None, trained=point in self.trained,
+        budget=self.budgets.get(point) if isinstance(point, int) else None,
         accuracy=metrics["accuracy"], loss=metrics["loss"],
         perplexity=(math.exp(metrics["loss"]) if self.task.name == "language_modelling"
                     else None),
         flops=cost, flops_frac_dense=cost / self.dense, flops_frac_max_rank=cost / self.full,
-        nsn_frac_dense=_nsn_fraction(self.model, rank),
-        active_params=flops.active_params(self.model, rank),
+        nsn_frac_dense=_nsn_fraction(self.model, point),
+        active_params=flops.active_params(self.model, point),
         latency_ms=1e3 * metrics["latency_s"],
-        xla_flops=self.evaluator.forward_flops(params, self.arrays, rank)
+        xla_flops=self.evaluator.forward_flops(params, self.arrays, point)
         / self.evaluator.batch_size)
     return SweepRow(**(values | fields))
 

@@ -18,6 +18,7 @@ MLP_CASES = [
     ({"model.max_rank": 64}, r"model.max_rank=64: valid: 1..32"),   # above the 32-wide layer
     ({"model.max_rank": 0}, r"model.max_rank=0: valid: 1..32"),
     ({"model.max_rank": 4}, r"ranks.fixed=\(8, 4, 2\): \[8\] out of range; valid: .*1..4"),
+    ({"model.max_rank": 4, "ranks.fixed": (4, 2)}, r"eval.ranks=\(8, 2\): \[8\] out of range"),
     ({"ranks.fixed": ()}, r"ranks.fixed=\(\): valid: a tuple of distinct integers in 1..8"),
     ({"ranks.fixed": (8, 8)}, r"ranks.fixed=\(8, 8\): repeated ranks"),
     ({"ranks.fixed": (8, 2.5)}, r"ranks.fixed=\(8, 2.5\): \[2.5\] out of range"),
@@ -110,6 +111,8 @@ PRETRAINED_CASES = [
      r"presets \(mlp, attention, mlp_and_attention\) or regexes matching layer paths such as "),
     ({"surgery.rules": ()}, r"surgery.rules=\(\): valid: a tuple of presets \(mlp \| attention"),
     ({"data.text_feature": ()}, r"data.text_feature=\(\): valid: one or more feature names"),
+    ({"model.path": "/nowhere/model.gguf"}, r"model.path='/nowhere/model.gguf': not found"),
+    ({"model.init_from": "/nowhere/run"}, r"model.init_from='/nowhere/run': not found"),
     ({"surgery.init": "qr"}, r"surgery.init='qr': valid: svd \| activation_aware"),
     ({"surgery.calibration_batches": 0}, r"surgery.calibration_batches=0"),
     ({"data.seq_len": 1}, r"data.seq_len=1: valid: an integer ≥ 2"),
@@ -120,11 +123,13 @@ PRETRAINED_CASES = [
      r"flexrank.budgets=1.5: valid: a number in \(0, 1\]"),
     ({"objective.name": "flexrank_distill", "flexrank.budgets": (0.5, 0.5)},
      r"flexrank.budgets=\(0.5, 0.5\): repeated budget"),
-    ({"objective.name": "flexrank_distill", "flexrank.budgets": (0.5,)},
+    ({"objective.name": "flexrank_distill", "flexrank.budgets": (0.5,), "eval.ranks": ()},
      r"model.init_from='': distilling a classifier needs a fine-tuned teacher"),
     ({"flexrank.budgets": (0.5, 0.6), "flexrank.probabilities": (1.0,)},
      r"flexrank.probabilities=\(1.0,\): valid: 2 non-negative numbers summing to 1"),
     ({"model.dense": True, "flexrank.budgets": (0.5,)}, r"flexrank.budgets=\(0.5,\)"),
+    ({"objective.name": "flexrank_distill", "flexrank.budgets": (0.5,), "model.init_from": REPO},
+     r"eval.ranks=\(8, 2\): distillation evaluates its profiles"),
     ({"model.dense": True, "objective.name": "uncertainty_ortho"},
      r"objective.name='uncertainty_ortho': a dense model trains one plain loss"),
 ]
@@ -192,3 +197,12 @@ def test_clis_print_one_line_and_exit_2_before_any_work(tmp_path):
     assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
     assert len(proc.stderr.strip().splitlines()) <= 2, (args, proc.stderr)
   assert not any(p.name in "abcd" for p in tmp_path.iterdir())
+
+
+def test_the_readme_example_changing_r_validates():
+  """`--config.model.max_rank=32 --config.ranks.fixed="(32,16,8,4)"` on the demo config: its
+  default eval ranks follow R (R, R/4, R/16) instead of naming ranks above it."""
+  config = _set(default.get_config(), {"model.max_rank": 32, "ranks.fixed": (32, 16, 8, 4)})
+  validate(config, num_devices=8)
+  assert config_lib.eval_ranks(config) == (32, 8, 2)
+  assert config_lib.eval_ranks(default.get_config()) == (64, 16, 4)

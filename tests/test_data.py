@@ -1,9 +1,9 @@
 """Data layer: the offline mnist5k builder, the grain pipeline, and a prepared online dataset."""
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from nsn_jax import config as config_lib
 from nsn_jax.data import pipeline
 from nsn_jax.data.mnist5k import Mnist5k, mnist5k
 
@@ -11,8 +11,10 @@ from fakes import FakeCifar10, fake_cifar
 
 
 def _config(data_dir, name="mnist5k", image_shape=(28, 28, 1), num_classes=10):
-  return ml_collections.ConfigDict(dict(name=name, data_dir=str(data_dir),
-                                        image_shape=image_shape, num_classes=num_classes))
+  config = config_lib.defaults().data
+  config.update(dict(name=name, data_dir=str(data_dir), image_shape=image_shape,
+                     num_classes=num_classes))
+  return config
 
 
 def _keys(images):

@@ -11,14 +11,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
 from configs import smollm2_genre, smollm2_lm
-from nsn_jax import flops
+from nsn_jax import config as config_lib, flops
 from nsn_jax.checkpoint import CheckpointError
 from nsn_jax.data import pipeline
 from nsn_jax.export import export
@@ -188,7 +187,7 @@ def test_eval_profiles_rows(flex_run, dense_twin):
     assert r.flops <= r.xla_flops <= 1.2 * r.flops  # as test_llm_train's ranks
   both = run_sweep(workdir, "8", profiles=True, verbose=False)
   assert [r.model for r in both] == ["nsn", "flexrank", "flexrank", "flexrank"]
-  assert not both[0]["trained"]
+  assert not both[0].trained
   # A FlexRank run as a reference of another run: its distilled profiles, evaluated the same.
   beside = run_sweep(dense_twin, "none", references=[workdir], verbose=False)
   assert [r.model for r in beside] == [f"flexrank: {workdir}"] * 3
@@ -208,7 +207,7 @@ def test_export_at_a_profile_reloads_smaller_and_reproduces_it(flex_run, tmp_pat
   out = str(tmp_path / "p60")
   info = export(workdir, out, profile_budget=0.6)["export"]
   reloaded = restore_model(out)[0]
-  batch = _batch(ml_collections.ConfigDict(metadata["config"]))
+  batch = _batch(config_lib.from_json(metadata["config"]))
   # Compare the backbone's hidden states, which the profile changes: under pure distillation
   # the classifier's fresh (zero) head never trains, so its logits are identically 0.
   hidden = lambda m, rank: m.backbone.encode(batch["tokens"], batch["mask"], rank)
@@ -273,8 +272,10 @@ def test_bad_flexrank_configs_are_refused(tiny_gguf, data_dir, smoke_config, den
   with pytest.raises(ValueError, match="another task, data.name, data.num_classes"):
     train_and_evaluate(_config(smollm2_lm, "smoke", tiny_gguf, data_dir,
                                model__init_from=dense_twin), str(tmp_path / "h"))
-  with pytest.raises(CheckpointError, match="no checkpoint in"):
+  with pytest.raises(ValueError, match="model.init_from=.*nowhere': not found"):
     run("smoke", "i", model__init_from=str(tmp_path / "nowhere"))
+  with pytest.raises(CheckpointError, match="no checkpoint in"):
+    run("smoke", "k", model__init_from=str(tmp_path))  # exists, holds no checkpoint
   smoke_config.flexrank.budgets = (0.5,)
   with pytest.raises(ValueError, match="pretrained model gets surgery"):
     train_and_evaluate(smoke_config, str(tmp_path / "e"))

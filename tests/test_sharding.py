@@ -75,15 +75,15 @@ def test_parameters_are_sharded_as_the_rules_say(smoke_config):
   specs = {sharding.path_string(path): leaf.sharding.spec
            for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
   golden = {
-      "0/model/hidden/0/a": P("fsdp", None),      # (784, 8): feature axis split, rank axis not
-      "0/model/hidden/0/b": P(None, "tensor"),    # (8, 32)
-      "0/model/hidden/0/bias": P("tensor"),       # (32,)
-      "0/model/head/kernel": P("fsdp", "tensor"),  # (32, 10)
-      "0/model/head/bias": P("tensor"),           # (10,)
-      "0/rank_weights/log_var": P(),
-      "1/opt_state/0/mu/model/hidden/0/a": P("fsdp", None),  # optimizer state follows params
-      "1/opt_state/0/nu/model/head/kernel": P("fsdp", "tensor"),
-      "1/step": P(),
+      "model/hidden/0/a": P("fsdp", None),      # (784, 8): feature axis split, rank axis not
+      "model/hidden/0/b": P(None, "tensor"),    # (8, 32)
+      "model/hidden/0/bias": P("tensor"),       # (32,)
+      "model/head/kernel": P("fsdp", "tensor"),  # (32, 10)
+      "model/head/bias": P("tensor"),           # (10,)
+      "rank_weights/log_var": P(),
+      "optimizer/opt_state/0/mu/model/hidden/0/a": P("fsdp", None),  # optimizer state follows params
+      "optimizer/opt_state/0/nu/model/head/kernel": P("fsdp", "tensor"),
+      "optimizer/step": P(),
   }
   for path, spec in golden.items():
     assert specs[path] == spec, path
@@ -106,7 +106,7 @@ def test_bad_meshes_are_clear_errors(axes, match):
 
 
 def test_bad_mesh_fails_before_compiling(smoke_config, tmp_path):
-  with pytest.raises(ValueError, match="does not divide"):
+  with pytest.raises(ValueError, match="product divides the 8 devices"):
     train_and_evaluate(_config(smoke_config, data=3), str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints")
 
