@@ -1,25 +1,32 @@
 """Train a nested model from a config file.
 
-  .venv/bin/python train.py --config=configs/default.py --workdir=runs/demo [--config.train.steps=500]
+  .venv/bin/python train.py --config=configs/default.py --workdir=runs/demo \\
+      [--config.train.steps=500]
 
 Re-running with the same --workdir resumes from its newest good checkpoint. Bad input (a config
 field, a path) is one line and exit code 2 (--verbose for the traceback). On several hosts, run
 the same command on every host with --multihost (Cloud TPU VMs discover each other) or with
 --coordinator_address/--num_processes/--process_id; see docs/tpu.md.
 """
+
 from absl import flags
 from ml_collections import config_flags
 
 from nsn_jax import cli, distributed
 from nsn_jax.train_lib import train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path to a configs/*.py file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-_METRICS_DIR = flags.DEFINE_string("metrics_dir", None, "Local directory for metrics.jsonl and "
-                                   "TensorBoard events (default: the workdir).")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Join a cluster that JAX discovers itself "
-                               "(Cloud TPU VM pod slices, SLURM).")
+_METRICS_DIR = flags.DEFINE_string(
+  "metrics_dir",
+  None,
+  "Local directory for metrics.jsonl and TensorBoard events (default: the workdir).",
+)
+_MULTIHOST = flags.DEFINE_bool(
+  "multihost", False, "Join a cluster that JAX discovers itself (Cloud TPU VM pod slices, SLURM)."
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the cluster.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -27,8 +34,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main():
-  distributed.initialize(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                         _PROCESS_ID.value)
+  distributed.initialize(
+    _MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+  )
   train_and_evaluate(_CONFIG.value, _WORKDIR.value, _METRICS_DIR.value)
 
 

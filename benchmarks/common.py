@@ -1,13 +1,14 @@
 """What the suites share: the result record and summary lines, the MLP config, the static-rank
 eval program, XLA's FLOP count, JAX latency."""
+
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, NamedTuple
 
+from flax import nnx
 import jax
 import ml_collections
-from flax import nnx
 
 from benchmarks.timing import Policy, Timing, time_fn
 from configs import default
@@ -15,6 +16,7 @@ from configs import default
 
 class Column(NamedTuple):
   """A table column: row[key] × scale, formatted with `fmt` under `header`."""
+
   key: str
   header: str
   fmt: str = ""
@@ -25,6 +27,7 @@ class Column(NamedTuple):
 class SuiteResult:
   """One suite's measurements: `rows` (one dict per measurement), `summary` (ratios and the
   issue's targets), `notes` (what was not measured and why), `columns` (for the table)."""
+
   rows: list[dict[str, Any]]
   summary: list[dict[str, Any]]
   notes: list[str]
@@ -32,12 +35,22 @@ class SuiteResult:
   skipped: bool = False
 
   def to_json(self) -> dict[str, Any]:
-    return {"skipped": self.skipped, "notes": self.notes, "summary": self.summary,
-            "rows": self.rows}
+    return {
+      "skipped": self.skipped,
+      "notes": self.notes,
+      "summary": self.summary,
+      "rows": self.rows,
+    }
 
 
-def summary_line(metric: str, value: float, *, at_most: float | None = None,
-                 at_least: float | None = None, judged: bool = False) -> dict[str, Any]:
+def summary_line(
+  metric: str,
+  value: float,
+  *,
+  at_most: float | None = None,
+  at_least: float | None = None,
+  judged: bool = False,
+) -> dict[str, Any]:
   """A ratio or total, with its target if it has one. `met` is None unless `judged`: the issue
   states its targets for the full shapes, so a tiny run (or another batch size) records the
   value and the target without a verdict."""
@@ -47,8 +60,12 @@ def summary_line(metric: str, value: float, *, at_most: float | None = None,
     goal, met = f">= {at_least:g}", value >= at_least
   else:
     goal, met = None, None
-  return {"metric": metric, "value": value, "target": goal,
-          "met": bool(met) if goal and judged else None}
+  return {
+    "metric": metric,
+    "value": value,
+    "target": goal,
+    "met": bool(met) if goal and judged else None,
+  }
 
 
 def mlp_config(size: str) -> ml_collections.ConfigDict:

@@ -6,6 +6,7 @@ in-memory cache carries over: once with the cache off, then twice on one empty c
 `cold` (compiles and writes) and `warm` (must read every rank's program back from disk; the
 worker counts JAX's `/jax/compilation_cache/cache_hits` events to prove it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,9 @@ import sys
 import tempfile
 import time
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from benchmarks.common import Column, SuiteResult, eval_program, mlp_config, summary_line
 from benchmarks.timing import Policy
@@ -31,10 +32,12 @@ MODES = ("off", "cold", "warm")
 CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
 COLUMNS = (
-    Column("rank", "rank"), Column("lower_s", "lower ms", ".1f", 1e3),
-    Column("compile_off_s", "no cache ms", ".1f", 1e3),
-    Column("compile_cold_s", "cold ms", ".1f", 1e3),
-    Column("compile_warm_s", "warm ms", ".1f", 1e3), Column("warm_hit", "disk hit"),
+  Column("rank", "rank"),
+  Column("lower_s", "lower ms", ".1f", 1e3),
+  Column("compile_off_s", "no cache ms", ".1f", 1e3),
+  Column("compile_cold_s", "cold ms", ".1f", 1e3),
+  Column("compile_warm_s", "warm ms", ".1f", 1e3),
+  Column("warm_hit", "disk hit"),
 )
 
 
@@ -45,23 +48,33 @@ def run(size: str, policy: Policy) -> SuiteResult:
     cache_files = sum(len(files) for _, _, files in os.walk(cache_dir))
   rows = []
   for i, rank in enumerate(runs["off"]["ranks"]):
-    rows.append({"rank": rank, "lower_s": runs["off"]["lower_s"][i],
-                 **{f"compile_{mode}_s": runs[mode]["compile_s"][i] for mode in MODES},
-                 "warm_hit": runs["warm"]["hits"][i]})
+    rows.append(
+      {
+        "rank": rank,
+        "lower_s": runs["off"]["lower_s"][i],
+        **{f"compile_{mode}_s": runs[mode]["compile_s"][i] for mode in MODES},
+        "warm_hit": runs["warm"]["hits"][i],
+      }
+    )
   totals = {mode: sum(runs[mode]["compile_s"]) for mode in MODES}
   summary = [
-      summary_line(f"sweep over {len(rows)} ranks: total compile s, no cache", totals["off"]),
-      summary_line("total compile s, cache cold (compile + write)", totals["cold"]),
-      summary_line("total compile s, cache warm (read from disk)", totals["warm"]),
-      summary_line("no-cache / warm-cache compile time", totals["off"] / totals["warm"]),
-      summary_line("fraction of rank programs read from disk in the warm run",
-                   sum(row["warm_hit"] for row in rows) / len(rows), judged=True,
-                   at_least=1.0),
+    summary_line(f"sweep over {len(rows)} ranks: total compile s, no cache", totals["off"]),
+    summary_line("total compile s, cache cold (compile + write)", totals["cold"]),
+    summary_line("total compile s, cache warm (read from disk)", totals["warm"]),
+    summary_line("no-cache / warm-cache compile time", totals["off"] / totals["warm"]),
+    summary_line(
+      "fraction of rank programs read from disk in the warm run",
+      sum(row["warm_hit"] for row in rows) / len(rows),
+      judged=True,
+      at_least=1.0,
+    ),
   ]
-  notes = [f"eval program: the MLP's static-rank forward at batch {runs['off']['batch']}; "
-           f"{cache_files} files in the cache directory after the cold run; process start-up "
-           "(jax import, backend) is excluded; lower_s is tracing + lowering, which the "
-           "persistent cache does not skip"]
+  notes = [
+    f"eval program: the MLP's static-rank forward at batch {runs['off']['batch']}; "
+    f"{cache_files} files in the cache directory after the cold run; process start-up "
+    "(jax import, backend) is excluded; lower_s is tracing + lowering, which the "
+    "persistent cache does not skip"
+  ]
   return SuiteResult(rows, summary, notes, COLUMNS)
 
 
@@ -89,7 +102,8 @@ def _measure(size: str, cache_dir: str | None) -> dict:
     jax.config.update("jax_enable_compilation_cache", False)
   hits = []
   jax.monitoring.register_event_listener(
-      lambda event, **kwargs: hits.append(1) if event == CACHE_HIT else None)
+    lambda event, **kwargs: hits.append(1) if event == CACHE_HIT else None
+  )
 
   config = mlp_config(size)
   # Lowering needs shapes only; an abstract model also keeps init's many small eager programs

@@ -6,14 +6,15 @@ policy (`policy` column): "cheapest" (fewest FLOPs: folded dense, factorised or 
 (folded dense or factorised, no gather). The bare `x @ w` of the same shape is the machine's
 practical roofline: what one matmul of this size achieves here and now.
 """
+
 from __future__ import annotations
 
 import dataclasses
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from benchmarks.common import Column, SuiteResult, eval_program, summary_line, time_jax, xla_flops
 from benchmarks.timing import Policy
@@ -25,6 +26,7 @@ from nsn_jax.layers import NSNDense
 @dataclasses.dataclass(frozen=True)
 class LayerGrid:
   """A d × d layer with max rank R, measured at each batch size."""
+
   d: int
   max_rank: int
   batches: tuple[int, ...]
@@ -38,12 +40,18 @@ class LayerGrid:
 GRIDS = {"tiny": LayerGrid(64, 32, (8,)), "full": LayerGrid(4096, 2048, (64, 1024))}
 
 COLUMNS = (
-    Column("kind", "kind"), Column("batch", "batch"), Column("rank", "rank"),
-    Column("policy", "policy"), Column("form", "form"), Column("latency_s", "ms", ".3f", 1e3),
-    Column("latency_min_s", "min ms", ".3f", 1e3),
-    Column("flops_per_s", "GFLOP/s", ".1f", 1e-9), Column("analytic_flops", "FLOPs", ".3e"),
-    Column("xla_flops", "XLA FLOPs", ".3e"), Column("vs_dense", "lat/dense", ".3f"),
-    Column("vs_matmul", "FLOP/s/matmul", ".3f"),
+  Column("kind", "kind"),
+  Column("batch", "batch"),
+  Column("rank", "rank"),
+  Column("policy", "policy"),
+  Column("form", "form"),
+  Column("latency_s", "ms", ".3f", 1e3),
+  Column("latency_min_s", "min ms", ".3f", 1e3),
+  Column("flops_per_s", "GFLOP/s", ".1f", 1e-9),
+  Column("analytic_flops", "FLOPs", ".3e"),
+  Column("xla_flops", "XLA FLOPs", ".3e"),
+  Column("vs_dense", "lat/dense", ".3f"),
+  Column("vs_matmul", "FLOP/s/matmul", ".3f"),
 )
 
 
@@ -56,9 +64,12 @@ def run(size: str, policy: Policy) -> SuiteResult:
   kernel = dense.kernel[...]
   matmul = jax.jit(jnp.matmul)
   # The deployed layer at each rank and policy (deploy works on models; this one is the layer).
-  deployed = {(form_policy, r): eval_program(module) + (module,)
-              for form_policy in POLICIES for r in grid.ranks
-              for module in [_deployed_layer(nsn, r, form_policy)]}
+  deployed = {
+    (form_policy, r): eval_program(module) + (module,)
+    for form_policy in POLICIES
+    for r in grid.ranks
+    for module in [_deployed_layer(nsn, r, form_policy)]
+  }
 
   rng = np.random.default_rng(1)  # host-side inputs: no random-number programs to compile
   rows = []
@@ -66,24 +77,61 @@ def run(size: str, policy: Policy) -> SuiteResult:
     x = jax.device_put(rng.standard_normal((batch, grid.d), np.float32))
     # (kind, rank, form policy, form, program, its arguments, analytic FLOPs)
     measured = [
-        ("matmul", None, None, None, matmul, (x, kernel), 2 * batch * grid.d * grid.d),
-        ("dense", None, None, None, dense_forward, (dense_state, x, None),
-         batch * flops.dense_flops(grid.d, grid.d)),
-        *[("nsn", r, None, None, nsn_forward, (nsn_state, x, r),
-           batch * flops.nsn_layer_flops(nsn, r)) for r in grid.ranks],
-        *[("deployed", r, form_policy, module.form, fn, (state, x, None),
-           batch * module.flops_per_row())
-          for (form_policy, r), (fn, state, module) in deployed.items()],
+      ("matmul", None, None, None, matmul, (x, kernel), 2 * batch * grid.d * grid.d),
+      (
+        "dense",
+        None,
+        None,
+        None,
+        dense_forward,
+        (dense_state, x, None),
+        batch * flops.dense_flops(grid.d, grid.d),
+      ),
+      *[
+        (
+          "nsn",
+          r,
+          None,
+          None,
+          nsn_forward,
+          (nsn_state, x, r),
+          batch * flops.nsn_layer_flops(nsn, r),
+        )
+        for r in grid.ranks
+      ],
+      *[
+        (
+          "deployed",
+          r,
+          form_policy,
+          module.form,
+          fn,
+          (state, x, None),
+          batch * module.flops_per_row(),
+        )
+        for (form_policy, r), (fn, state, module) in deployed.items()
+      ],
     ]
     for kind, rank, form_policy, form, fn, args, analytic in measured:
       counted = xla_flops(fn, *args)  # compiles the program the timed calls then reuse
       timing = time_jax(fn, *args, policy=policy)
-      rows.append({"kind": kind, "batch": batch, "rank": rank, "d": grid.d,
-                   "policy": form_policy, "form": form,
-                   "max_rank": grid.max_rank, "latency_s": timing.median_s,
-                   "latency_min_s": timing.min_s, "calls_per_sample": timing.number,
-                   "analytic_flops": analytic, "xla_flops": counted,
-                   "flops_per_s": analytic / timing.median_s})
+      rows.append(
+        {
+          "kind": kind,
+          "batch": batch,
+          "rank": rank,
+          "d": grid.d,
+          "policy": form_policy,
+          "form": form,
+          "max_rank": grid.max_rank,
+          "latency_s": timing.median_s,
+          "latency_min_s": timing.min_s,
+          "calls_per_sample": timing.number,
+          "analytic_flops": analytic,
+          "xla_flops": counted,
+          "flops_per_s": analytic / timing.median_s,
+        }
+      )
     batch_rows = [row for row in rows if row["batch"] == batch]
     dense_row, matmul_row = _find(batch_rows, "dense"), _find(batch_rows, "matmul")
     for row in batch_rows:
@@ -113,19 +161,41 @@ def _summary(rows, grid: LayerGrid, size: str) -> list[dict]:
     nsn_rows = [row for row in batch_rows if row["kind"] == "nsn"]
     judged = size == "full" and batch == max(grid.batches)  # the issue's targets: batch 1024
     summary += [
-        summary_line(f"batch {batch}: latency(R/4) / latency(R)",
-               _find(batch_rows, "nsn", r // 4)["latency_s"]
-               / _find(batch_rows, "nsn", r)["latency_s"], judged=judged, at_most=0.30),
-        summary_line(f"batch {batch}: slowest rank's latency / dense layer latency (static "
-                     "factorised slices)", max(row["vs_dense"] for row in nsn_rows)),
-        *[summary_line(f"batch {batch}: slowest rank's latency / dense layer latency (deployed, "
-                       f"form policy {form_policy!r})",
-                       max(row["vs_dense"] for row in batch_rows
-                           if row["kind"] == "deployed" and row["policy"] == form_policy),
-                       judged=judged, at_most=1.05) for form_policy in POLICIES],
-        summary_line(f"batch {batch}: NSN FLOP/s at R / same-run matmul FLOP/s",
-               _find(batch_rows, "nsn", r)["vs_matmul"], judged=judged, at_least=0.85),
-        summary_line(f"batch {batch}: lowest NSN FLOP/s over ranks / same-run matmul FLOP/s",
-               min(row["vs_matmul"] for row in nsn_rows), judged=judged, at_least=0.85),
+      summary_line(
+        f"batch {batch}: latency(R/4) / latency(R)",
+        _find(batch_rows, "nsn", r // 4)["latency_s"] / _find(batch_rows, "nsn", r)["latency_s"],
+        judged=judged,
+        at_most=0.30,
+      ),
+      summary_line(
+        f"batch {batch}: slowest rank's latency / dense layer latency (static factorised slices)",
+        max(row["vs_dense"] for row in nsn_rows),
+      ),
+      *[
+        summary_line(
+          f"batch {batch}: slowest rank's latency / dense layer latency (deployed, "
+          f"form policy {form_policy!r})",
+          max(
+            row["vs_dense"]
+            for row in batch_rows
+            if row["kind"] == "deployed" and row["policy"] == form_policy
+          ),
+          judged=judged,
+          at_most=1.05,
+        )
+        for form_policy in POLICIES
+      ],
+      summary_line(
+        f"batch {batch}: NSN FLOP/s at R / same-run matmul FLOP/s",
+        _find(batch_rows, "nsn", r)["vs_matmul"],
+        judged=judged,
+        at_least=0.85,
+      ),
+      summary_line(
+        f"batch {batch}: lowest NSN FLOP/s over ranks / same-run matmul FLOP/s",
+        min(row["vs_matmul"] for row in nsn_rows),
+        judged=judged,
+        at_least=0.85,
+      ),
     ]
   return summary

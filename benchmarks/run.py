@@ -6,6 +6,7 @@
 Suites: layer, model, train, compile, torch (see docs/benchmarks.md). The torch suite compares
 with the layer, model and train rows of the same run, so it adds those suites when missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,18 +28,32 @@ from benchmarks import compile_time, layer, model, torch_ref, train_step
 from benchmarks.common import Column, SuiteResult
 from benchmarks.timing import POLICIES
 
-JAX_SUITES = {"layer": layer.run, "model": model.run, "train": train_step.run,
-              "compile": compile_time.run}
+JAX_SUITES = {
+  "layer": layer.run,
+  "model": model.run,
+  "train": train_step.run,
+  "compile": compile_time.run,
+}
 ORDER = (*JAX_SUITES, "torch")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--suite", default=",".join(ORDER),
-                      help=f"comma-separated subset of {','.join(ORDER)} (default: all)")
-  parser.add_argument("--size", choices=tuple(POLICIES), default="full",
-                      help="full: the issue's shapes; tiny: seconds, for the smoke test")
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.run",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  parser.add_argument(
+    "--suite",
+    default=",".join(ORDER),
+    help=f"comma-separated subset of {','.join(ORDER)} (default: all)",
+  )
+  parser.add_argument(
+    "--size",
+    choices=tuple(POLICIES),
+    default="full",
+    help="full: the issue's shapes; tiny: seconds, for the smoke test",
+  )
   parser.add_argument("--out", help="JSON file to write (default: runs/benchmarks/SIZE.json)")
   args = parser.parse_args(argv)
   args.suites = [name.strip() for name in args.suite.split(",") if name.strip()]
@@ -52,35 +67,44 @@ def environment(argv: list[str]) -> dict:
   """Where and how the numbers were taken."""
   device = jax.devices()[0]
   return {
-      "device_kind": device.device_kind, "platform": device.platform,
-      "device_count": jax.device_count(),
-      "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-      "python": platform.python_version(), "cpu_count": os.cpu_count(),
-      "cpus_usable": len(os.sched_getaffinity(0)),
-      "load_average_1m": os.getloadavg()[0],  # > cpus_usable: someone else shares the CPUs
-      "command": shlex.join(["python", "-m", "benchmarks.run", *argv]),
-      "git_commit": _git("rev-parse", "HEAD"),
-      "git_dirty": bool(_git("status", "--porcelain")),
-      # OMP_NUM_THREADS sets the PyTorch reference's threads (the worker inherits it).
-      "env": {name: os.environ.get(name)
-              for name in ("JAX_PLATFORMS", "XLA_FLAGS", "OMP_NUM_THREADS")},
-      "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "device_kind": device.device_kind,
+    "platform": device.platform,
+    "device_count": jax.device_count(),
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "flax": flax.__version__,
+    "python": platform.python_version(),
+    "cpu_count": os.cpu_count(),
+    "cpus_usable": len(os.sched_getaffinity(0)),
+    "load_average_1m": os.getloadavg()[0],  # > cpus_usable: someone else shares the CPUs
+    "command": shlex.join(["python", "-m", "benchmarks.run", *argv]),
+    "git_commit": _git("rev-parse", "HEAD"),
+    "git_dirty": bool(_git("status", "--porcelain")),
+    # OMP_NUM_THREADS sets the PyTorch reference's threads (the worker inherits it).
+    "env": {
+      name: os.environ.get(name) for name in ("JAX_PLATFORMS", "XLA_FLAGS", "OMP_NUM_THREADS")
+    },
+    "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
 
 
 def _git(*args: str) -> str | None:
-  done = subprocess.run(["git", *args], cwd=pathlib.Path(__file__).parent, capture_output=True,
-                        text=True, check=False)
+  done = subprocess.run(
+    ["git", *args], cwd=pathlib.Path(__file__).parent, capture_output=True, text=True, check=False
+  )
   return done.stdout.strip() if done.returncode == 0 else None
 
 
 def format_table(rows: list[dict], columns: tuple[Column, ...]) -> str:
   """Fixed-width columns, right-aligned; None prints as '-'."""
   cells = [[_cell(row.get(column.key), column) for column in columns] for row in rows]
-  widths = [max(len(column.header), *(len(line[i]) for line in cells))
-            for i, column in enumerate(columns)]
-  return "\n".join("  ".join(text.rjust(width) for text, width in zip(line, widths))
-                   for line in [[column.header for column in columns], *cells])
+  widths = [
+    max(len(column.header), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)
+  ]
+  return "\n".join(
+    "  ".join(text.rjust(width) for text, width in zip(line, widths))
+    for line in [[column.header for column in columns], *cells]
+  )
 
 
 def _cell(value, column: Column) -> str:
@@ -116,8 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"torch compares with rows of the same run: adding {', '.join(torch_ref.NEEDS)}.")
     suites |= set(torch_ref.NEEDS)
   policy = POLICIES[args.size]
-  print(f"device: {env['device_kind']} ({env['platform']}), jax {env['jax']}, "
-        f"flax {env['flax']}, {env['cpus_usable']} CPUs, load {env['load_average_1m']:.2f}")
+  print(
+    f"device: {env['device_kind']} ({env['platform']}), jax {env['jax']}, "
+    f"flax {env['flax']}, {env['cpus_usable']} CPUs, load {env['load_average_1m']:.2f}"
+  )
 
   results: dict[str, SuiteResult] = {}
   for name in (name for name in ORDER if name in suites):
@@ -130,8 +156,12 @@ def main(argv: list[str] | None = None) -> dict:
       print(format_table(results[name].rows, results[name].columns))
     print(format_summary(results[name]), flush=True)
 
-  report = {"environment": env, "size": args.size, "policy": dataclasses.asdict(policy),
-            "suites": {name: result.to_json() for name, result in results.items()}}
+  report = {
+    "environment": env,
+    "size": args.size,
+    "policy": dataclasses.asdict(policy),
+    "suites": {name: result.to_json() for name, result in results.items()},
+  }
   out = pathlib.Path(args.out or f"runs/benchmarks/{args.size}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=1) + "\n")

@@ -1,31 +1,34 @@
 """The one timing helper every suite uses, JAX and PyTorch alike (pure Python, no jax import)."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable
 
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
   """How hard to time: `warmup` untimed calls, then `repeats` samples of `number` calls each,
   `number` chosen so one sample lasts at least `min_sample_s` seconds."""
+
   warmup: int
   repeats: int
   min_sample_s: float
 
 
 POLICIES = {
-    "tiny": Policy(warmup=1, repeats=3, min_sample_s=0.0),   # the smoke test: shape, not speed
-    "full": Policy(warmup=2, repeats=9, min_sample_s=0.05),
+  "tiny": Policy(warmup=1, repeats=3, min_sample_s=0.0),  # the smoke test: shape, not speed
+  "full": Policy(warmup=2, repeats=9, min_sample_s=0.05),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
   """Seconds per call: the median and the minimum over the samples."""
+
   median_s: float
   min_s: float
   number: int

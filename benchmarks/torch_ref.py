@@ -4,6 +4,7 @@ PyTorch lives in its own venv (.venv-torch, requirements/torch-reference.txt), n
 project's; benchmarks.torch_worker runs there as a subprocess and returns JSON. The JAX side of
 every ratio is the layer / model / train suites' rows from the same invocation.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,14 +23,20 @@ from benchmarks.timing import Policy
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv-torch" / "bin" / "python"
-SETUP = ("python3 -m venv .venv-torch && "
-         ".venv-torch/bin/pip install -r requirements/torch-reference.txt")
+SETUP = (
+  "python3 -m venv .venv-torch && .venv-torch/bin/pip install -r requirements/torch-reference.txt"
+)
 NEEDS = ("layer", "model", "train")  # the JAX suites whose rows the ratios use
 
 COLUMNS = (
-    Column("what", "what"), Column("batch", "batch"), Column("rank", "rank"), Column("k", "k"),
-    Column("jax_strategy", "jax step"), Column("torch_s", "torch ms", ".3f", 1e3),
-    Column("jax_s", "jax ms", ".3f", 1e3), Column("torch_over_jax", "torch/jax", ".2f"),
+  Column("what", "what"),
+  Column("batch", "batch"),
+  Column("rank", "rank"),
+  Column("k", "k"),
+  Column("jax_strategy", "jax step"),
+  Column("torch_s", "torch ms", ".3f", 1e3),
+  Column("jax_s", "jax ms", ".3f", 1e3),
+  Column("torch_over_jax", "torch/jax", ".2f"),
 )
 
 
@@ -38,8 +45,9 @@ def available() -> bool:
 
 
 def missing_message() -> str:
-  return (f"torch suite skipped: no PyTorch venv at {PYTHON}. Create it from the repo root:\n"
-          f"  {SETUP}")
+  return (
+    f"torch suite skipped: no PyTorch venv at {PYTHON}. Create it from the repo root:\n  {SETUP}"
+  )
 
 
 def matmul_ranks(max_rank: int) -> list[int]:
@@ -58,8 +66,9 @@ def _jax_matmul_rows(mlp_spec: dict, policy: Policy) -> list[dict]:
     x = jax.device_put(rng.random((batch, mlp_spec["input_dim"]), np.float32))
     for rank in mlp_spec["matmul_ranks"]:
       a = jax.device_put(rng.standard_normal((mlp_spec["input_dim"], rank), np.float32))
-      rows.append({"batch": batch, "rank": rank,
-                   "latency_s": time_jax(matmul, x, a, policy=policy).median_s})
+      rows.append(
+        {"batch": batch, "rank": rank, "latency_s": time_jax(matmul, x, a, policy=policy).median_s}
+      )
   return rows
 
 
@@ -69,19 +78,29 @@ def spec(size: str, policy: Policy) -> dict:
   config = mlp_config(size)
   max_rank = config.model.max_rank
   return {
-      "policy": dataclasses.asdict(policy),
-      "layer": {"d": grid.d, "max_rank": grid.max_rank, "ranks": list(grid.ranks),
-                "batches": list(grid.batches)},
-      "mlp": {"input_dim": math.prod(config.data.image_shape), "hidden": list(config.model.hidden),
-              "num_classes": config.data.num_classes, "max_rank": max_rank,
-              "image_shape": list(config.data.image_shape),
-              "ranks": list(model.rank_grid(max_rank)), "batches": list(model.BATCHES[size]),
-              "matmul_ranks": matmul_ranks(max_rank)},
-      "train": {"batch": config.train.batch_size,
-                "rank_sets": [list(train_step.step_ranks(max_rank, k))
-                              for k in train_step.NUM_RANKS],
-                "learning_rate": config.optimizer.learning_rate,
-                "weight_decay": config.optimizer.weight_decay},
+    "policy": dataclasses.asdict(policy),
+    "layer": {
+      "d": grid.d,
+      "max_rank": grid.max_rank,
+      "ranks": list(grid.ranks),
+      "batches": list(grid.batches),
+    },
+    "mlp": {
+      "input_dim": math.prod(config.data.image_shape),
+      "hidden": list(config.model.hidden),
+      "num_classes": config.data.num_classes,
+      "max_rank": max_rank,
+      "image_shape": list(config.data.image_shape),
+      "ranks": list(model.rank_grid(max_rank)),
+      "batches": list(model.BATCHES[size]),
+      "matmul_ranks": matmul_ranks(max_rank),
+    },
+    "train": {
+      "batch": config.train.batch_size,
+      "rank_sets": [list(train_step.step_ranks(max_rank, k)) for k in train_step.NUM_RANKS],
+      "learning_rate": config.optimizer.learning_rate,
+      "weight_decay": config.optimizer.weight_decay,
+    },
   }
 
 
@@ -89,63 +108,124 @@ def run(size: str, policy: Policy, jax_results: dict[str, SuiteResult]) -> Suite
   if not available():
     return SuiteResult([], [], [missing_message()], COLUMNS, skipped=True)
   config = spec(size, policy)
-  done = subprocess.run([str(PYTHON), "-m", "benchmarks.torch_worker"], cwd=REPO,
-                        input=json.dumps(config), capture_output=True, text=True, check=False)
+  done = subprocess.run(
+    [str(PYTHON), "-m", "benchmarks.torch_worker"],
+    cwd=REPO,
+    input=json.dumps(config),
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   if done.returncode:
     raise RuntimeError(f"torch worker failed:\n{done.stderr}")
   reference = json.loads(done.stdout.strip().splitlines()[-1])
-  jax_matmul = {(row["batch"], row["rank"]): row["latency_s"]
-                for row in _jax_matmul_rows(config["mlp"], policy)}
+  jax_matmul = {
+    (row["batch"], row["rank"]): row["latency_s"] for row in _jax_matmul_rows(config["mlp"], policy)
+  }
 
   model_rows = [row for row in jax_results["model"].rows if row["model"] == "mlp"]
-  jax_latency = {
+  jax_latency = (
+    {
       ("layer", "static", row["batch"], row["rank"]): row["latency_s"]
-      for row in jax_results["layer"].rows if row["kind"] == "nsn"} | {
+      for row in jax_results["layer"].rows
+      if row["kind"] == "nsn"
+    }
+    | {
       ("mlp", "static", row["batch"], row["rank"]): row["latency_s"]
-      for row in model_rows if row["kind"] == "nsn"} | {
+      for row in model_rows
+      if row["kind"] == "nsn"
+    }
+    | {
       # The matmul policy deploys the MLP in the factorised form at every rank: the reference's
       # computation, on weights sliced once instead of per call.
       ("mlp", "deployed matmul", row["batch"], row["rank"]): row["latency_s"]
-      for row in model_rows if row["kind"] == "deployed" and row["policy"] == "matmul"} | {
+      for row in model_rows
+      if row["kind"] == "deployed" and row["policy"] == "matmul"
+    }
+    | {
       ("mlp_matmul", "x @ a_r", batch, rank): latency
-      for (batch, rank), latency in jax_matmul.items()}
-  jax_step = {(row["strategy"], row["k"]): row["step_s"] for row in jax_results["train"].rows
-              if row["model"] == "mlp"}
+      for (batch, rank), latency in jax_matmul.items()
+    }
+  )
+  jax_step = {
+    (row["strategy"], row["k"]): row["step_s"]
+    for row in jax_results["train"].rows
+    if row["model"] == "mlp"
+  }
   rows = []
   for row in reference["rows"]:
     if row["what"] == "train":
-      rows += [{"what": "train", "batch": row["batch"], "rank": None, "k": row["k"],
-                "jax_strategy": strategy, "torch_s": row["step_s"],
-                "jax_s": jax_step[strategy, row["k"]],
-                "torch_over_jax": row["step_s"] / jax_step[strategy, row["k"]]}
-               for strategy in ("vmap_masked", "loop_static")]
+      rows += [
+        {
+          "what": "train",
+          "batch": row["batch"],
+          "rank": None,
+          "k": row["k"],
+          "jax_strategy": strategy,
+          "torch_s": row["step_s"],
+          "jax_s": jax_step[strategy, row["k"]],
+          "torch_over_jax": row["step_s"] / jax_step[strategy, row["k"]],
+        }
+        for strategy in ("vmap_masked", "loop_static")
+      ]
     else:
-      rows += [{"what": row["what"], "batch": row["batch"], "rank": row["rank"], "k": None,
-                "jax_strategy": how, "torch_s": row["latency_s"], "jax_s": jax_s,
-                "torch_over_jax": row["latency_s"] / jax_s}
-               for (what, how, batch, rank), jax_s in jax_latency.items()
-               if (what, batch, rank) == (row["what"], row["batch"], row["rank"])]
+      rows += [
+        {
+          "what": row["what"],
+          "batch": row["batch"],
+          "rank": row["rank"],
+          "k": None,
+          "jax_strategy": how,
+          "torch_s": row["latency_s"],
+          "jax_s": jax_s,
+          "torch_over_jax": row["latency_s"] / jax_s,
+        }
+        for (what, how, batch, rank), jax_s in jax_latency.items()
+        if (what, batch, rank) == (row["what"], row["batch"], row["rank"])
+      ]
 
   def slowest(what, strategy=None):
-    return min(row["torch_over_jax"] for row in rows
-               if row["what"] == what and strategy in (None, row["jax_strategy"]))
+    return min(
+      row["torch_over_jax"]
+      for row in rows
+      if row["what"] == what and strategy in (None, row["jax_strategy"])
+    )
 
   judged = size == "full"
   summary = [
-      summary_line("MLP multi-rank train step, torch / jax (vmap_masked), worst k",
-                   slowest("train", "vmap_masked"), judged=judged, at_least=1.5),
-      summary_line("MLP multi-rank train step, torch / jax (loop_static), worst k",
-                   slowest("train", "loop_static")),
-      summary_line("MLP per-rank inference, torch / jax (static slices), worst rank and batch",
-                   slowest("mlp", "static"), judged=judged, at_least=1.0),
-      summary_line("MLP per-rank inference, torch / jax (deployed, matmul policy), worst rank "
-                   "and batch", slowest("mlp", "deployed matmul"), judged=judged, at_least=1.0),
-      summary_line("MLP first-layer matmul x @ a_r alone, torch / jax, worst rank and batch",
-                   slowest("mlp_matmul")),
-      summary_line("NSN layer per-rank inference, torch / jax, worst rank and batch",
-                   slowest("layer")),
+    summary_line(
+      "MLP multi-rank train step, torch / jax (vmap_masked), worst k",
+      slowest("train", "vmap_masked"),
+      judged=judged,
+      at_least=1.5,
+    ),
+    summary_line(
+      "MLP multi-rank train step, torch / jax (loop_static), worst k",
+      slowest("train", "loop_static"),
+    ),
+    summary_line(
+      "MLP per-rank inference, torch / jax (static slices), worst rank and batch",
+      slowest("mlp", "static"),
+      judged=judged,
+      at_least=1.0,
+    ),
+    summary_line(
+      "MLP per-rank inference, torch / jax (deployed, matmul policy), worst rank and batch",
+      slowest("mlp", "deployed matmul"),
+      judged=judged,
+      at_least=1.0,
+    ),
+    summary_line(
+      "MLP first-layer matmul x @ a_r alone, torch / jax, worst rank and batch",
+      slowest("mlp_matmul"),
+    ),
+    summary_line(
+      "NSN layer per-rank inference, torch / jax, worst rank and batch", slowest("layer")
+    ),
   ]
-  notes = [f"torch {reference['torch_version']} eager, {reference['torch_threads']} threads; "
-           "torch/jax > 1 means nsn_jax is faster; the torch train step loops over ranks "
-           "(AdamW at the config's peak learning rate, no schedule)"]
+  notes = [
+    f"torch {reference['torch_version']} eager, {reference['torch_threads']} threads; "
+    "torch/jax > 1 means nsn_jax is faster; the torch train step loops over ranks "
+    "(AdamW at the config's peak learning rate, no schedule)"
+  ]
   return SuiteResult(rows, summary, notes, COLUMNS)

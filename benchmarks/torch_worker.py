@@ -7,6 +7,7 @@ JAX suites). The model mirrors nsn_jax: factors a (d_in, R) and b (R, d_out), ra
 a[:, :r] and b[:r]; the multi-rank loss is a loop over ranks, Σ exp(−s_r)·CE_r + s_r, with s
 one learned log-variance per rank value.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,15 @@ def _inference_rows(what: str, forward, inputs: dict[int, torch.Tensor], ranks, 
     for batch, x in inputs.items():
       for rank in ranks:
         timing = time_fn(lambda: forward(x, rank), policy)
-        rows.append({"what": what, "batch": batch, "rank": rank, "latency_s": timing.median_s,
-                     "latency_min_s": timing.min_s})
+        rows.append(
+          {
+            "what": what,
+            "batch": batch,
+            "rank": rank,
+            "latency_s": timing.median_s,
+            "latency_min_s": timing.min_s,
+          }
+        )
   return rows
 
 
@@ -79,14 +87,23 @@ def run(spec: dict) -> dict:
 
   layer = NSNLinear(layer_spec["d"], layer_spec["d"], layer_spec["max_rank"])
   rows = _inference_rows(
-      "layer", layer, {b: torch.randn(b, layer_spec["d"]) for b in layer_spec["batches"]},
-      layer_spec["ranks"], policy)
+    "layer",
+    layer,
+    {b: torch.randn(b, layer_spec["d"]) for b in layer_spec["batches"]},
+    layer_spec["ranks"],
+    policy,
+  )
 
-  model = NSNMLP(mlp_spec["input_dim"], mlp_spec["hidden"], mlp_spec["num_classes"],
-                 mlp_spec["max_rank"])
+  model = NSNMLP(
+    mlp_spec["input_dim"], mlp_spec["hidden"], mlp_spec["num_classes"], mlp_spec["max_rank"]
+  )
   rows += _inference_rows(
-      "mlp", model, {b: torch.rand(b, *mlp_spec["image_shape"]) for b in mlp_spec["batches"]},
-      mlp_spec["ranks"], policy)
+    "mlp",
+    model,
+    {b: torch.rand(b, *mlp_spec["image_shape"]) for b in mlp_spec["batches"]},
+    mlp_spec["ranks"],
+    policy,
+  )
 
   # The first layer's factor matmul alone, on a contiguous prefix: the BLAS call it makes.
   with torch.inference_mode():
@@ -95,24 +112,44 @@ def run(spec: dict) -> dict:
       for rank in mlp_spec["matmul_ranks"]:
         a = torch.randn(mlp_spec["input_dim"], rank)
         timing = time_fn(lambda: x @ a, policy)
-        rows.append({"what": "mlp_matmul", "batch": batch, "rank": rank,
-                     "latency_s": timing.median_s, "latency_min_s": timing.min_s})
+        rows.append(
+          {
+            "what": "mlp_matmul",
+            "batch": batch,
+            "rank": rank,
+            "latency_s": timing.median_s,
+            "latency_min_s": timing.min_s,
+          }
+        )
 
-  optimizer = torch.optim.AdamW(model.parameters(), lr=train_spec["learning_rate"],
-                                weight_decay=train_spec["weight_decay"])
+  optimizer = torch.optim.AdamW(
+    model.parameters(), lr=train_spec["learning_rate"], weight_decay=train_spec["weight_decay"]
+  )
   x = torch.rand(train_spec["batch"], *mlp_spec["image_shape"])
   labels = torch.randint(0, mlp_spec["num_classes"], (train_spec["batch"],))
   for ranks in train_spec["rank_sets"]:
+
     def step():
       optimizer.zero_grad(set_to_none=True)
       model.multi_rank_loss(x, labels, ranks).backward()
       optimizer.step()
 
     timing = time_fn(step, policy)
-    rows.append({"what": "train", "batch": train_spec["batch"], "k": len(ranks), "ranks": ranks,
-                 "step_s": timing.median_s, "step_min_s": timing.min_s})
-  return {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-          "rows": rows}
+    rows.append(
+      {
+        "what": "train",
+        "batch": train_spec["batch"],
+        "k": len(ranks),
+        "ranks": ranks,
+        "step_s": timing.median_s,
+        "step_min_s": timing.min_s,
+      }
+    )
+  return {
+    "torch_version": torch.__version__,
+    "torch_threads": torch.get_num_threads(),
+    "rows": rows,
+  }
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ at R but R is small, and `mlp_wide` (hidden 2048, 2048, R = 1024), where running
 R costs k full-rank passes while the static loop pays R + R/2 + ... (1.875 R at k = 4).
 The state comes from `create_train_state` on a one-device mesh, since the suite times one device.
 """
+
 from __future__ import annotations
 
 import jax
@@ -34,27 +35,32 @@ IMAGES = get_task("image_classification")
 MODELS = {"mlp": mlp_config, "mlp_wide": wide_mlp_config}
 
 COLUMNS = (
-    Column("model", "model"), Column("strategy", "strategy"), Column("k", "k"),
-    Column("ranks", "ranks"),
-    Column("step_s", "ms/step", ".3f", 1e3), Column("step_min_s", "min ms", ".3f", 1e3),
-    Column("steps_per_s", "steps/s", ".1f"),
-    Column("program_bytes", "mem MiB", ".2f", 2.0 ** -20),
-    Column("program_temp_bytes", "temp MiB", ".2f", 2.0 ** -20),
-    Column("vs_single", "step/single", ".3f"),
+  Column("model", "model"),
+  Column("strategy", "strategy"),
+  Column("k", "k"),
+  Column("ranks", "ranks"),
+  Column("step_s", "ms/step", ".3f", 1e3),
+  Column("step_min_s", "min ms", ".3f", 1e3),
+  Column("steps_per_s", "steps/s", ".1f"),
+  Column("program_bytes", "mem MiB", ".2f", 2.0**-20),
+  Column("program_temp_bytes", "temp MiB", ".2f", 2.0**-20),
+  Column("vs_single", "step/single", ".3f"),
 )
 
 
 def step_ranks(max_rank: int, k: int) -> tuple[int, ...]:
   """The anchor R and k − 1 variants, halving: (64,), (64, 32), (64, 32, 16, 8)."""
-  return tuple(max_rank // 2 ** i for i in range(k))
+  return tuple(max_rank // 2**i for i in range(k))
 
 
 def _methods(max_rank: int, k: int) -> list[tuple[str, MultiRank]]:
   """(strategy, method) for each strategy at k ranks."""
   ranks = step_ranks(max_rank, k)
   source, objective = FixedRanks(ranks, max_rank), Objective("uncertainty")
-  methods = [("vmap_masked", MultiRank(IMAGES, (), objective, source, None)),
-             ("loop_static", MultiRank(IMAGES, (), objective, source, ranks))]
+  methods = [
+    ("vmap_masked", MultiRank(IMAGES, (), objective, source, None)),
+    ("loop_static", MultiRank(IMAGES, (), objective, source, ranks)),
+  ]
   if k == 1:
     methods.append(("single_static", MultiRank(IMAGES, (), Objective("anchor"), source, ranks)))
   return methods
@@ -73,13 +79,19 @@ def memory_used(compiled) -> dict:
   program = compiled.memory_analysis()
   device_peak = stats.get("peak_bytes_in_use") if stats else None
   return {
-      "program_bytes": (program.argument_size_in_bytes + program.output_size_in_bytes
-                        - program.alias_size_in_bytes + program.temp_size_in_bytes),
-      "program_temp_bytes": program.temp_size_in_bytes,
-      "device_peak_bytes": device_peak,
-      "memory_source": ("device.memory_stats()['peak_bytes_in_use'] (process high-water mark)"
-                        if device_peak is not None else
-                        "compiled.memory_analysis(): argument + output - alias + temp"),
+    "program_bytes": (
+      program.argument_size_in_bytes
+      + program.output_size_in_bytes
+      - program.alias_size_in_bytes
+      + program.temp_size_in_bytes
+    ),
+    "program_temp_bytes": program.temp_size_in_bytes,
+    "device_peak_bytes": device_peak,
+    "memory_source": (
+      "device.memory_stats()['peak_bytes_in_use'] (process high-water mark)"
+      if device_peak is not None
+      else "compiled.memory_analysis(): argument + output - alias + temp"
+    ),
   }
 
 
@@ -90,18 +102,22 @@ def _model_rows(model_name: str, size: str, policy: Policy) -> list[dict]:
   batch_sharding = sharding.batch_sharding(mesh)
   max_rank = config.model.max_rank
   rng = np.random.default_rng(1)  # host-side inputs: no random-number programs to compile
-  batch = jax.device_put({
+  batch = jax.device_put(
+    {
       "image": rng.random((config.train.batch_size, *config.data.image_shape), np.float32),
       "label": rng.integers(0, config.data.num_classes, config.train.batch_size, dtype=np.int32),
-  }, batch_sharding)
+    },
+    batch_sharding,
+  )
 
   rows = []
   for k in NUM_RANKS:
     ranks = step_ranks(max_rank, k)
     ranks_array = jnp.asarray(ranks, jnp.int32)
     for strategy, method in _methods(max_rank, k):
-      step = make_train_step(graphdef, method.loss, trainable(config), state_sharding,
-                             batch_sharding)
+      step = make_train_step(
+        graphdef, method.loss, trainable(config), state_sharding, batch_sharding
+      )
       # The step donates its state: give each strategy its own copy of the initial state.
       state = jax.tree.map(jnp.copy, initial_state)
       compiled = step.lower(state, batch, ranks_array, None).compile()  # the calls reuse it
@@ -113,11 +129,22 @@ def _model_rows(model_name: str, size: str, policy: Policy) -> list[dict]:
 
       timing = time_fn(one_step, policy)
       memory = memory_used(compiled)
-      rows.append({"model": model_name, "hidden": list(config.model.hidden),
-                   "max_rank": max_rank, "strategy": strategy, "k": k, "ranks": list(ranks),
-                   "batch": config.train.batch_size, "step_s": timing.median_s,
-                   "step_min_s": timing.min_s, "steps_per_s": 1.0 / timing.median_s,
-                   "calls_per_sample": timing.number, **memory})
+      rows.append(
+        {
+          "model": model_name,
+          "hidden": list(config.model.hidden),
+          "max_rank": max_rank,
+          "strategy": strategy,
+          "k": k,
+          "ranks": list(ranks),
+          "batch": config.train.batch_size,
+          "step_s": timing.median_s,
+          "step_min_s": timing.min_s,
+          "steps_per_s": 1.0 / timing.median_s,
+          "calls_per_sample": timing.number,
+          **memory,
+        }
+      )
   single = next(row["step_s"] for row in rows if row["strategy"] == "single_static")
   for row in rows:
     row["vs_single"] = row["step_s"] / single
@@ -128,22 +155,34 @@ def run(size: str, policy: Policy) -> SuiteResult:
   rows = [row for model_name in MODELS for row in _model_rows(model_name, size, policy)]
 
   def step_time(model_name, strategy, k):
-    return next(row for row in rows
-                if (row["model"], row["strategy"], row["k"]) == (model_name, strategy, k))
+    return next(
+      row for row in rows if (row["model"], row["strategy"], row["k"]) == (model_name, strategy, k)
+    )
 
   judged = size == "full"
   summary = []
   for model_name in MODELS:
-    summary += [summary_line(f"{model_name} {strategy}: two-rank step / single-rank step",
-                             step_time(model_name, strategy, 2)["vs_single"],
-                             judged=judged, at_most=2.2)
-                for strategy in ("vmap_masked", "loop_static")]
-    summary += [summary_line(f"{model_name} k={k}: loop_static step / vmap_masked step (< 1: "
-                             "the static loop is cheaper)",
-                             step_time(model_name, "loop_static", k)["step_s"]
-                             / step_time(model_name, "vmap_masked", k)["step_s"])
-                for k in NUM_RANKS[1:]]
-  notes = [f"memory: {rows[0]['memory_source']}",
-           "objective: uncertainty weighting for both multi-rank strategies; optimizer: the "
-           "config's AdamW with its warm-up/cosine schedule"]
+    summary += [
+      summary_line(
+        f"{model_name} {strategy}: two-rank step / single-rank step",
+        step_time(model_name, strategy, 2)["vs_single"],
+        judged=judged,
+        at_most=2.2,
+      )
+      for strategy in ("vmap_masked", "loop_static")
+    ]
+    summary += [
+      summary_line(
+        f"{model_name} k={k}: loop_static step / vmap_masked step (< 1: "
+        "the static loop is cheaper)",
+        step_time(model_name, "loop_static", k)["step_s"]
+        / step_time(model_name, "vmap_masked", k)["step_s"],
+      )
+      for k in NUM_RANKS[1:]
+    ]
+  notes = [
+    f"memory: {rows[0]['memory_source']}",
+    "objective: uncertainty weighting for both multi-rank strategies; optimizer: the "
+    "config's AdamW with its warm-up/cosine schedule",
+  ]
   return SuiteResult(rows, summary, notes, COLUMNS)

@@ -1,13 +1,16 @@
 """The paper's from-scratch setting: an NSN MLP on CIFAR-10 (needs a prepared TFDS `cifar10`).
 
 Prepare the data where there is network access, then point data_dir at it:
-  python -c "import tensorflow_datasets as tfds; tfds.builder('cifar10', data_dir='/data/tfds').download_and_prepare(file_format='array_record')"
-  python train.py --config=configs/cifar10_mlp.py --workdir=runs/cifar10 --config.data.data_dir=/data/tfds
-  python eval.py --workdir=runs/cifar10 --ranks=all
+  python -c "import tensorflow_datasets as tfds; tfds.builder('cifar10', \\
+      data_dir='/data/tfds').download_and_prepare(file_format='array_record')"
+  .venv/bin/python train.py --config=configs/cifar10_mlp.py --workdir=runs/cifar10 \\
+      --config.data.data_dir=/data/tfds
+  .venv/bin/python eval.py --workdir=runs/cifar10 --ranks=all
 
 The paper does not state the MLP's widths or R; 3072 → 1024 → 1024 → 10 with R = 128 (below
 both layers' break-even ranks, 768 and 512) is this project's choice. `:smoke` shrinks it.
 """
+
 import ml_collections
 
 from configs import default

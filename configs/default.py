@@ -9,6 +9,7 @@ Every field, its meaning and its default is in nsn_jax/config.py (`defaults()`, 
 demo); any field can be overridden, e.g. `--config.model.max_rank=32 --config.train.steps=500`.
 `:dense` is the baseline twin: the same MLP with plain dense hidden layers.
 """
+
 import ml_collections
 
 from nsn_jax import config as config_lib

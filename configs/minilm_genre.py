@@ -23,6 +23,7 @@ the twin into its nested profiles at the same budgets.
   python train.py --config=configs/minilm_genre.py:flexrank \\
       --workdir=runs/minilm_compare_flexrank --config.model.init_from=runs/minilm_genre_dense
 """
+
 import ml_collections
 
 from configs import smollm2_genre
@@ -36,17 +37,18 @@ COMPARE_RANKS = (384, 229, 176, 124, 71)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   parts = set((arg or "").split(","))
   if parts - {"", "dense", "smoke", "flexrank", "compare"}:
-    raise ValueError(f"unknown config variant {arg!r}; known: dense, smoke, compare, flexrank "
-                     "and dense,smoke or flexrank,smoke.")
+    raise ValueError(
+      f"unknown config variant {arg!r}; known: dense, smoke, compare, flexrank "
+      "and dense,smoke or flexrank,smoke."
+    )
   if "compare" in parts and parts & {"dense", "smoke", "flexrank"}:
-    raise ValueError(f"config variant {arg!r}: compare goes alone (flexrank is its FlexRank "
-                     "side).")
+    raise ValueError(f"config variant {arg!r}: compare goes alone (flexrank is its FlexRank side).")
   # FlexRank on MiniLM is always the comparison's side: FFN-only budgets start at 0.36.
   compare = "compare" in parts or ("flexrank" in parts and "smoke" not in parts)
   c = smollm2_genre.get_config(",".join(sorted(parts - {"compare"})))
-  c.model.name = "bert_hf"           # model.path "": all-MiniLM-L6-v2 from its offline wheel
+  c.model.name = "bert_hf"  # model.path "": all-MiniLM-L6-v2 from its offline wheel
   if "flexrank" not in parts:
-    c.surgery.init = "svd"           # the paper's NSN init; FlexRank's is activation-aware
+    c.surgery.init = "svd"  # the paper's NSN init; FlexRank's is activation-aware
   if "smoke" in parts:
     return c
   c.train.steps = 600
@@ -66,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.steps = 300
     c.train.checkpoint_every = 100
     c.optimizer.warmup_steps = 25
-    c.flexrank.budgets = COMPARE_BUDGETS   # NSN saves these profiles too (untrained by it)
+    c.flexrank.budgets = COMPARE_BUDGETS  # NSN saves these profiles too (untrained by it)
     c.ranks.fixed = COMPARE_RANKS
     c.eval.ranks = () if "flexrank" in parts else COMPARE_RANKS
   return c

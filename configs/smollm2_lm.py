@@ -9,6 +9,7 @@ and next-token accuracy; the decoder keeps its own (tied) head, so only the MLP 
   python train.py --config=configs/smollm2_lm.py:flexrank --workdir=runs/smollm2_lm_flexrank
   python eval.py --workdir=runs/smollm2_lm_flexrank --ranks=none --profiles
 """
+
 import ml_collections
 
 from configs import smollm2_genre
@@ -18,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = smollm2_genre.get_config(arg)
   c.task = "language_modelling"
   c.data.name = "shakespeare/lm"
-  c.data.num_classes = None          # no labels: the targets are the next tokens
+  c.data.num_classes = None  # no labels: the targets are the next tokens
   c.train.trainable = ("mlp/",)
   if "flexrank" in (arg or "") and "smoke" not in arg:
     # The tied 49k-token head is 21% of the forward pass and no rank shrinks it: rank 1 in every

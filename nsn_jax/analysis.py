@@ -2,10 +2,11 @@
 
 All functions take concrete (not traced) parameters and return numpy arrays or floats.
 """
+
 from __future__ import annotations
 
-import numpy as np
 from flax import nnx
+import numpy as np
 
 from nsn_jax.layers import NSNDense, nsn_layers
 from nsn_jax.objective import RankWeights
@@ -49,8 +50,9 @@ def containment_score(layer: NSNDense, rank: int, larger_rank: int) -> float:
   construction for any nested factorisation, so it would carry no information.)
   """
   if not 1 <= rank < larger_rank <= layer.max_rank:
-    raise ValueError(f"need 1 <= rank < larger_rank <= {layer.max_rank}, "
-                     f"got {rank}, {larger_rank}.")
+    raise ValueError(
+      f"need 1 <= rank < larger_rank <= {layer.max_rank}, got {rank}, {larger_rank}."
+    )
   small = _top_subspace(layer.kernel(rank), rank, "out")
   large = _top_subspace(layer.kernel(larger_rank), rank, "out")
   return subspace_overlap(small, large)
@@ -69,8 +71,10 @@ def inter_layer_similarity(writer: NSNDense, reader: NSNDense, rank: int) -> flo
   1 = the reader listens exactly where the writer speaks; a random pair scores about r/d.
   """
   if writer.out_features != reader.in_features:
-    raise ValueError(f"layers {writer.path!r} → {reader.path!r} are not consecutive: "
-                     f"{writer.out_features} != {reader.in_features}.")
+    raise ValueError(
+      f"layers {writer.path!r} → {reader.path!r} are not consecutive: "
+      f"{writer.out_features} != {reader.in_features}."
+    )
   written = _top_subspace(writer.kernel(rank), rank, "out")
   read = _top_subspace(reader.kernel(rank), rank, "in")
   return subspace_overlap(written, read)

@@ -9,6 +9,7 @@ A pretrained backbone gets the task's head (`task`: text_classification adds
 layers its rules select into NSN layers of rank `model.max_rank` (`nsn_jax.surgery`). With
 `model.dense` every model keeps plain dense layers: the baseline twin.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -16,26 +17,36 @@ import json
 import math
 import pathlib
 
+from flax import nnx
 import gguf
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tokenizers
-from flax import nnx
 
 from nsn_jax import surgery
 from nsn_jax.config import PRETRAINED, ConfigError
 from nsn_jax.data.pipeline import TextEncoder
-from nsn_jax.llm import (GGUFTokenizer, config_from_gguf, config_from_hf, load_gguf, load_hf_bert,
-                         minilm_path, smollm2_path)
+from nsn_jax.llm import (
+  GGUFTokenizer,
+  config_from_gguf,
+  config_from_hf,
+  load_gguf,
+  load_hf_bert,
+  minilm_path,
+  smollm2_path,
+)
 from nsn_jax.models.bert import BertModel
 from nsn_jax.models.heads import SequenceClassifier
 from nsn_jax.models.llama import LlamaModel
 from nsn_jax.models.mlp import NSNMLP
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-RULES = {"mlp": surgery.MLP_RULES, "attention": surgery.ATTENTION_RULES,
-         "mlp_and_attention": surgery.MLP_RULES + surgery.ATTENTION_RULES}
+RULES = {
+  "mlp": surgery.MLP_RULES,
+  "attention": surgery.ATTENTION_RULES,
+  "mlp_and_attention": surgery.MLP_RULES + surgery.ATTENTION_RULES,
+}
 
 
 def model_path(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -44,14 +55,15 @@ def model_path(config: ml_collections.ConfigDict) -> pathlib.Path:
   return pathlib.Path(config.model.path or default())
 
 
-def mismatches(config: ml_collections.ConfigDict,
-               other: ml_collections.ConfigDict) -> list[str]:
+def mismatches(config: ml_collections.ConfigDict, other: ml_collections.ConfigDict) -> list[str]:
   """What differs between two runs' configs that must agree for one run's model to start or
   stand beside the other's: the model family and file, the task, the dataset and its classes."""
-  pairs = [("model.name", config.model.name, other.model.name),
-           ("task", config.task, other.task),
-           ("data.name", config.data.name, other.data.name),
-           ("data.num_classes", config.data.num_classes, other.data.num_classes)]
+  pairs = [
+    ("model.name", config.model.name, other.model.name),
+    ("task", config.task, other.task),
+    ("data.name", config.data.name, other.data.name),
+    ("data.num_classes", config.data.num_classes, other.data.num_classes),
+  ]
   if config.model.name in PRETRAINED and other.model.name == config.model.name:
     pairs.insert(1, ("model file", model_path(config), model_path(other)))
   return [key for key, ours, theirs in pairs if ours != theirs]
@@ -67,8 +79,9 @@ def _backbone(config: ml_collections.ConfigDict, pretrained: bool, seed: int) ->
     return LlamaModel(config_from_gguf(gguf.GGUFReader(path)), dtype=dtype, rngs=nnx.Rngs(seed))
   if pretrained:
     return load_hf_bert(path, dtype)[1]
-  return BertModel(config_from_hf(json.loads((path / "config.json").read_text())), dtype=dtype,
-                   rngs=nnx.Rngs(seed))
+  return BertModel(
+    config_from_hf(json.loads((path / "config.json").read_text())), dtype=dtype, rngs=nnx.Rngs(seed)
+  )
 
 
 def _dtype(config: ml_collections.ConfigDict):
@@ -82,8 +95,13 @@ def surgery_rules(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(regex for rule in config.surgery.rules for regex in RULES.get(rule, (rule,)))
 
 
-def build_model(config: ml_collections.ConfigDict, *, seed: int, pretrained: bool = True,
-                calibrate: Callable[[nnx.Module], None] | None = None) -> nnx.Module:
+def build_model(
+  config: ml_collections.ConfigDict,
+  *,
+  seed: int,
+  pretrained: bool = True,
+  calibrate: Callable[[nnx.Module], None] | None = None,
+) -> nnx.Module:
   """The model that `config.model` (and for pretrained backbones `config.task`,
   `config.surgery`) describes, initialised from `seed`.
 
@@ -93,9 +111,14 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int, pretrained: boo
   activation_aware.
   """
   if config.model.name == "nsn_mlp":
-    return NSNMLP(math.prod(config.data.image_shape), tuple(config.model.hidden),
-                  config.data.num_classes, None if config.model.dense else config.model.max_rank,
-                  dtype=_dtype(config), rngs=nnx.Rngs(params=seed))
+    return NSNMLP(
+      math.prod(config.data.image_shape),
+      tuple(config.model.hidden),
+      config.data.num_classes,
+      None if config.model.dense else config.model.max_rank,
+      dtype=_dtype(config),
+      rngs=nnx.Rngs(params=seed),
+    )
   if pretrained:
     return build_pretrained(config, seed=seed, calibrate=calibrate)[1]
   model = _task_model(config, pretrained=False, seed=seed)
@@ -115,21 +138,31 @@ def check_rank_fits(config: ml_collections.ConfigDict) -> None:
     chosen = surgery.chosen_linears(model, surgery_rules(config))
   except ValueError:  # no layer matches: name a few that exist
     linears = [path for path, _, _ in surgery.chosen_linears(model, ("",))]
-    raise ConfigError("surgery.rules", config.surgery.rules, f"presets ({', '.join(RULES)}) "
-                      f"or regexes matching layer paths such as {', '.join(linears[:4])}",
-                      "matches no dense layer") from None
+    raise ConfigError(
+      "surgery.rules",
+      config.surgery.rules,
+      f"presets ({', '.join(RULES)}) "
+      f"or regexes matching layer paths such as {', '.join(linears[:4])}",
+      "matches no dense layer",
+    ) from None
   widths = {path: min(layer.in_features, layer.out_features) for path, _, layer in chosen}
   narrowest = min(widths, key=widths.get)
   if config.model.max_rank > widths[narrowest]:
-    raise ConfigError("model.max_rank", config.model.max_rank,
-                      f"1..{widths[narrowest]} (min(d_in, d_out) of {narrowest}, the narrowest "
-                      "layer surgery.rules chooses)")
+    raise ConfigError(
+      "model.max_rank",
+      config.model.max_rank,
+      f"1..{widths[narrowest]} (min(d_in, d_out) of {narrowest}, the narrowest "
+      "layer surgery.rules chooses)",
+    )
 
 
-def build_pretrained(config: ml_collections.ConfigDict, *, seed: int,
-                     calibrate: Callable[[nnx.Module], None] | None = None,
-                     dense: nnx.Module | None = None,
-                     ) -> tuple[nnx.Module, nnx.Module, dict[str, np.ndarray] | None]:
+def build_pretrained(
+  config: ml_collections.ConfigDict,
+  *,
+  seed: int,
+  calibrate: Callable[[nnx.Module], None] | None = None,
+  dense: nnx.Module | None = None,
+) -> tuple[nnx.Module, nnx.Module, dict[str, np.ndarray] | None]:
   """(dense, model, calibration) for a pretrained family: the pretrained backbone with the task's
   head before surgery (FlexRank's distillation teacher), the same after `config.surgery` (the
   dense model itself with `model.dense`), and the inputs {path: float32 (n, d_in)} the
@@ -148,7 +181,11 @@ def build_pretrained(config: ml_collections.ConfigDict, *, seed: int,
     raise ValueError("surgery.init=activation_aware needs calibration data.")
   calibration = None if calibrate is None else surgery.capture_inputs(dense, calibrate, rules)
   model = surgery.decompose_and_replace(
-      dense, rules, config.model.max_rank, calibration=calibration if init == "activation_aware" else None)[0]
+    dense,
+    rules,
+    config.model.max_rank,
+    calibration=calibration if init == "activation_aware" else None,
+  )[0]
   return dense, model, calibration
 
 

@@ -15,19 +15,21 @@ fails to read is skipped for the previous one; a writable manager (the trainer, 
 workdir lock) also moves it aside to `<parent>/quarantine/<step>` so that the step number can be
 saved again. Nothing is ever deleted.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 import datetime
 import itertools
 import logging
 import os
-from typing import Any, Callable
+from typing import Any
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
 from nsn_jax.sharding import path_string
 
@@ -54,10 +56,12 @@ def abstract_tree(tree: Any, shardings: Any | None = None) -> Any:
   same structure) to restore into another layout.
   """
   if shardings is None:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+    return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+    )
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
 
 
 def param_shapes(params: Any) -> dict[str, list[int]]:
@@ -67,6 +71,7 @@ def param_shapes(params: Any) -> dict[str, list[int]]:
 
 
 # ----- Fingerprints: computed on device, the same for any sharding of the array. -----
+
 
 def _as_uint32(x: jax.Array) -> jax.Array:
   """x's elements as uint32 bit patterns (same shape; 64-bit dtypes gain a trailing (lo, hi)
@@ -104,11 +109,11 @@ def _fingerprint(x: Any) -> jax.Array:
   index = jnp.zeros(u.shape, jnp.uint32)
   stride = 1
   for axis in reversed(range(u.ndim)):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, u.shape, axis) * np.uint32(
-        stride % 2**32)
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, u.shape, axis) * np.uint32(stride % 2**32)
     stride *= u.shape[axis]
-  return jnp.stack([jnp.sum(u * (_mix(index ^ seed) | np.uint32(1)), dtype=jnp.uint32)
-                    for seed in _SEEDS])
+  return jnp.stack(
+    [jnp.sum(u * (_mix(index ^ seed) | np.uint32(1)), dtype=jnp.uint32) for seed in _SEEDS]
+  )
 
 
 _fingerprint_tree = jax.jit(lambda tree: jax.tree.map(_fingerprint, tree))
@@ -120,12 +125,17 @@ def fingerprints(trees: dict[str, Any]) -> dict[str, dict[str, str]]:
   One jitted program over every tree; only the 8-byte results come to the host.
   """
   sums = jax.device_get(_fingerprint_tree(trees))
-  return {name: {path_string(path): "".join(f"{int(v):08x}" for v in leaf)
-                 for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-          for name, tree in sums.items()}
+  return {
+    name: {
+      path_string(path): "".join(f"{int(v):08x}" for v in leaf)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    for name, tree in sums.items()
+  }
 
 
 # ----- The manager. -----
+
 
 class Checkpoints:
   """Save and restore composite checkpoints in `directory` (local path or gs://…).
@@ -137,14 +147,17 @@ class Checkpoints:
 
   def __init__(self, directory: str, max_to_keep: int = 3, writable: bool = False):
     if not isinstance(max_to_keep, int) or max_to_keep < 1:
-      raise ValueError(f"train.max_to_keep={max_to_keep!r} must be ≥ 1: a run keeps at least "
-                       "its newest checkpoint, and older ones are deleted as new ones are saved.")
+      raise ValueError(
+        f"train.max_to_keep={max_to_keep!r} must be ≥ 1: a run keeps at least "
+        "its newest checkpoint, and older ones are deleted as new ones are saved."
+      )
     self.directory = directory if "://" in directory else os.path.abspath(directory)
     self.writable = writable
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_names=ITEMS)
+      self.directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      item_names=ITEMS,
+    )
 
   def steps(self) -> list[int]:
     """Committed steps, oldest first."""
@@ -170,8 +183,9 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.close()
 
-  def restore(self, abstract_params: Any, abstract_train: Any | None = None,
-              step: int | None = None):
+  def restore(
+    self, abstract_params: Any, abstract_train: Any | None = None, step: int | None = None
+  ):
     """Restores the newest readable step (or only `step`) onto the given abstract trees.
 
     A step that fails to read or whose arrays do not match their saved checksums is skipped
@@ -192,10 +206,16 @@ class Checkpoints:
       check_same_model(metadata, abstract_params, self.directory)
       missing = set(targets) - set(metadata.get("checksums", targets))
       if missing:
-        raise CheckpointError(f"step {step} of {self.directory} holds no {sorted(missing)} "
-                              "state (an exported, inference-only checkpoint?).")
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          **{name: ocp.args.StandardRestore(t) for name, t in targets.items()}))
+        raise CheckpointError(
+          f"step {step} of {self.directory} holds no {sorted(missing)} "
+          "state (an exported, inference-only checkpoint?)."
+        )
+      restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          **{name: ocp.args.StandardRestore(t) for name, t in targets.items()}
+        ),
+      )
       trees = {name: restored[name] for name in targets}
       self._verify(step, metadata, trees)
       return trees["params"], trees.get("train"), metadata
@@ -214,8 +234,9 @@ class Checkpoints:
     return None if found is None else found[1]
 
   def _metadata(self, step: int) -> dict:
-    metadata = self.manager.restore(
-        step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+    metadata = self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))[
+      "metadata"
+    ]
     if not isinstance(metadata, dict):
       raise ValueError(f"metadata is {type(metadata).__name__}, not a JSON object")
     return metadata
@@ -227,12 +248,19 @@ class Checkpoints:
     if saved is None:
       return
     actual = fingerprints(trees)
-    bad = [f"{name}/{path}" for name, sums in actual.items() for path, value in sums.items()
-           if saved.get(name, {}).get(path) != value]
+    bad = [
+      f"{name}/{path}"
+      for name, sums in actual.items()
+      for path, value in sums.items()
+      if saved.get(name, {}).get(path) != value
+    ]
     if bad:  # only now pay for reading orbax's array metadata
       dtypes = self._saved_dtypes(step)
-      restored = {f"{name}/{path_string(path)}": x.dtype for name, tree in trees.items()
-                  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+      restored = {
+        f"{name}/{path_string(path)}": x.dtype
+        for name, tree in trees.items()
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+      }
       bad = [p for p in bad if dtypes.get(p, restored[p]) == restored[p]]
     if bad:
       raise ChecksumError(f"checksum mismatch in {len(bad)} arrays: {', '.join(bad[:5])}")
@@ -260,17 +288,22 @@ class Checkpoints:
         return candidate, read(candidate)
       except CheckpointError:
         raise  # a wrong model is wrong at every step: falling back would hide it
-      except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous one
+      except Exception as e:
         failures.append(f"step {candidate}: {_reason(e)}")
         self._set_aside(candidate, _reason(e))
     listing = "\n  ".join(failures)
     if step is not None:
-      raise CheckpointError(f"step {step} of {self.directory} is unreadable: {listing}\n"
-                            f"available steps: {self.steps()}")
+      raise CheckpointError(
+        f"step {step} of {self.directory} is unreadable: {listing}\navailable steps: {self.steps()}"
+      )
     if self.writable and failures:
-      logging.warning("no readable checkpoint in %s; starting from scratch (the unreadable "
-                      "steps are kept in %s):\n  %s", self.directory, self._quarantine_dir(),
-                      listing)
+      logging.warning(
+        "no readable checkpoint in %s; starting from scratch (the unreadable "
+        "steps are kept in %s):\n  %s",
+        self.directory,
+        self._quarantine_dir(),
+        listing,
+      )
       return None
     raise CheckpointError(f"no readable checkpoint in {self.directory}:\n  {listing}")
 
@@ -281,8 +314,12 @@ class Checkpoints:
     """Warns about an unreadable step; if writable, renames it into quarantine (process 0 only;
     every process then waits for the rename and re-lists the steps, so the number is free)."""
     if not self.writable:
-      logging.warning("checkpoint step %d in %s is unreadable (%s); trying an older one.",
-                      step, self.directory, reason)
+      logging.warning(
+        "checkpoint step %d in %s is unreadable (%s); trying an older one.",
+        step,
+        self.directory,
+        reason,
+      )
       return
     if jax.process_index() == 0:
       source = epath.Path(self.directory) / str(step)  # orbax's default step name
@@ -291,8 +328,13 @@ class Checkpoints:
         target = target.parent / f"{step}.{datetime.datetime.now():%Y%m%dT%H%M%S.%f}"
       target.parent.mkdir(parents=True, exist_ok=True)
       source.rename(target)
-      logging.warning("checkpoint step %d in %s is unreadable (%s); moved it to %s.",
-                      step, self.directory, reason, target)
+      logging.warning(
+        "checkpoint step %d in %s is unreadable (%s); moved it to %s.",
+        step,
+        self.directory,
+        reason,
+        target,
+      )
     if jax.process_count() > 1:
       ocp.multihost.sync_global_processes(f"nsn_jax_quarantine_{step}_{next(_BARRIERS)}")
     self.manager.reload()
@@ -311,10 +353,14 @@ def check_same_model(metadata: dict, abstract_params: Any, directory: str) -> No
   """Raises CheckpointError naming the first parameters whose shapes differ."""
   saved = metadata.get("param_shapes", {})
   wanted = param_shapes(abstract_params)
-  diffs = [f"{k}: checkpoint {saved.get(k)} vs model {wanted.get(k)}"
-           for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+  diffs = [
+    f"{k}: checkpoint {saved.get(k)} vs model {wanted.get(k)}"
+    for k in sorted(set(saved) | set(wanted))
+    if saved.get(k) != wanted.get(k)
+  ]
   if diffs:
     raise CheckpointError(
-        f"{directory} holds a checkpoint of another model ({len(diffs)} parameters differ):\n  "
-        + "\n  ".join(diffs[:5]) +
-        "\nUse a fresh --workdir, or the config this checkpoint was trained with.")
+      f"{directory} holds a checkpoint of another model ({len(diffs)} parameters differ):\n  "
+      + "\n  ".join(diffs[:5])
+      + "\nUse a fresh --workdir, or the config this checkpoint was trained with."
+    )

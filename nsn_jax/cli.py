@@ -4,6 +4,7 @@ Bad input (a config field, a path, a rank, a checkpoint) is reported as `tool: e
 with exit code 2 and no traceback; a diverged run as `tool: error: ...` with exit code 1.
 `--verbose` shows the traceback as well.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -10,6 +10,7 @@ R has one name, `model.max_rank`: the NSN MLP's rank, or the rank surgery gives 
 model's chosen layers. `model.dense=True` is the explicit dense mode: the same model with plain
 dense layers (the baseline twin), trained with one loss and evaluated as one model, not a rank.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,14 @@ from ml_collections import config_dict
 MODELS = ("nsn_mlp", "llama_gguf", "bert_hf")
 PRETRAINED = ("llama_gguf", "bert_hf")
 TASKS = ("image_classification", "text_classification", "language_modelling")
-OBJECTIVES = ("anchor_only", "uniform", "uncertainty", "uncertainty_logits", "uncertainty_ortho",
-              "flexrank_distill")
+OBJECTIVES = (
+  "anchor_only",
+  "uniform",
+  "uncertainty",
+  "uncertainty_logits",
+  "uncertainty_ortho",
+  "flexrank_distill",
+)
 DISTILL = "flexrank_distill"
 DTYPES = ("float32", "bfloat16")
 SURGERY_PRESETS = ("mlp", "attention", "mlp_and_attention")
@@ -44,8 +51,8 @@ class ConfigError(ValueError):
 def defaults() -> ml_collections.ConfigDict:
   """Every field with its default: the offline MNIST-digits NSN MLP (configs/default.py)."""
   c = ml_collections.ConfigDict()
-  c.seed = 0                         # parameter init, data order and rank draws
-  c.task = "image_classification"    # | text_classification | language_modelling
+  c.seed = 0  # parameter init, data order and rank draws
+  c.task = "image_classification"  # | text_classification | language_modelling
   _data_and_model(c)
   _method(c)
   _training(c)
@@ -55,85 +62,85 @@ def defaults() -> ml_collections.ConfigDict:
 def _data_and_model(c: ml_collections.ConfigDict) -> None:
   """data, model, surgery."""
   c.data = ml_collections.ConfigDict()
-  c.data.name = "mnist5k"            # a TFDS dataset (mnist5k and shakespeare/* are built offline)
+  c.data.name = "mnist5k"  # a TFDS dataset (mnist5k and shakespeare/* are built offline)
   c.data.data_dir = config_dict.placeholder(str)  # None: TFDS's default (~/tensorflow_datasets)
-  c.data.image_shape = (28, 28, 1)   # image tasks: must match the dataset
-  c.data.num_classes = 10            # classification; None for language modelling
+  c.data.image_shape = (28, 28, 1)  # image tasks: must match the dataset
+  c.data.num_classes = 10  # classification; None for language modelling
   c.data.train_split = "train"
   c.data.eval_split = "test"
-  c.data.cache = True                # hold this process's shard of the train split in memory
-  c.data.text_feature = ()           # text tasks: the feature(s) tokenised, e.g. ("text",)
+  c.data.cache = True  # hold this process's shard of the train split in memory
+  c.data.text_feature = ()  # text tasks: the feature(s) tokenised, e.g. ("text",)
   c.data.seq_len = config_dict.placeholder(int)  # text tasks: tokens per example
-  c.data.eval_examples = 0           # text tasks: a fixed random cap on the eval split; 0 = all
+  c.data.eval_examples = 0  # text tasks: a fixed random cap on the eval split; 0 = all
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "nsn_mlp"           # | llama_gguf (GGUF file) | bert_hf (Hugging Face directory)
-  c.model.max_rank = 64              # R: the NSN MLP's rank (64 < both demo layers' break-even
-                                     # ranks, 193 and 128), or the rank surgery gives
-  c.model.dense = False              # True: plain dense layers (the baseline twin), no ranks
-  c.model.hidden = (256, 256)        # nsn_mlp: hidden widths
-  c.model.dtype = "float32"          # computation dtype (parameters stay float32)
-  c.model.path = ""                  # pretrained file; "": the offline SmolLM2 / MiniLM
-  c.model.init_from = ""             # pretrained: a dense twin's workdir to start surgery from
+  c.model.name = "nsn_mlp"  # | llama_gguf (GGUF file) | bert_hf (Hugging Face directory)
+  c.model.max_rank = 64  # R: the NSN MLP's rank (64 < both demo layers' break-even
+  # ranks, 193 and 128), or the rank surgery gives
+  c.model.dense = False  # True: plain dense layers (the baseline twin), no ranks
+  c.model.hidden = (256, 256)  # nsn_mlp: hidden widths
+  c.model.dtype = "float32"  # computation dtype (parameters stay float32)
+  c.model.path = ""  # pretrained file; "": the offline SmolLM2 / MiniLM
+  c.model.init_from = ""  # pretrained: a dense twin's workdir to start surgery from
 
   c.surgery = ml_collections.ConfigDict()  # pretrained models: which layers become NSN layers
-  c.surgery.rules = ("mlp",)         # presets (mlp, attention, mlp_and_attention) and/or regexes
-  c.surgery.init = "svd"             # | activation_aware (FlexRank's whitened SVD)
+  c.surgery.rules = ("mlp",)  # presets (mlp, attention, mlp_and_attention) and/or regexes
+  c.surgery.init = "svd"  # | activation_aware (FlexRank's whitened SVD)
   c.surgery.calibration_batches = 4  # training batches recorded for activation-aware init
 
 
 def _method(c: ml_collections.ConfigDict) -> None:
   """objective, flexrank, ranks: what each step trains and how losses combine."""
   c.objective = ml_collections.ConfigDict()
-  c.objective.name = "uncertainty"   # one of OBJECTIVES; flexrank_distill needs flexrank.budgets
-  c.objective.logits_weight = 1.0    # uncertainty_logits: weight of the KL to the anchor rank
-  c.objective.ortho_weight = 0.01    # uncertainty_ortho: weight of the orthogonality penalty
+  c.objective.name = "uncertainty"  # one of OBJECTIVES; flexrank_distill needs flexrank.budgets
+  c.objective.logits_weight = 1.0  # uncertainty_logits: weight of the KL to the anchor rank
+  c.objective.ortho_weight = 0.01  # uncertainty_ortho: weight of the orthogonality penalty
 
   c.flexrank = ml_collections.ConfigDict()  # docs/flexrank.md (pretrained models with surgery)
-  c.flexrank.budgets = ()            # fractions of the dense model; () = no profiles
-  c.flexrank.budget_unit = "flops"   # flops (whole forward pass) | params (parameter count)
-  c.flexrank.probabilities = ()      # α_k per budget for flexrank_distill; () = uniform
+  c.flexrank.budgets = ()  # fractions of the dense model; () = no profiles
+  c.flexrank.budget_unit = "flops"  # flops (whole forward pass) | params (parameter count)
+  c.flexrank.probabilities = ()  # α_k per budget for flexrank_distill; () = uniform
 
   c.ranks = ml_collections.ConfigDict()  # which ranks each step trains (not in dense mode)
-  c.ranks.kind = "fixed"             # fixed (ranks.fixed every step) | anchor_variants (paper)
+  c.ranks.kind = "fixed"  # fixed (ranks.fixed every step) | anchor_variants (paper)
   # Every rank up to 8, then powers of two: ranks below 8 do not interpolate from trained
   # neighbours (held-out ranks 3 and 5 fell ~4 points below trained 2 and 4 with the set 64, 32,
   # ..., 2, 1); from 9 up, held-out ranks land between their trained neighbours.
   c.ranks.fixed = (64, 32, 16, 8, 7, 6, 5, 4, 3, 2, 1)
-  c.ranks.min_rank = 1               # anchor_variants: smallest rank drawn after warm-up
-  c.ranks.num_variants = 1           # anchor_variants: ranks drawn per step besides R
-  c.ranks.curriculum = "linear"      # anchor_variants: linear | step | none
-  c.ranks.warmup_fraction = 0.3      # anchor_variants: share of training the range widens over
-  c.ranks.num_stages = 4             # anchor_variants, curriculum step: jumps of the range
-  c.ranks.held_out = ()              # anchor_variants: never drawn; reported as held out
+  c.ranks.min_rank = 1  # anchor_variants: smallest rank drawn after warm-up
+  c.ranks.num_variants = 1  # anchor_variants: ranks drawn per step besides R
+  c.ranks.curriculum = "linear"  # anchor_variants: linear | step | none
+  c.ranks.warmup_fraction = 0.3  # anchor_variants: share of training the range widens over
+  c.ranks.num_stages = 4  # anchor_variants, curriculum step: jumps of the range
+  c.ranks.held_out = ()  # anchor_variants: never drawn; reported as held out
 
 
 def _training(c: ml_collections.ConfigDict) -> None:
   """mesh, sharding, train, optimizer, eval."""
-  c.mesh = ml_collections.ConfigDict()   # device axes; -1 = all remaining devices
+  c.mesh = ml_collections.ConfigDict()  # device axes; -1 = all remaining devices
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.sharding = ml_collections.ConfigDict()
-  c.sharding.rules = ()              # ((path regex, (axis|None, ...)), ...); () = the defaults
+  c.sharding.rules = ()  # ((path regex, (axis|None, ...)), ...); () = the defaults
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 3000
-  c.train.batch_size = 128           # global; divisible by the data × fsdp devices
+  c.train.batch_size = 128  # global; divisible by the data × fsdp devices
   c.train.log_every = 100
   c.train.checkpoint_every = 1000
   c.train.max_to_keep = 3
-  c.train.trainable = ("",)          # path regexes of the parameters that train; "" = all
+  c.train.trainable = ("",)  # path regexes of the parameters that train; "" = all
   c.train.multi_rank = "vmap_masked"  # | loop_static (fixed ranks as static slices)
 
   c.optimizer = ml_collections.ConfigDict()  # AdamW, linear warm-up then cosine decay
   c.optimizer.learning_rate = 3e-3
   c.optimizer.warmup_steps = 100
-  c.optimizer.weight_decay = 0.1     # 4,000 training digits: an unregularised MLP overfits
+  c.optimizer.weight_decay = 0.1  # 4,000 training digits: an unregularised MLP overfits
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.every = 1000                # steps between evaluations during training
-  c.eval.ranks = ()                  # ranks evaluated during training; () = R, R/4, R/16
+  c.eval.every = 1000  # steps between evaluations during training
+  c.eval.ranks = ()  # ranks evaluated during training; () = R, R/4, R/16
   c.eval.batch_size = 500
 
 
@@ -194,11 +201,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
 def _check_fields(config, schema, prefix: str) -> None:
   """Unknown fields (a typo in a config file) and sections replaced by a non-section."""
-  for key in config.keys():
+  for key in config:
     if key not in schema:
-      raise ConfigError(f"{prefix}{key}", config[key], f"the fields of {prefix or 'the config'}"
-                        f" in nsn_jax/config.py ({', '.join(sorted(schema.keys()))})",
-                        "unknown field")
+      raise ConfigError(
+        f"{prefix}{key}",
+        config[key],
+        f"the fields of {prefix or 'the config'}"
+        f" in nsn_jax/config.py ({', '.join(sorted(schema.keys()))})",
+        "unknown field",
+      )
     if isinstance(schema[key], ml_collections.ConfigDict):
       if not isinstance(config[key], ml_collections.ConfigDict):
         raise ConfigError(f"{prefix}{key}", str(config[key]), "a section", "not a section")
@@ -216,8 +227,9 @@ def _integer(field: str, value: Any, low: int, high: float = math.inf) -> None:
     raise ConfigError(field, value, span)
 
 
-def _number(field: str, value: Any, low: float, high: float = math.inf,
-            low_open: bool = False) -> None:
+def _number(
+  field: str, value: Any, low: float, high: float = math.inf, low_open: bool = False
+) -> None:
   ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
   if not ok or value > high or value < low or (low_open and value == low):
     left = "(" if low_open else "["
@@ -255,8 +267,12 @@ def _check_data(config) -> None:
     _integer("data.eval_examples", data.eval_examples, 0)
   if config.task == "language_modelling":
     if data.num_classes is not None:
-      raise ConfigError("data.num_classes", data.num_classes, "None for language_modelling",
-                        "a language model predicts tokens, not classes")
+      raise ConfigError(
+        "data.num_classes",
+        data.num_classes,
+        "None for language_modelling",
+        "a language model predicts tokens, not classes",
+      )
   else:
     _integer("data.num_classes", data.num_classes, 2)
 
@@ -272,8 +288,9 @@ def _check_model(config) -> None:
       raise ConfigError("model.hidden", model.hidden, "one or more positive widths")
     for field in ("path", "init_from"):
       if model[field]:
-        raise ConfigError(f"model.{field}", model[field], '"" for nsn_mlp',
-                          "only pretrained models read a file")
+        raise ConfigError(
+          f"model.{field}", model[field], '"" for nsn_mlp', "only pretrained models read a file"
+        )
     width = min(math.prod(config.data.image_shape), *model.hidden)
     if not model.dense:
       _integer("model.max_rank", model.max_rank, 1, width)
@@ -288,8 +305,11 @@ def _check_model(config) -> None:
 def _check_surgery(config) -> None:
   surgery = config.surgery
   if isinstance(surgery.rules, str) or not surgery.rules:
-    raise ConfigError("surgery.rules", surgery.rules, "a tuple of presets "
-                      f"({' | '.join(SURGERY_PRESETS)}) and/or path regexes, e.g. ('mlp',)")
+    raise ConfigError(
+      "surgery.rules",
+      surgery.rules,
+      f"a tuple of presets ({' | '.join(SURGERY_PRESETS)}) and/or path regexes, e.g. ('mlp',)",
+    )
   for rule in surgery.rules:
     _regex("surgery.rules", rule)
   _one_of("surgery.init", surgery.init, ("svd", "activation_aware"))
@@ -310,31 +330,46 @@ def _check_ranks(config) -> None:
   if ranks.kind == "fixed":
     _rank_list("ranks.fixed", ranks.fixed, max_rank, valid, empty_ok=False)
     if ranks.held_out:
-      raise ConfigError("ranks.held_out", ranks.held_out, "() with ranks.kind=fixed",
-                        "with fixed ranks every rank not in ranks.fixed is held out")
+      raise ConfigError(
+        "ranks.held_out",
+        ranks.held_out,
+        "() with ranks.kind=fixed",
+        "with fixed ranks every rank not in ranks.fixed is held out",
+      )
   else:
     _integer("ranks.min_rank", ranks.min_rank, 1, max_rank)
     _integer("ranks.num_variants", ranks.num_variants, 1)
     _one_of("ranks.curriculum", ranks.curriculum, ("linear", "step", "none"))
     _number("ranks.warmup_fraction", ranks.warmup_fraction, 0.0, 1.0)
     _integer("ranks.num_stages", ranks.num_stages, 1)
-    _rank_list("ranks.held_out", ranks.held_out, max_rank - 1, f"distinct integers in "
-               f"1..{max_rank - 1} (R={max_rank} is the anchor)", empty_ok=True)
+    _rank_list(
+      "ranks.held_out",
+      ranks.held_out,
+      max_rank - 1,
+      f"distinct integers in 1..{max_rank - 1} (R={max_rank} is the anchor)",
+      empty_ok=True,
+    )
     if set(range(ranks.min_rank, max_rank)) and set(range(ranks.min_rank, max_rank)) <= set(
-        ranks.held_out):
+      ranks.held_out
+    ):
       raise ConfigError("ranks.held_out", ranks.held_out, "leaving a rank below R to train")
   _rank_list("eval.ranks", config.eval.ranks, max_rank, valid, empty_ok=True)
   _one_of("train.multi_rank", config.train.multi_rank, MULTI_RANK)
   if config.train.multi_rank == "loop_static" and ranks.kind != "fixed":
-    raise ConfigError("train.multi_rank", "loop_static", "vmap_masked with ranks.kind="
-                      "anchor_variants", "drawn ranks are data, not static slices")
+    raise ConfigError(
+      "train.multi_rank",
+      "loop_static",
+      "vmap_masked with ranks.kind=anchor_variants",
+      "drawn ranks are data, not static slices",
+    )
 
 
 def _rank_list(field: str, ranks: Any, max_rank: int, valid: str, empty_ok: bool) -> None:
   if isinstance(ranks, (int, str)) or (not ranks and not empty_ok):
     raise ConfigError(field, ranks, f"a tuple of {valid}")
-  bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, int)
-         or not 1 <= r <= max_rank]
+  bad = [
+    r for r in ranks if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= max_rank
+  ]
   if bad or len(set(ranks)) != len(ranks):
     raise ConfigError(field, ranks, valid, f"{bad} out of range" if bad else "repeated ranks")
 
@@ -351,26 +386,50 @@ def _check_objective(config) -> None:
     raise ConfigError("flexrank.budgets", flex.budgets, "distinct fractions", "repeated budget")
   nested = config.model.name in PRETRAINED and not config.model.dense
   if flex.budgets and not nested:
-    raise ConfigError("flexrank.budgets", flex.budgets, "() unless a pretrained model gets "
-                      "surgery (model.name llama_gguf / bert_hf, model.dense=False)")
-  if flex.probabilities and (len(flex.probabilities) != len(flex.budgets)
-                             or min(flex.probabilities) < 0
-                             or not math.isclose(sum(flex.probabilities), 1.0)):
-    raise ConfigError("flexrank.probabilities", flex.probabilities,
-                      f"{len(flex.budgets)} non-negative numbers summing to 1, or () = uniform")
+    raise ConfigError(
+      "flexrank.budgets",
+      flex.budgets,
+      "() unless a pretrained model gets "
+      "surgery (model.name llama_gguf / bert_hf, model.dense=False)",
+    )
+  if flex.probabilities and (
+    len(flex.probabilities) != len(flex.budgets)
+    or min(flex.probabilities) < 0
+    or not math.isclose(sum(flex.probabilities), 1.0)
+  ):
+    raise ConfigError(
+      "flexrank.probabilities",
+      flex.probabilities,
+      f"{len(flex.budgets)} non-negative numbers summing to 1, or () = uniform",
+    )
   if name == DISTILL:
     if not flex.budgets:
-      raise ConfigError("flexrank.budgets", flex.budgets, "one or more fractions in (0, 1] "
-                        f"for objective.name={DISTILL}, e.g. (0.3, 0.5, 0.7, 0.9)")
+      raise ConfigError(
+        "flexrank.budgets",
+        flex.budgets,
+        f"one or more fractions in (0, 1] for objective.name={DISTILL}, e.g. (0.3, 0.5, 0.7, 0.9)",
+      )
     if config.eval.ranks:
-      raise ConfigError("eval.ranks", config.eval.ranks, f"() with objective.name={DISTILL}",
-                        "distillation evaluates its profiles, not global ranks")
+      raise ConfigError(
+        "eval.ranks",
+        config.eval.ranks,
+        f"() with objective.name={DISTILL}",
+        "distillation evaluates its profiles, not global ranks",
+      )
     if config.task == "text_classification" and not config.model.init_from:
-      raise ConfigError("model.init_from", "", "the workdir of the dense twin fine-tuned on "
-                        "this task", "distilling a classifier needs a fine-tuned teacher")
+      raise ConfigError(
+        "model.init_from",
+        "",
+        "the workdir of the dense twin fine-tuned on this task",
+        "distilling a classifier needs a fine-tuned teacher",
+      )
   elif config.model.dense and name not in ("uncertainty", "uniform", "anchor_only"):
-    raise ConfigError("objective.name", name, "the default (ignored) in dense mode",
-                      "a dense model trains one plain loss")
+    raise ConfigError(
+      "objective.name",
+      name,
+      "the default (ignored) in dense mode",
+      "a dense model trains one plain loss",
+    )
 
 
 def _check_train(config) -> None:
@@ -399,13 +458,16 @@ def _check_mesh(config, num_devices: int) -> None:
     raise ConfigError("mesh", str(sizes), "at most one axis of -1")
   known = math.prod(s for s in sizes.values() if s != -1)
   if num_devices % known:
-    raise ConfigError("mesh", str(sizes), f"axis sizes whose product divides the "
-                      f"{num_devices} devices")
-  split = math.prod(num_devices // known if sizes[a] == -1 else sizes[a]
-                    for a in ("data", "fsdp"))
+    raise ConfigError(
+      "mesh", str(sizes), f"axis sizes whose product divides the {num_devices} devices"
+    )
+  split = math.prod(num_devices // known if sizes[a] == -1 else sizes[a] for a in ("data", "fsdp"))
   if config.train.batch_size % split:
-    raise ConfigError("train.batch_size", config.train.batch_size,
-                      f"a multiple of the data × fsdp devices ({split})")
+    raise ConfigError(
+      "train.batch_size",
+      config.train.batch_size,
+      f"a multiple of the data × fsdp devices ({split})",
+    )
   for rule in config.sharding.rules:
     if len(rule) != 2:
       raise ConfigError("sharding.rules", str(rule), "(path regex, (axis | None, ...)) pairs")

@@ -23,19 +23,26 @@ The measured latencies are in docs/benchmarks.md (summary in docs/design.md, "De
 per layer"). Use "matmul" for CPU latency at small ranks, "cheapest" for the fewest FLOPs and
 parameters.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
 import dataclasses
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from nsn_jax import flexrank, flops
-from nsn_jax.layers import (NSNDense, Rank, check_static_rank, nsn_layers, resolve_rank,
-                            set_submodule)
+from nsn_jax.layers import (
+  NSNDense,
+  Rank,
+  check_static_rank,
+  nsn_layers,
+  resolve_rank,
+  set_submodule,
+)
 
 FORMS = flops.FORMS
 POLICIES = ("cheapest", "matmul")  # form choices made per layer (see the module docstring)
@@ -48,10 +55,18 @@ class GatherIndex(nnx.Variable):
 class FixedRankLayer(nnx.Module):
   """Base of the deployed forms: a d_in → d_out map at one fixed rank, built empty (zeros) from
   its shapes so a checkpoint can be restored into it, then filled by `deploy`."""
+
   form: str
 
-  def __init__(self, in_features: int, out_features: int, rank: int, use_bias: bool,
-               dtype=None, param_dtype=jnp.float32):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    rank: int,
+    use_bias: bool,
+    dtype=None,
+    param_dtype=jnp.float32,
+  ):
     self.in_features, self.out_features, self.rank = in_features, out_features, rank
     self.dtype = dtype
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
@@ -64,8 +79,9 @@ class FixedRankLayer(nnx.Module):
   def flops_per_row(self) -> int:
     """Forward FLOPs per input row (multiply-add = 2, bias add = 1): how `nsn_jax.flops`
     counts a module whose cost no rank changes."""
-    return flops.form_flops(self.form, self.in_features, self.out_features, self.rank,
-                            self.bias is not None)
+    return flops.form_flops(
+      self.form, self.in_features, self.out_features, self.rank, self.bias is not None
+    )
 
   def _add_bias(self, y: jax.Array) -> jax.Array:
     return y if self.bias is None else y + self.bias[...].astype(y.dtype)
@@ -73,6 +89,7 @@ class FixedRankLayer(nnx.Module):
 
 class DenseForm(FixedRankLayer):
   """y = x @ kernel + bias with kernel = a_r b_r folded: (d_in, d_out)."""
+
   form = "dense"
 
   def _init_params(self, param_dtype) -> None:
@@ -86,6 +103,7 @@ class DenseForm(FixedRankLayer):
 
 class FactorisedForm(FixedRankLayer):
   """y = (x @ a) @ b + bias with the rank-r prefixes a: (d_in, r), b: (r, d_out)."""
+
   form = "factorised"
 
   def _init_params(self, param_dtype) -> None:
@@ -99,6 +117,7 @@ class FactorisedForm(FixedRankLayer):
 
 class GARForm(FixedRankLayer):
   """y = (x[perm[:r]] + x[perm[r:]] @ n) @ m + bias: n (d_in − r, r), m (r, d_out), perm (d_in,)."""
+
   form = "gar"
 
   def _init_params(self, param_dtype) -> None:
@@ -110,7 +129,7 @@ class GARForm(FixedRankLayer):
     x, n, m = nnx.nn.dtypes.promote_dtype((x, self.n[...], self.m[...]), dtype=self.dtype)
     x = jnp.take(x, self.perm[...], axis=-1)
     # The pivot rows of the gauge-aligned factor are the identity: an add, not a matmul.
-    return self._add_bias((x[..., :self.rank] + x[..., self.rank:] @ n) @ m)
+    return self._add_bias((x[..., : self.rank] + x[..., self.rank :] @ n) @ m)
 
 
 FORM_CLASSES = {cls.form: cls for cls in (DenseForm, FactorisedForm, GARForm)}
@@ -119,6 +138,7 @@ FORM_CLASSES = {cls.form: cls for cls in (DenseForm, FactorisedForm, GARForm)}
 @dataclasses.dataclass(frozen=True)
 class DeployedLayer:
   """What `deploy` did to one NSN layer; FLOPs per row, parameters stored (factors or kernel)."""
+
   path: str
   in_features: int
   out_features: int
@@ -147,8 +167,14 @@ def _filled(layer: NSNDense, rank: int, form: str) -> FixedRankLayer:
   Computed on the host (numpy): a one-off, and the results land on the default device whatever
   layout the trained factors had.
   """
-  out = FORM_CLASSES[form](layer.in_features, layer.out_features, rank, layer.bias is not None,
-                           layer.dtype, layer.param_dtype)
+  out = FORM_CLASSES[form](
+    layer.in_features,
+    layer.out_features,
+    rank,
+    layer.bias is not None,
+    layer.dtype,
+    layer.param_dtype,
+  )
   a, b = np.asarray(layer.a[...][:, :rank]), np.asarray(layer.b[...][:rank])
   if form == "dense":
     values = {"kernel": a.astype(np.float64) @ b}
@@ -165,8 +191,9 @@ def _filled(layer: NSNDense, rank: int, form: str) -> FixedRankLayer:
   return out
 
 
-def deploy(model: nnx.Module, rank: Rank = None,
-           form: str | Mapping[str, str] = "cheapest") -> tuple[nnx.Module, list[DeployedLayer]]:
+def deploy(
+  model: nnx.Module, rank: Rank = None, form: str | Mapping[str, str] = "cheapest"
+) -> tuple[nnx.Module, list[DeployedLayer]]:
   """A copy of `model` fixed at `rank` (an int, a profile {path: int}, or None = each layer's R).
 
   Every NSN layer becomes a `FixedRankLayer` of the form `form` names: "cheapest" (default: the
@@ -182,8 +209,11 @@ def deploy(model: nnx.Module, rank: Rank = None,
   plan = []
   for path, layer in layers.items():
     layer_rank = resolve_rank(rank, path)
-    r = layer.max_rank if layer_rank is None else check_static_rank(
-        layer_rank, layer.max_rank, f"layer {path!r}")
+    r = (
+      layer.max_rank
+      if layer_rank is None
+      else check_static_rank(layer_rank, layer.max_rank, f"layer {path!r}")
+    )
     policy = form.get(path, "cheapest") if isinstance(form, Mapping) else form
     plan.append((path, r, choose_form(layer.in_features, layer.out_features, r, policy)))
   deployed = nnx.clone(model)
@@ -191,10 +221,18 @@ def deploy(model: nnx.Module, rank: Rank = None,
   for (path, r, chosen), layer in zip(plan, nsn_layers(deployed).values()):
     module = _filled(layer, r, chosen)
     set_submodule(deployed, path, module)
-    report.append(DeployedLayer(
-        path, layer.in_features, layer.out_features, layer.bias is not None, r, chosen,
+    report.append(
+      DeployedLayer(
+        path,
+        layer.in_features,
+        layer.out_features,
+        layer.bias is not None,
+        r,
+        chosen,
         module.flops_per_row(),
-        sum(p.size for p in jax.tree.leaves(nnx.state(module, nnx.Param)))))
+        sum(p.size for p in jax.tree.leaves(nnx.state(module, nnx.Param))),
+      )
+    )
   return deployed, report
 
 
@@ -204,16 +242,30 @@ def empty_like(model: nnx.Module, report: list[DeployedLayer]) -> nnx.Module:
   into."""
   for entry in report:
     layer = nsn_layers(model)[entry.path]
-    set_submodule(model, entry.path, FORM_CLASSES[entry.form](
-        entry.in_features, entry.out_features, entry.rank, entry.use_bias, layer.dtype,
-        layer.param_dtype))
+    set_submodule(
+      model,
+      entry.path,
+      FORM_CLASSES[entry.form](
+        entry.in_features,
+        entry.out_features,
+        entry.rank,
+        entry.use_bias,
+        layer.dtype,
+        layer.param_dtype,
+      ),
+    )
   return model
 
 
 def format_report(report: list[DeployedLayer]) -> str:
   """The per-layer forms as a table."""
-  lines = [f"{'layer':<28} {'d_in':>6} {'d_out':>6} {'rank':>5} {'form':>10} {'FLOPs/row':>11} "
-           f"{'params':>10}"]
-  lines += [f"{e.path:<28} {e.in_features:>6} {e.out_features:>6} {e.rank:>5} {e.form:>10} "
-            f"{e.flops:>11,} {e.params:>10,}" for e in report]
+  lines = [
+    f"{'layer':<28} {'d_in':>6} {'d_out':>6} {'rank':>5} {'form':>10} {'FLOPs/row':>11} "
+    f"{'params':>10}"
+  ]
+  lines += [
+    f"{e.path:<28} {e.in_features:>6} {e.out_features:>6} {e.rank:>5} {e.form:>10} "
+    f"{e.flops:>11,} {e.params:>10,}"
+    for e in report
+  ]
   return "\n".join(lines)

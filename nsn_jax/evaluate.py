@@ -1,12 +1,13 @@
 """Task metrics at a static rank: one compiled XLA program per rank, cached."""
+
 from __future__ import annotations
 
 import time
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from nsn_jax.tasks import Task
 
@@ -26,13 +27,17 @@ class RankEvaluator:
       return task.scores(task.logits(nnx.merge(graphdef, params), batch, rank), batch, rows)
 
     self._scores = jax.jit(scores, static_argnums=3)
-    self._forward = jax.jit(lambda params, batch, rank: task.logits(
-        nnx.merge(graphdef, params), batch, rank), static_argnums=2)
+    self._forward = jax.jit(
+      lambda params, batch, rank: task.logits(nnx.merge(graphdef, params), batch, rank),
+      static_argnums=2,
+    )
     self._compiled = {}
 
   def _example(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.ShapeDtypeStruct]:
-    return {k: jax.ShapeDtypeStruct((self.batch_size, *arrays[k].shape[1:]), arrays[k].dtype)
-            for k in self.task.keys}
+    return {
+      k: jax.ShapeDtypeStruct((self.batch_size, *arrays[k].shape[1:]), arrays[k].dtype)
+      for k in self.task.keys
+    }
 
   def compiled(self, params, arrays: dict[str, np.ndarray], rank):
     """The rank's XLA executable for one batch shaped like `arrays`, compiled once, reused."""
@@ -54,20 +59,24 @@ class RankEvaluator:
     (compile excluded)."""
     n = len(arrays[self.task.keys[0]])
     pad = -n % self.batch_size
-    padded = {k: np.concatenate([arrays[k], np.zeros((pad, *arrays[k].shape[1:]),
-                                                     arrays[k].dtype)])
-              for k in self.task.keys}
+    padded = {
+      k: np.concatenate([arrays[k], np.zeros((pad, *arrays[k].shape[1:]), arrays[k].dtype)])
+      for k in self.task.keys
+    }
     rows = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
     program = self.compiled(params, arrays, rank)
-    batch_at = lambda start: {k: v[start:start + self.batch_size] for k, v in padded.items()}
-    jax.block_until_ready(program(params, batch_at(0), rows[:self.batch_size]))  # warm-up
+    batch_at = lambda start: {k: v[start : start + self.batch_size] for k, v in padded.items()}
+    jax.block_until_ready(program(params, batch_at(0), rows[: self.batch_size]))  # warm-up
     totals = {"loss": 0.0, "correct": 0.0, "weight": 0.0}
     latencies = []
     for start in range(0, n + pad, self.batch_size):
       t0 = time.perf_counter()
-      sums = jax.device_get(program(params, batch_at(start), rows[start:start + self.batch_size]))
+      sums = jax.device_get(program(params, batch_at(start), rows[start : start + self.batch_size]))
       latencies.append(time.perf_counter() - t0)
       for key in totals:
         totals[key] += float(sums[key])
-    return {"accuracy": totals["correct"] / totals["weight"],
-            "loss": totals["loss"] / totals["weight"], "latency_s": float(np.median(latencies))}
+    return {
+      "accuracy": totals["correct"] / totals["weight"],
+      "loss": totals["loss"] / totals["weight"],
+      "latency_s": float(np.median(latencies)),
+    }

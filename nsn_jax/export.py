@@ -9,6 +9,7 @@ dense, factorised or GAR, whichever is cheapest at its rank), so its parameter c
 really shrink. `nsn_jax.restore.restore_model(OUT)` reloads it (it then runs with `rank=None`)
 and `eval.py --workdir=OUT` evaluates it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -25,9 +26,15 @@ from nsn_jax.restore import restore_model
 from nsn_jax.sweep import check_budgets
 
 
-def export(workdir: str, out: str, rank: int | Mapping[str, int] | None = None,
-           budget: float | None = None, budget_reference: str = "max_rank",
-           form: str = "cheapest", profile_budget: float | None = None) -> dict:
+def export(
+  workdir: str,
+  out: str,
+  rank: int | Mapping[str, int] | None = None,
+  budget: float | None = None,
+  budget_reference: str = "max_rank",
+  form: str = "cheapest",
+  profile_budget: float | None = None,
+) -> dict:
   """Writes the budget (a global `rank`, a per-layer profile, a FLOPs `budget` mapped to the
   largest global rank that fits, or the FlexRank profile the checkpoint saved for
   `profile_budget`) of workdir's newest checkpoint to `out`; returns its metadata.
@@ -56,23 +63,30 @@ def export(workdir: str, out: str, rank: int | Mapping[str, int] | None = None,
   if profile_budget is not None:
     saved = profiles.saved_profiles(metadata)
     if profile_budget not in saved:
-      raise ValueError(f"no saved profile for budget {profile_budget:g}; the checkpoint has "
-                       f"{', '.join(f'{b:g}' for b in saved)}.")
+      raise ValueError(
+        f"no saved profile for budget {profile_budget:g}; the checkpoint has "
+        f"{', '.join(f'{b:g}' for b in saved)}."
+      )
     rank = saved[profile_budget]
   deployed, report = deploy(model, rank, form)
   params = nnx.to_pure_dict(nnx.state(deployed))
   metadata = {
-      **metadata,
-      "deployed": [dataclasses.asdict(entry) for entry in report],
-      "export": {"source": os.path.abspath(workdir), "source_step": step,
-                 "rank": dict(rank) if isinstance(rank, Mapping) else rank, "budget": budget,
-                 "profile_budget": profile_budget,
-                 "budget_reference": budget_reference, "form_policy": form,
-                 "flops": (seq_len or 1) * flops.model_flops(deployed, None, seq_len),
-                 "dense_flops": (seq_len or 1) * flops.dense_model_flops(deployed, seq_len),
-                 "params": flops.total_params(deployed),
-                 "source_params": flops.total_params(model)},
-      "param_shapes": param_shapes(params),
+    **metadata,
+    "deployed": [dataclasses.asdict(entry) for entry in report],
+    "export": {
+      "source": os.path.abspath(workdir),
+      "source_step": step,
+      "rank": dict(rank) if isinstance(rank, Mapping) else rank,
+      "budget": budget,
+      "profile_budget": profile_budget,
+      "budget_reference": budget_reference,
+      "form_policy": form,
+      "flops": (seq_len or 1) * flops.model_flops(deployed, None, seq_len),
+      "dense_flops": (seq_len or 1) * flops.dense_model_flops(deployed, seq_len),
+      "params": flops.total_params(deployed),
+      "source_params": flops.total_params(model),
+    },
+    "param_shapes": param_shapes(params),
   }
   checkpoints = Checkpoints(out, max_to_keep=1)
   try:
@@ -87,27 +101,47 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkp
 _OUT = flags.DEFINE_string("out", None, "New directory for the exported checkpoint.")
 _RANK = flags.DEFINE_integer("rank", None, "Global rank to export.")
 _BUDGET = flags.DEFINE_float("budget", None, "FLOPs fraction; exports the largest rank that fits.")
-_REFERENCE = flags.DEFINE_enum("budget_reference", "max_rank", ["max_rank", "dense"],
-                               "What --budget is a fraction of.")
-_PROFILE_BUDGET = flags.DEFINE_float("profile_budget", None, "Exports the FlexRank profile the "
-                                     "checkpoint saved for this budget (config.flexrank.budgets).")
-_FORM = flags.DEFINE_enum("form", "cheapest", [*POLICIES, *FORMS],
-                          "Per-layer form: the cheapest in FLOPs, 'matmul' (dense or "
-                          "factorised, faster on CPU), or one form for every layer.")
+_REFERENCE = flags.DEFINE_enum(
+  "budget_reference", "max_rank", ["max_rank", "dense"], "What --budget is a fraction of."
+)
+_PROFILE_BUDGET = flags.DEFINE_float(
+  "profile_budget",
+  None,
+  "Exports the FlexRank profile the checkpoint saved for this budget (config.flexrank.budgets).",
+)
+_FORM = flags.DEFINE_enum(
+  "form",
+  "cheapest",
+  [*POLICIES, *FORMS],
+  "Per-layer form: the cheapest in FLOPs, 'matmul' (dense or "
+  "factorised, faster on CPU), or one form for every layer.",
+)
 
 
 def main():
-  metadata = export(_WORKDIR.value, _OUT.value, _RANK.value, _BUDGET.value, _REFERENCE.value,
-                    _FORM.value, _PROFILE_BUDGET.value)
+  metadata = export(
+    _WORKDIR.value,
+    _OUT.value,
+    _RANK.value,
+    _BUDGET.value,
+    _REFERENCE.value,
+    _FORM.value,
+    _PROFILE_BUDGET.value,
+  )
   info = metadata["export"]
   print(format_report([DeployedLayer(**entry) for entry in metadata["deployed"]]))
-  what = (f"the profile for budget {info['profile_budget']:g} "
-          f"(ranks {profiles.summarise(info['rank'])})" if info["profile_budget"] is not None
-          else f"rank {info['rank']}")
-  print(f"exported {what} of {info['source']} (step {info['source_step']}) to "
-        f"{_OUT.value}: {info['params']:,} parameters ({100 * info['params'] / info['source_params']:.1f}% "
-        f"of the nested model's {info['source_params']:,}), {info['flops']:,} FLOPs per example "
-        f"({100 * info['flops'] / info['dense_flops']:.1f}% of dense)")
+  what = (
+    f"the profile for budget {info['profile_budget']:g} (ranks {profiles.summarise(info['rank'])})"
+    if info["profile_budget"] is not None
+    else f"rank {info['rank']}"
+  )
+  kept = 100 * info["params"] / info["source_params"]
+  print(
+    f"exported {what} of {info['source']} (step {info['source_step']}) to "
+    f"{_OUT.value}: {info['params']:,} parameters ({kept:.1f}% "
+    f"of the nested model's {info['source_params']:,}), {info['flops']:,} FLOPs per example "
+    f"({100 * info['flops'] / info['dense_flops']:.1f}% of dense)"
+  )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Flax layout throughout: y = x @ kernel with kernel (d_in, d_out). The calibratio
 the host in float64 numpy (they are one-off and small); factors come back as float32 like
 `layers.svd_factors`. FLOPs follow `nsn_jax.flops`: per input row, a multiply-add counts 2.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -19,8 +20,9 @@ from nsn_jax import flops
 Entry = tuple[int, float, float]
 
 
-def activation_aware_factors(kernel, activations, max_rank: int,
-                             eps: float = 1e-6) -> tuple[jnp.ndarray, jnp.ndarray]:
+def activation_aware_factors(
+  kernel, activations, max_rank: int, eps: float = 1e-6
+) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Factors `a: (d_in, R')`, `b: (R', d_out)` minimising E‖x(W − a_r b_r)‖² at every rank r.
 
   activations: (n, d_in) calibration rows. With C = XᵀX/n = S Sᵀ the error is ‖Sᵀ(W − W_r)‖_F², so
@@ -67,13 +69,18 @@ def layer_error_table(kernel, a, b, activations) -> list[Entry]:
   quadratic = np.diag(np.cumsum(np.cumsum((p.T @ p) * (b @ b.T), axis=0), axis=1))
   # Cancellation can leave −1e-16 at full rank: an error is never negative.
   errors = np.maximum(total - 2 * cross + quadratic, 0.0) / total
-  return [(r, flops.form_flops("factorised", d_in, d_out, r, use_bias=False), float(errors[r - 1]))
-          for r in range(1, b.shape[0] + 1)]
+  return [
+    (r, flops.form_flops("factorised", d_in, d_out, r, use_bias=False), float(errors[r - 1]))
+    for r in range(1, b.shape[0] + 1)
+  ]
 
 
-def best_profile(tables: Mapping[str, Sequence[Entry]], budget: float,
-                 min_ranks: Mapping[str, int] | None = None,
-                 max_units: int = 1 << 16) -> dict[str, int]:
+def best_profile(
+  tables: Mapping[str, Sequence[Entry]],
+  budget: float,
+  min_ranks: Mapping[str, int] | None = None,
+  max_units: int = 1 << 16,
+) -> dict[str, int]:
   """The per-layer ranks {layer: r} of least total error with total cost ≤ budget.
 
   A knapsack DP over cost *units*, vectorised over every capacity 0..U at once: each layer's
@@ -87,22 +94,25 @@ def best_profile(tables: Mapping[str, Sequence[Entry]], budget: float,
   the budget is below the cheapest allowed profile's cost.
   """
   min_ranks = min_ranks or {}
-  options = {l: [row for row in table if row[0] >= min_ranks.get(l, 0)]
-             for l, table in tables.items()}
+  options = {
+    l: [row for row in table if row[0] >= min_ranks.get(l, 0)] for l, table in tables.items()
+  }
   floors = {l: min(c for _, c, _ in rows) for l, rows in options.items()}
   spare = budget - sum(floors.values())
   if spare < 0:
-    raise ValueError(f"budget {budget} is below the cheapest allowed profile's cost "
-                     f"{sum(floors.values())}.")
+    raise ValueError(
+      f"budget {budget} is below the cheapest allowed profile's cost {sum(floors.values())}."
+    )
   excess = [c - floors[l] for l, rows in options.items() for _, c, _ in rows]
-  unit = (math.gcd(*map(int, excess)) if all(float(c).is_integer() for c in excess) else 0)
+  unit = math.gcd(*map(int, excess)) if all(float(c).is_integer() for c in excess) else 0
   if unit and spare // unit <= max_units:
     capacity = int(spare // unit)
   else:
     unit, capacity = (spare / max_units, max_units) if spare else (1.0, 0)
   # units[layer][j]: option j's excess cost in units (exact, or rounded up: never over budget).
-  units = {l: [math.ceil((c - floors[l]) / unit) for _, c, _ in rows]
-           for l, rows in options.items()}
+  units = {
+    l: [math.ceil((c - floors[l]) / unit) for _, c, _ in rows] for l, rows in options.items()
+  }
   best = np.zeros(capacity + 1)  # best[u]: least error of the layers so far within u units
   choices = []
   for layer, rows in options.items():
@@ -110,7 +120,7 @@ def best_profile(tables: Mapping[str, Sequence[Entry]], budget: float,
     for j, ((_, _, e), u) in enumerate(zip(rows, units[layer])):
       if u > capacity:
         continue
-      candidate = best[:capacity + 1 - u] + e
+      candidate = best[: capacity + 1 - u] + e
       better = candidate < new[u:]  # strict: among equal errors the cheaper (earlier) rank stays
       new[u:][better], choice[u:][better] = candidate[better], j
     best = new
@@ -122,8 +132,9 @@ def best_profile(tables: Mapping[str, Sequence[Entry]], budget: float,
   return {layer: profile[layer] for layer in tables}
 
 
-def nested_profiles(tables: Mapping[str, Sequence[Entry]],
-                    budgets: Sequence[float]) -> list[dict[str, int]]:
+def nested_profiles(
+  tables: Mapping[str, Sequence[Entry]], budgets: Sequence[float]
+) -> list[dict[str, int]]:
   """One profile per budget (in the order given), each layer's rank non-decreasing in the budget.
 
   Budgets are solved in increasing order, each by `best_profile` but with every layer's
@@ -137,8 +148,9 @@ def nested_profiles(tables: Mapping[str, Sequence[Entry]],
   return [profiles[i] for i in range(len(budgets))]
 
 
-def profile_cost_error(tables: Mapping[str, Sequence[Entry]],
-                       profile: Mapping[str, int]) -> tuple[float, float]:
+def profile_cost_error(
+  tables: Mapping[str, Sequence[Entry]], profile: Mapping[str, int]
+) -> tuple[float, float]:
   """(total cost, total error) of a profile under the additive model."""
   rows = [next(row for row in tables[l] if row[0] == r) for l, r in profile.items()]
   return sum(c for _, c, _ in rows), sum(e for _, _, e in rows)

@@ -31,22 +31,23 @@ measures.
 "Fraction of dense" compares with the same model whose NSN layers are plain dense layers
 (d_in × d_out); "fraction of max rank" compares with the NSN model at its largest rank.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
 from flax import nnx
+import jax
 
 from nsn_jax.layers import NSNDense, Rank, check_static_rank, nsn_layers, resolve_rank
 
 # Multiply-adds per row of each form of a rank-r map d_in → d_out (the table above).
 _MULTIPLY_ADDS = {
-    "dense": lambda d_in, d_out, r: d_in * d_out,
-    "factorised": lambda d_in, d_out, r: r * (d_in + d_out),
-    # (d_in − r)·r multiply-adds into r sums (the r pivot inputs are added, not multiplied),
-    # then r·d_out.
-    "gar": lambda d_in, d_out, r: r * (d_in + d_out - r),
+  "dense": lambda d_in, d_out, r: d_in * d_out,
+  "factorised": lambda d_in, d_out, r: r * (d_in + d_out),
+  # (d_in − r)·r multiply-adds into r sums (the r pivot inputs are added, not multiplied),
+  # then r·d_out.
+  "gar": lambda d_in, d_out, r: r * (d_in + d_out - r),
 }
 FORMS = tuple(_MULTIPLY_ADDS)  # "dense" first: it wins ties in `cheapest_form`
 
@@ -81,14 +82,22 @@ def dense_flops(d_in: int, d_out: int, use_bias: bool = True) -> int:
 
 def _layer_rank(layer: NSNDense, rank: Rank) -> int:
   rank = resolve_rank(rank, layer.path)
-  return layer.max_rank if rank is None else check_static_rank(
-      rank, layer.max_rank, f"layer {layer.path!r}")
+  return (
+    layer.max_rank
+    if rank is None
+    else check_static_rank(rank, layer.max_rank, f"layer {layer.path!r}")
+  )
 
 
 def nsn_layer_flops(layer: NSNDense, rank: Rank = None) -> int:
   """Forward FLOPs per row of one NSN layer at `rank` (int or profile; None = R)."""
-  return form_flops("factorised", layer.in_features, layer.out_features,
-                    _layer_rank(layer, rank), layer.bias is not None)
+  return form_flops(
+    "factorised",
+    layer.in_features,
+    layer.out_features,
+    _layer_rank(layer, rank),
+    layer.bias is not None,
+  )
 
 
 def _reports_own_cost(node) -> bool:
@@ -99,8 +108,11 @@ def _reports_own_cost(node) -> bool:
 def _rank_free_layers(model: nnx.Module):
   """The layers whose cost does not depend on a rank: plain dense layers (nnx.Linear) and the
   modules that report their own cost (a deployed model's fixed-rank forms)."""
-  return [node for _, node in nnx.iter_graph(model)
-          if isinstance(node, nnx.Linear) or _reports_own_cost(node)]
+  return [
+    node
+    for _, node in nnx.iter_graph(model)
+    if isinstance(node, nnx.Linear) or _reports_own_cost(node)
+  ]
 
 
 def _as_dense_flops(layer) -> int:
@@ -128,14 +140,14 @@ def model_flops(model: nnx.Module, rank: Rank = None, seq_len: int | None = None
 
   For a sequence model a row is a token and `seq_len` the context it attends over."""
   nsn = sum(nsn_layer_flops(layer, rank) for layer in nsn_layers(model).values())
-  return nsn + context_flops(model, seq_len) + sum(
-      map(_rank_free_flops, _rank_free_layers(model)))
+  return nsn + context_flops(model, seq_len) + sum(map(_rank_free_flops, _rank_free_layers(model)))
 
 
 def dense_model_flops(model: nnx.Module, seq_len: int | None = None) -> int:
   """FLOPs per row of the same model with every NSN layer (or deployed form) a dense layer."""
   return context_flops(model, seq_len) + sum(
-      map(_as_dense_flops, [*nsn_layers(model).values(), *_rank_free_layers(model)]))
+    map(_as_dense_flops, [*nsn_layers(model).values(), *_rank_free_layers(model)])
+  )
 
 
 def total_params(model: nnx.Module) -> int:
@@ -145,9 +157,10 @@ def total_params(model: nnx.Module) -> int:
 
 def active_params(model: nnx.Module, rank: Rank = None) -> int:
   """Parameters a forward pass at `rank` reads: the factors' prefixes plus everything else."""
-  unused = sum((layer.max_rank - _layer_rank(layer, rank)) *
-               (layer.in_features + layer.out_features)
-               for layer in nsn_layers(model).values())
+  unused = sum(
+    (layer.max_rank - _layer_rank(layer, rank)) * (layer.in_features + layer.out_features)
+    for layer in nsn_layers(model).values()
+  )
   return total_params(model) - unused
 
 
@@ -159,8 +172,9 @@ def max_rank(model: nnx.Module) -> int:
   return min(layer.max_rank for layer in layers.values())
 
 
-def rank_for_budget(model: nnx.Module, budget: float, relative_to: str = "max_rank",
-                    seq_len: int | None = None) -> int:
+def rank_for_budget(
+  model: nnx.Module, budget: float, relative_to: str = "max_rank", seq_len: int | None = None
+) -> int:
   """The largest global rank whose model FLOPs are ≤ budget × the reference.
 
   relative_to: "max_rank" (the NSN model at R) or "dense" (the model with dense layers).
@@ -177,8 +191,9 @@ def rank_for_budget(model: nnx.Module, budget: float, relative_to: str = "max_ra
   lo, hi = 1, max_rank(model)
   if cost(lo) > limit:
     raise ValueError(
-        f"budget {budget:g} of {relative_to} FLOPs is below the cost of rank 1 "
-        f"({cost(1) / reference:.4f} of {relative_to}).")
+      f"budget {budget:g} of {relative_to} FLOPs is below the cost of rank 1 "
+      f"({cost(1) / reference:.4f} of {relative_to})."
+    )
   while lo < hi:  # invariant: rank lo fits
     mid = (lo + hi + 1) // 2
     lo, hi = (mid, hi) if cost(mid) <= limit else (lo, mid - 1)

@@ -12,18 +12,19 @@ A rank reaches a layer in one of three forms (see `resolve_rank`):
 - a mapping from layer path to rank: a per-layer *profile* (FlexRank); each layer looks up its own
   path, set by `name_nsn_layers`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
 import numbers
-from typing import Any, Union
+from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-Rank = Union[int, jax.Array, Mapping[str, Any], None]
+Rank = int | jax.Array | Mapping[str, Any] | None
 
 
 class NSNFactor(nnx.Param):
@@ -42,11 +43,13 @@ def check_static_rank(rank: Any, max_rank: int, where: str = "layer") -> int:
   """Returns `rank` as an int, or raises ValueError naming R and the rank given."""
   if not is_static_rank(rank):
     raise ValueError(
-        f"NSN {where} (max rank R={max_rank}) got rank {rank!r} of type {type(rank).__name__}; "
-        f"a rank must be an integer in [1, {max_rank}] or a jax integer array.")
+      f"NSN {where} (max rank R={max_rank}) got rank {rank!r} of type {type(rank).__name__}; "
+      f"a rank must be an integer in [1, {max_rank}] or a jax integer array."
+    )
   if not 1 <= rank <= max_rank:
     raise ValueError(
-        f"NSN {where} (max rank R={max_rank}) got rank {rank}; valid ranks are 1..{max_rank}.")
+      f"NSN {where} (max rank R={max_rank}) got rank {rank}; valid ranks are 1..{max_rank}."
+    )
   return int(rank)
 
 
@@ -55,13 +58,15 @@ def resolve_rank(rank: Rank, path: str) -> Any:
   if isinstance(rank, Mapping):
     if path not in rank:
       raise ValueError(
-          f"rank profile has no entry for NSN layer {path!r}; it names {sorted(rank)}.")
+        f"rank profile has no entry for NSN layer {path!r}; it names {sorted(rank)}."
+      )
     return rank[path]
   return rank
 
 
-def scratch_factor_init(key: jax.Array, d_in: int, d_out: int, max_rank: int,
-                        dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+def scratch_factor_init(
+  key: jax.Array, d_in: int, d_out: int, max_rank: int, dtype=jnp.float32
+) -> tuple[jax.Array, jax.Array]:
   """From-scratch factors `a: (d_in, R)`, `b: (R, d_out)` that keep every rank well scaled.
 
   a ~ N(0, 1/d_in), so each component a_iᵀx has the input's variance. Row i of b has variance
@@ -100,9 +105,18 @@ class NSNDense(nnx.Module):
     path: the layer's path in its model ("hidden/0"), set by `name_nsn_layers`; profiles use it.
   """
 
-  def __init__(self, in_features: int, out_features: int, max_rank: int, *,
-               use_bias: bool = True, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None, factors: tuple[jax.Array, jax.Array] | None = None):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    max_rank: int,
+    *,
+    use_bias: bool = True,
+    dtype=None,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None = None,
+    factors: tuple[jax.Array, jax.Array] | None = None,
+  ):
     if not is_static_rank(max_rank) or max_rank < 1:
       raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}.")
     if factors is None:
@@ -111,8 +125,10 @@ class NSNDense(nnx.Module):
       factors = scratch_factor_init(rngs.params(), in_features, out_features, max_rank)
     a, b = factors
     if a.shape != (in_features, max_rank) or b.shape != (max_rank, out_features):
-      raise ValueError(f"factors of shapes {a.shape}, {b.shape} do not fit "
-                       f"d_in={in_features}, d_out={out_features}, R={max_rank}.")
+      raise ValueError(
+        f"factors of shapes {a.shape}, {b.shape} do not fit "
+        f"d_in={in_features}, d_out={out_features}, R={max_rank}."
+      )
     self.in_features, self.out_features, self.max_rank = in_features, out_features, max_rank
     self.dtype, self.param_dtype = dtype, param_dtype
     self.a = NSNFactor(jnp.asarray(a, param_dtype))
@@ -121,25 +137,41 @@ class NSNDense(nnx.Module):
     self.path = ""
 
   @classmethod
-  def from_dense(cls, kernel: jax.Array, bias: jax.Array | None, max_rank: int, *,
-                 dtype=None, param_dtype=jnp.float32) -> "NSNDense":
+  def from_dense(
+    cls,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    max_rank: int,
+    *,
+    dtype=None,
+    param_dtype=jnp.float32,
+  ) -> NSNDense:
     """SVD-initialised layer from a dense `kernel: (d_in, d_out)` and optional `bias: (d_out,)`.
 
     R is truncated to min(max_rank, d_in, d_out); the bias is copied.
     """
-    return cls.from_factors(*svd_factors(kernel, max_rank), bias, dtype=dtype,
-                            param_dtype=param_dtype)
+    return cls.from_factors(
+      *svd_factors(kernel, max_rank), bias, dtype=dtype, param_dtype=param_dtype
+    )
 
   @classmethod
-  def from_factors(cls, a: jax.Array, b: jax.Array, bias: jax.Array | None, *,
-                   dtype=None, param_dtype=jnp.float32) -> "NSNDense":
+  def from_factors(
+    cls, a: jax.Array, b: jax.Array, bias: jax.Array | None, *, dtype=None, param_dtype=jnp.float32
+  ) -> NSNDense:
     """A layer holding factors `a: (d_in, R)`, `b: (R, d_out)` and an optional `bias: (d_out,)`.
 
     d_in, d_out and R are read off the factors; the bias is copied.
     """
     (d_in, max_rank), d_out = a.shape, b.shape[1]
-    layer = cls(d_in, d_out, max_rank, use_bias=bias is not None, dtype=dtype,
-                param_dtype=param_dtype, factors=(a, b))
+    layer = cls(
+      d_in,
+      d_out,
+      max_rank,
+      use_bias=bias is not None,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      factors=(a, b),
+    )
     if bias is not None:
       layer.bias[...] = jnp.asarray(bias, param_dtype)
     return layer
@@ -152,13 +184,18 @@ class NSNDense(nnx.Module):
     x, a, b, bias = nnx.nn.dtypes.promote_dtype((x, a, b, bias), dtype=self.dtype)
     if isinstance(rank, (jax.Array, np.ndarray)):
       if not jnp.issubdtype(rank.dtype, jnp.integer):
-        raise ValueError(f"NSN layer {self.path!r}: a rank array must be integer, got {rank.dtype}.")
+        raise ValueError(
+          f"NSN layer {self.path!r}: a rank array must be integer, got {rank.dtype}."
+        )
       rank = jnp.clip(rank, 1, self.max_rank)
       mask = (jnp.arange(self.max_rank) < rank).astype(x.dtype)
       y = ((x @ a) * mask) @ b
     else:
-      r = self.max_rank if rank is None else check_static_rank(
-          rank, self.max_rank, f"layer {self.path!r}")
+      r = (
+        self.max_rank
+        if rank is None
+        else check_static_rank(rank, self.max_rank, f"layer {self.path!r}")
+      )
       y = (x @ a[:, :r]) @ b[:r]
     return y if bias is None else y + bias
 
@@ -170,8 +207,11 @@ class NSNDense(nnx.Module):
 
 def nsn_layers(model: nnx.Module) -> dict[str, NSNDense]:
   """Every NSNDense in `model`, keyed by its path ("hidden/0"), in graph order."""
-  return {"/".join(map(str, path)): node for path, node in nnx.iter_graph(model)
-          if isinstance(node, NSNDense)}
+  return {
+    "/".join(map(str, path)): node
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, NSNDense)
+  }
 
 
 def name_nsn_layers(model: nnx.Module) -> dict[str, NSNDense]:
@@ -184,8 +224,10 @@ def name_nsn_layers(model: nnx.Module) -> dict[str, NSNDense]:
 
 def set_submodule(model: nnx.Module, path: str | tuple, child: nnx.Module) -> None:
   """Replaces the submodule at `path` ("layers/3/mlp/up" or the key tuple of `nnx.iter_graph`)."""
-  keys = [int(k) if isinstance(k, str) and k.isdigit() else k
-          for k in (path.split("/") if isinstance(path, str) else path)]
+  keys = [
+    int(k) if isinstance(k, str) and k.isdigit() else k
+    for k in (path.split("/") if isinstance(path, str) else path)
+  ]
   parent = model
   for key in keys[:-1]:
     parent = parent[key] if isinstance(key, int) else getattr(parent, key)

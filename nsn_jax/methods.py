@@ -10,21 +10,22 @@ Each is a small frozen object the trainer drives without knowing which it has: `
 is the per-step data the jitted step receives (so one program serves every draw), `loss` runs
 inside it, `log` turns fetched metrics into scalars, `eval_points` names what evaluation runs.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
+from nsn_jax import config as config_lib
 from nsn_jax import profiles, sharding
 from nsn_jax.checkpoint import CheckpointError
-from nsn_jax import config as config_lib
 from nsn_jax.config import DISTILL
 from nsn_jax.layers import Rank
 from nsn_jax.objective import Objective, distillation_loss, multi_rank_loss
@@ -37,6 +38,7 @@ Scalars = dict[str, float]
 @dataclasses.dataclass(frozen=True)
 class Method:
   """The parts every method shares: the task and the FlexRank profiles searched at start."""
+
   task: Task
   found: tuple[profiles.Profile, ...] = ()
 
@@ -53,8 +55,13 @@ class Method:
     """What a checkpoint records about the method (trained / held-out ranks, profiles)."""
     if not self.found:
       return {}
-    return {"flexrank": {"profiles": [p.to_json() for p in self.found],
-                         "probabilities": [], "trained": False}}
+    return {
+      "flexrank": {
+        "profiles": [p.to_json() for p in self.found],
+        "probabilities": [],
+        "trained": False,
+      }
+    }
 
   def check_resume(self, metadata: Mapping, directory: str) -> None:
     """Refuses to resume when the profiles searched now differ from those the checkpoint
@@ -62,15 +69,17 @@ class Method:
     saved = metadata.get("flexrank", {}).get("profiles", [])
     if profiles.by_budget(saved) != profiles.by_budget(self.found):
       raise CheckpointError(
-          f"the FlexRank profiles searched now differ from those the checkpoint in {directory} "
-          "was trained with. Resume with the same flexrank.budgets, surgery and "
-          "model.init_from (whose run must not have trained further), or use a new workdir.")
+        f"the FlexRank profiles searched now differ from those the checkpoint in {directory} "
+        "was trained with. Resume with the same flexrank.budgets, surgery and "
+        "model.init_from (whose run must not have trained further), or use a new workdir."
+      )
 
 
 @dataclasses.dataclass(frozen=True)
 class MultiRank(Method):
   """NSN's multi-rank training. `static_ranks`: the fixed set as Python ints
   (`train.multi_rank=loop_static`: each rank a sliced pass), or None (ranks are data)."""
+
   objective: Objective = Objective()
   source: RankSource | None = None
   static_ranks: tuple[int, ...] | None = None
@@ -82,8 +91,14 @@ class MultiRank(Method):
 
   def loss(self, state, batch: dict, ranks: jax.Array, extra: Any):
     del extra
-    return multi_rank_loss(state.model, state.rank_weights, self.objective, self.task, batch,
-                           ranks if self.static_ranks is None else self.static_ranks)
+    return multi_rank_loss(
+      state.model,
+      state.rank_weights,
+      self.objective,
+      self.task,
+      batch,
+      ranks if self.static_ranks is None else self.static_ranks,
+    )
 
   def log(self, step: int, ranks: np.ndarray, metrics: Mapping) -> tuple[Scalars, Scalars]:
     """(scalars, progress-line fields) from a step's fetched metrics."""
@@ -92,21 +107,27 @@ class MultiRank(Method):
       for name in ("loss", "accuracy", "log_var"):
         scalars[f"train/rank_{r}/{name}"] = float(metrics[name][i])
     anchor = int(np.argmax(ranks))  # the objective can go negative (it includes Σ s_r): show CE
-    return scalars, {f"ce@{ranks[anchor]}": float(metrics["loss"][anchor]),
-                     f"acc@{ranks[anchor]}": float(metrics["accuracy"][anchor])}
+    return scalars, {
+      f"ce@{ranks[anchor]}": float(metrics["loss"][anchor]),
+      f"acc@{ranks[anchor]}": float(metrics["accuracy"][anchor]),
+    }
 
   def eval_points(self) -> dict[str, Rank]:
     return {f"rank_{r}": int(r) for r in self.eval_ranks} | super().eval_points()
 
   def metadata(self) -> dict:
-    return {"trained_ranks": list(self.source.trained_ranks()),
-            "held_out_ranks": list(held_out_ranks(self.source)), **super().metadata()}
+    return {
+      "trained_ranks": list(self.source.trained_ranks()),
+      "held_out_ranks": list(held_out_ranks(self.source)),
+      **super().metadata(),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
 class Distill(Method):
   """FlexRank's consolidation: one profile per step, drawn by `sampler`, distilled from the
   dense `teacher` (an argument of the step, not a constant baked into the program)."""
+
   sampler: profiles.ProfileSampler | None = None
   teacher: nnx.Module | None = None
 
@@ -129,15 +150,26 @@ class Distill(Method):
   def log(self, step: int, ranks: np.ndarray, metrics: Mapping) -> tuple[Scalars, Scalars]:
     del ranks
     budget = self.sampler.budgets[self.sampler.index(step - 1)]
-    scalars = {"train/total_loss": float(metrics["total_loss"]), "train/budget": budget,
-               **{f"train/{k}": float(metrics[k]) for k in ("kl", "loss", "accuracy")}}
-    return scalars, {f"kl@{budget:g}": float(metrics["kl"]),
-                     f"ce@{budget:g}": float(metrics["loss"])}
+    scalars = {
+      "train/total_loss": float(metrics["total_loss"]),
+      "train/budget": budget,
+      **{f"train/{k}": float(metrics[k]) for k in ("kl", "loss", "accuracy")},
+    }
+    return scalars, {
+      f"kl@{budget:g}": float(metrics["kl"]),
+      f"ce@{budget:g}": float(metrics["loss"]),
+    }
 
   def metadata(self) -> dict:
-    return {"trained_ranks": [], "held_out_ranks": list(range(1, self.sampler.max_rank + 1)),
-            "flexrank": {"profiles": [p.to_json() for p in self.found],
-                         "probabilities": list(self.sampler.probabilities), "trained": True}}
+    return {
+      "trained_ranks": [],
+      "held_out_ranks": list(range(1, self.sampler.max_rank + 1)),
+      "flexrank": {
+        "profiles": [p.to_json() for p in self.found],
+        "probabilities": list(self.sampler.probabilities),
+        "trained": True,
+      },
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,21 +198,26 @@ class Dense(Method):
     return {"trained_ranks": [], "held_out_ranks": []}
 
 
-def build_method(config: ml_collections.ConfigDict, task: Task, max_rank: int | None,
-                 found: Sequence[profiles.Profile] = (),
-                 teacher: nnx.Module | None = None) -> Method:
+def build_method(
+  config: ml_collections.ConfigDict,
+  task: Task,
+  max_rank: int | None,
+  found: Sequence[profiles.Profile] = (),
+  teacher: nnx.Module | None = None,
+) -> Method:
   """The method a validated config names: Dense (`model.dense`), Distill (objective
   flexrank_distill, with `found` profiles and the `teacher`) or MultiRank."""
   found = tuple(found)
   if config.model.dense:
     return Dense(task)
   if config.objective.name == DISTILL:
-    sampler = profiles.ProfileSampler.create(found, config.flexrank.probabilities, config.seed,
-                                             max_rank)
+    sampler = profiles.ProfileSampler.create(
+      found, config.flexrank.probabilities, config.seed, max_rank
+    )
     return Distill(task, found, sampler, teacher)
   source = rank_source_from_config(config.ranks, max_rank, config.train.steps, config.seed)
-  static = (tuple(int(r) for r in source(0)) if config.train.multi_rank == "loop_static"
-            else None)
-  objective = Objective.named(config.objective.name, config.objective.logits_weight,
-                              config.objective.ortho_weight)
+  static = tuple(int(r) for r in source(0)) if config.train.multi_rank == "loop_static" else None
+  objective = Objective.named(
+    config.objective.name, config.objective.logits_weight, config.objective.ortho_weight
+  )
   return MultiRank(task, found, objective, source, static, config_lib.eval_ranks(config))

@@ -2,6 +2,7 @@
 
 Only process 0 writes; other processes get a writer that does nothing, so callers never branch.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,10 @@ class MetricWriter:
     if self.enabled:
       os.makedirs(directory, exist_ok=True)
       from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
+
       path = os.path.join(directory, "metrics.jsonl")
       _truncate_after(path, start_step)
-      self._jsonl = open(path, "a")
+      self._jsonl = open(path, "a")  # noqa: SIM115 - open for the writer's lifetime, see close()
       self._tb = SummaryWriter(os.path.join(directory, "tensorboard"), purge_step=start_step + 1)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:

@@ -13,13 +13,14 @@ gradient is scale-normalised. Named variants (the paper's ablation):
 FlexRank's consolidation (`objective.name = flexrank_distill`) is not a weighting of ranks but a
 distillation at one sampled profile per step: `distillation_loss`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from nsn_jax.layers import nsn_layers
 from nsn_jax.tasks import Task
@@ -46,6 +47,7 @@ class RankWeights(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """How per-rank losses combine. See the module docstring for the named presets."""
+
   weighting: str = "uncertainty"
   logits_weight: float = 0.0
   ortho_weight: float = 0.0
@@ -55,17 +57,19 @@ class Objective:
       raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}.")
 
   @classmethod
-  def named(cls, name: str, logits_weight: float = 1.0, ortho_weight: float = 1e-2) -> "Objective":
+  def named(cls, name: str, logits_weight: float = 1.0, ortho_weight: float = 1e-2) -> Objective:
     presets = {
-        "anchor_only": cls("anchor"),
-        "uniform": cls("uniform"),
-        "uncertainty": cls("uncertainty"),
-        "uncertainty_logits": cls("uncertainty", logits_weight=logits_weight),
-        "uncertainty_ortho": cls("uncertainty", ortho_weight=ortho_weight),
+      "anchor_only": cls("anchor"),
+      "uniform": cls("uniform"),
+      "uncertainty": cls("uncertainty"),
+      "uncertainty_logits": cls("uncertainty", logits_weight=logits_weight),
+      "uncertainty_ortho": cls("uncertainty", ortho_weight=ortho_weight),
     }
     if name not in presets:
-      raise ValueError(f"unknown objective {name!r}; choose one of {sorted(presets)} "
-                       f"(or {DISTILL!r}, FlexRank's distillation, in train.py).")
+      raise ValueError(
+        f"unknown objective {name!r}; choose one of {sorted(presets)} "
+        f"(or {DISTILL!r}, FlexRank's distillation, in train.py)."
+      )
     return presets[name]
 
 
@@ -115,15 +119,20 @@ def distillation_loss(model: nnx.Module, teacher: nnx.Module, task: Task, batch:
   """
   logits = task.logits(model, batch, profile).astype(jnp.float32)
   teacher_log_p = jax.lax.stop_gradient(
-      jax.nn.log_softmax(task.logits(teacher, batch, None).astype(jnp.float32)))
+    jax.nn.log_softmax(task.logits(teacher, batch, None).astype(jnp.float32))
+  )
   kl = weighted_kl(teacher_log_p, jax.nn.log_softmax(logits), task.targets(batch)[1])
   scores = task.scores(logits, batch)
-  return kl, {"kl": kl, "loss": scores["loss"] / scores["weight"],
-              "accuracy": scores["correct"] / scores["weight"]}
+  return kl, {
+    "kl": kl,
+    "loss": scores["loss"] / scores["weight"],
+    "accuracy": scores["correct"] / scores["weight"],
+  }
 
 
-def multi_rank_loss(model: nnx.Module, rank_weights: RankWeights, objective: Objective,
-                    task: Task, batch: dict, ranks):
+def multi_rank_loss(
+  model: nnx.Module, rank_weights: RankWeights, objective: Objective, task: Task, batch: dict, ranks
+):
   """The combined loss and per-rank metrics.
 
   Args:
@@ -133,11 +142,11 @@ def multi_rank_loss(model: nnx.Module, rank_weights: RankWeights, objective: Obj
     (loss scalar, aux dict: per-rank `loss` (k,) (mean CE over scored examples or tokens),
     `accuracy` (k,), `log_var` (k,)).
   """
-  logits = per_rank_logits(model, task, batch, ranks)          # (k, B, ..., C)
+  logits = per_rank_logits(model, task, batch, ranks)  # (k, B, ..., C)
   scores = jax.vmap(lambda l: task.scores(l, batch))(logits)
-  losses = scores["loss"] / scores["weight"]                    # (k,)
+  losses = scores["loss"] / scores["weight"]  # (k,)
   rank_values = jnp.asarray(ranks, jnp.int32)
-  log_var = rank_weights(rank_values)                           # (k,)
+  log_var = rank_weights(rank_values)  # (k,)
   anchor = jnp.argmax(rank_values)
   if objective.weighting == "anchor":
     loss = losses[anchor]

@@ -7,18 +7,18 @@ attention over the context, dense layers, head), or of its parameter count, so t
 change is paid for. FLOPs are per row (per token for a sequence model), as everywhere in
 `nsn_jax.flops`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
 
-import numpy as np
 from flax import nnx
 from flax.core import FrozenDict
+import numpy as np
 
 from nsn_jax import flexrank, flops
 from nsn_jax.layers import nsn_layers
-
 
 UNITS = ("flops", "params")
 
@@ -32,6 +32,7 @@ class Profile:
   dense parameters. error: Σ over the NSN layers of the squared relative output error on the
   calibration rows.
   """
+
   budget: float
   unit: str
   ranks: Mapping[str, int]
@@ -47,11 +48,13 @@ class Profile:
 
   def to_json(self) -> dict:
     """The record checkpoint metadata stores: a dict of the fields, ranks a plain dict."""
-    return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
-            "ranks": dict(self.ranks)}
+    return {
+      **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+      "ranks": dict(self.ranks),
+    }
 
   @classmethod
-  def from_json(cls, record: Mapping) -> "Profile":
+  def from_json(cls, record: Mapping) -> Profile:
     """The inverse of `to_json`. Raises ValueError naming the fields a record lacks."""
     names = [f.name for f in dataclasses.fields(cls)]
     missing = [name for name in names if name not in record]
@@ -71,9 +74,14 @@ def _budget_and_ranks(profile: Profile | Mapping) -> tuple[float, FrozenDict]:
   return float(profile["budget"]), _frozen_ranks(profile["ranks"])
 
 
-def search_profiles(model: nnx.Module, dense: nnx.Module, calibration: Mapping[str, np.ndarray],
-                    budgets: Sequence[float], seq_len: int | None = None,
-                    unit: str = "flops") -> list[Profile]:
+def search_profiles(
+  model: nnx.Module,
+  dense: nnx.Module,
+  calibration: Mapping[str, np.ndarray],
+  budgets: Sequence[float],
+  seq_len: int | None = None,
+  unit: str = "flops",
+) -> list[Profile]:
   """One nested profile per budget (in the order given), each within budget × the dense model.
 
   Args:
@@ -90,40 +98,54 @@ def search_profiles(model: nnx.Module, dense: nnx.Module, calibration: Mapping[s
   if unit not in UNITS:
     raise ValueError(f"flexrank.budget_unit must be one of {UNITS}, got {unit!r}.")
   layers = nsn_layers(model)
-  kernels = {"/".join(map(str, path)): node.kernel[...] for path, node in nnx.iter_graph(dense)
-             if isinstance(node, nnx.Linear)}
+  kernels = {
+    "/".join(map(str, path)): node.kernel[...]
+    for path, node in nnx.iter_graph(dense)
+    if isinstance(node, nnx.Linear)
+  }
   missing = [path for path in layers if path not in kernels or path not in calibration]
   if missing:
     raise ValueError(f"no dense kernel or calibration inputs for the NSN layers {missing}.")
-  tables = {path: flexrank.layer_error_table(kernels[path], layer.a[...], layer.b[...],
-                                             calibration[path])
-            for path, layer in layers.items()}
+  tables = {
+    path: flexrank.layer_error_table(kernels[path], layer.a[...], layer.b[...], calibration[path])
+    for path, layer in layers.items()
+  }
   flops_of = lambda ranks: flops.model_flops(model, ranks, seq_len)
   params_of = lambda ranks: flops.active_params(model, ranks)
   dense_flops, dense_params = flops.dense_model_flops(model, seq_len), flops.total_params(dense)
   if unit == "params":  # a rank costs r·(d_in + d_out) parameters: half its FLOPs per row
     tables = {path: [(r, c // 2, e) for r, c, e in table] for path, table in tables.items()}
-  cost_of, dense_cost = ((flops_of, dense_flops) if unit == "flops" else
-                         (params_of, dense_params))
+  cost_of, dense_cost = (flops_of, dense_flops) if unit == "flops" else (params_of, dense_params)
   # What no rank changes (attention, dense layers, embeddings, head, the NSN biases): the whole
   # model at R less the tables' rank-dependent costs, so fixed + Σ table cost = cost_of exactly.
   fixed = cost_of(None) - sum(
-      table[layer.max_rank - 1][1] for table, layer in zip(tables.values(), layers.values()))
+    table[layer.max_rank - 1][1] for table, layer in zip(tables.values(), layers.values())
+  )
   smallest = (fixed + sum(table[0][1] for table in tables.values())) / dense_cost
   low = [b for b in budgets if not b >= smallest]
   if low:
-    raise ValueError(f"flexrank.budgets {low} are below {smallest:.4f}, the fraction of the "
-                     f"dense model's {unit} at rank 1 in every NSN layer.")
+    raise ValueError(
+      f"flexrank.budgets {low} are below {smallest:.4f}, the fraction of the "
+      f"dense model's {unit} at rank 1 in every NSN layer."
+    )
   nested = flexrank.nested_profiles(tables, [b * dense_cost - fixed for b in budgets])
   results = []
   for budget, ranks in zip(budgets, nested):
     cost = cost_of(ranks)
     if cost > budget * dense_cost:  # the DP's costs and cost_of must agree
-      raise RuntimeError(f"profile for budget {budget} costs {cost / dense_cost:.6f} of the "
-                         f"dense {unit}.")
-    results.append(Profile(budget, unit, ranks, flops_of(ranks) / dense_flops,
-                           params_of(ranks) / dense_params,
-                           flexrank.profile_cost_error(tables, ranks)[1]))
+      raise RuntimeError(
+        f"profile for budget {budget} costs {cost / dense_cost:.6f} of the dense {unit}."
+      )
+    results.append(
+      Profile(
+        budget,
+        unit,
+        ranks,
+        flops_of(ranks) / dense_flops,
+        params_of(ranks) / dense_params,
+        flexrank.profile_cost_error(tables, ranks)[1],
+      )
+    )
   return results
 
 
@@ -137,8 +159,10 @@ def saved_profiles(metadata: Mapping) -> dict[float, FrozenDict]:
   """`by_budget` of a checkpoint's metadata. Raises ValueError if it holds no profiles."""
   found = metadata.get("flexrank", {}).get("profiles")
   if not found:
-    raise ValueError("this checkpoint holds no FlexRank profiles: train with "
-                     "--config.flexrank.budgets='(0.3, 0.5, 0.7, 0.9)' to search them.")
+    raise ValueError(
+      "this checkpoint holds no FlexRank profiles: train with "
+      "--config.flexrank.budgets='(0.3, 0.5, 0.7, 0.9)' to search them."
+    )
   return by_budget(found)
 
 
@@ -156,6 +180,7 @@ class ProfileSampler:
   ranks: int32 (K, L), profile k's rank of layer `paths[l]`. A rank source for the checkpoint
   metadata too: no *global* rank is trained, so every rank 1..max_rank counts as held out.
   """
+
   budgets: tuple[float, ...]
   paths: tuple[str, ...]
   ranks: np.ndarray
@@ -164,16 +189,22 @@ class ProfileSampler:
   max_rank: int
 
   @classmethod
-  def create(cls, profiles: Sequence[Profile | Mapping], probabilities: Sequence[float],
-             seed: int, max_rank: int) -> "ProfileSampler":
+  def create(
+    cls,
+    profiles: Sequence[Profile | Mapping],
+    probabilities: Sequence[float],
+    seed: int,
+    max_rank: int,
+  ) -> ProfileSampler:
     """From `search_profiles`' profiles or their JSON records; `probabilities` () means uniform.
     Raises ValueError unless there is one probability ≥ 0 per profile and they sum to 1."""
     k = len(profiles)
     probabilities = tuple(probabilities) or (1.0 / k,) * k
-    if (len(probabilities) != k or min(probabilities) < 0
-        or not np.isclose(sum(probabilities), 1.0)):
-      raise ValueError(f"flexrank.probabilities {probabilities} must be {k} non-negative numbers "
-                       "summing to 1, one per budget (or () for uniform).")
+    if len(probabilities) != k or min(probabilities) < 0 or not np.isclose(sum(probabilities), 1.0):
+      raise ValueError(
+        f"flexrank.probabilities {probabilities} must be {k} non-negative numbers "
+        "summing to 1, one per budget (or () for uniform)."
+      )
     budgets, profile_ranks = zip(*map(_budget_and_ranks, profiles))
     paths = tuple(profile_ranks[0])
     ranks = np.asarray([[p[path] for path in paths] for p in profile_ranks], np.int32)
@@ -185,8 +216,9 @@ class ProfileSampler:
 
   def index(self, step: int) -> int:
     """Which profile step `step` trains."""
-    return int(np.random.default_rng([self.seed, step]).choice(
-        len(self.budgets), p=self.probabilities))
+    return int(
+      np.random.default_rng([self.seed, step]).choice(len(self.budgets), p=self.probabilities)
+    )
 
   def profile(self, ranks) -> dict:
     """ranks (L,), a row of `ranks` (a traced array inside the train step) → {path: scalar}:

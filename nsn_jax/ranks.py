@@ -4,6 +4,7 @@ Ranks are data: every step hands the jitted train step an int32 vector of k rank
 compiled program serves every draw. Draws come from an RNG keyed by (seed, step), so a resumed
 run replays exactly the ranks of the uninterrupted one.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class FixedRanks:
   """The same k ranks every step (the design card's vmapped rank set, e.g. R, R/2, R/4, R/8)."""
+
   ranks: tuple[int, ...]
   max_rank: int
 
@@ -45,6 +47,7 @@ class AnchorAndVariants:
   Variants are drawn uniformly from the current range less `held_out` (never drawn) and less R
   (already the anchor) unless nothing else is left.
   """
+
   max_rank: int
   min_rank: int = 1
   num_variants: int = 1
@@ -71,8 +74,9 @@ class AnchorAndVariants:
     """The smallest rank that may be drawn at `step`."""
     span = self.max_rank - self.min_rank
     warmup_steps = self.warmup_fraction * self.total_steps
-    progress = 1.0 if self.curriculum == "none" or warmup_steps == 0 else min(
-        1.0, step / warmup_steps)
+    progress = (
+      1.0 if self.curriculum == "none" or warmup_steps == 0 else min(1.0, step / warmup_steps)
+    )
     if self.curriculum == "step":
       progress = np.floor(progress * self.num_stages) / self.num_stages
     return self.max_rank - int(np.floor(progress * span))
@@ -108,16 +112,23 @@ def held_out_ranks(source: RankSource) -> tuple[int, ...]:
   return tuple(r for r in range(1, source.max_rank + 1) if r not in trained)
 
 
-def rank_source_from_config(config: ml_collections.ConfigDict, max_rank: int,
-                            total_steps: int, seed: int) -> RankSource:
+def rank_source_from_config(
+  config: ml_collections.ConfigDict, max_rank: int, total_steps: int, seed: int
+) -> RankSource:
   """Builds the source `config.ranks` names: kind = 'fixed' or 'anchor_variants'."""
   kind = config.kind
   if kind == "fixed":
     return FixedRanks(tuple(int(r) for r in config.fixed), max_rank)
   if kind == "anchor_variants":
     return AnchorAndVariants(
-        max_rank=max_rank, min_rank=config.min_rank, num_variants=config.num_variants,
-        curriculum=config.curriculum, warmup_fraction=config.warmup_fraction,
-        total_steps=total_steps, num_stages=config.num_stages,
-        held_out=tuple(int(r) for r in config.held_out), seed=seed)
+      max_rank=max_rank,
+      min_rank=config.min_rank,
+      num_variants=config.num_variants,
+      curriculum=config.curriculum,
+      warmup_fraction=config.warmup_fraction,
+      total_steps=total_steps,
+      num_stages=config.num_stages,
+      held_out=tuple(int(r) for r in config.held_out),
+      seed=seed,
+    )
   raise ValueError(f"ranks.kind must be 'fixed' or 'anchor_variants', got {kind!r}.")

@@ -4,16 +4,18 @@
 checkpoint directory, or an export (`python -m nsn_jax.export`); local or gs://. It rebuilds the
 model as shapes from the checkpoint's own (validated) config and restores only the parameters.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
-import ml_collections
 from etils import epath
 from flax import nnx
+import jax
+import ml_collections
 
-from nsn_jax import config as config_lib, sharding
+from nsn_jax import config as config_lib
+from nsn_jax import sharding
 from nsn_jax.build import build_model, mismatches
 from nsn_jax.checkpoint import CheckpointError, Checkpoints, abstract_tree
 from nsn_jax.deploy import DeployedLayer, empty_like
@@ -22,6 +24,7 @@ from nsn_jax.metrics import say
 
 class Restored(NamedTuple):
   """A restored model, its checkpoint's metadata and step."""
+
   model: nnx.Module
   metadata: dict[str, Any]
   step: int
@@ -40,13 +43,16 @@ def checkpoint_directory(path: str) -> str:
   for candidate in (root / "checkpoints", root):
     if candidate.is_dir() and any(p.name.isdigit() for p in candidate.iterdir()):
       return str(candidate)
-  raise CheckpointError(f"no checkpoint in {path}: give a train.py --workdir, its checkpoints/ "
-                        "folder or an export's --out (train first: python train.py "
-                        f"--config=... --workdir={path}).")
+  raise CheckpointError(
+    f"no checkpoint in {path}: give a train.py --workdir, its checkpoints/ "
+    "folder or an export's --out (train first: python train.py "
+    f"--config=... --workdir={path})."
+  )
 
 
-def restore_model(path: str, mesh: jax.sharding.Mesh | None = None,
-                  step: int | None = None) -> Restored:
+def restore_model(
+  path: str, mesh: jax.sharding.Mesh | None = None, step: int | None = None
+) -> Restored:
   """The model of `path`'s newest readable checkpoint (or of `step`).
 
   The model is rebuilt as shapes from the metadata's config (and, for an export, the deployed
@@ -61,8 +67,9 @@ def restore_model(path: str, mesh: jax.sharding.Mesh | None = None,
     config = config_lib.from_json(metadata["config"])
     config_lib.validate(config)
     deployed = [DeployedLayer(**entry) for entry in metadata.get("deployed", [])]
-    model = nnx.eval_shape(lambda: empty_like(
-        build_model(config, seed=config.seed, pretrained=False), deployed))
+    model = nnx.eval_shape(
+      lambda: empty_like(build_model(config, seed=config.seed, pretrained=False), deployed)
+    )
     state = nnx.state(model)
     shapes = nnx.to_pure_dict(state)
     if mesh is None:  # not the writer's layout: that mesh may not exist here
@@ -88,13 +95,21 @@ def restore_dense_twin(config: ml_collections.ConfigDict) -> nnx.Module | None:
   restored = restore_model(workdir)
   source = restored.config
   if not source.model.dense:
-    raise config_lib.ConfigError("model.init_from", workdir, "the workdir of a dense twin "
-                                 "(model.dense=True)", "it holds a nested run")
+    raise config_lib.ConfigError(
+      "model.init_from",
+      workdir,
+      "the workdir of a dense twin (model.dense=True)",
+      "it holds a nested run",
+    )
   differ = mismatches(config, source)
   if config.model.dtype != source.model.dtype:
     differ.append("model.dtype")  # the twin's layers compute in its own dtype
   if differ:
-    raise config_lib.ConfigError("model.init_from", workdir, "a run of the same model on the "
-                                 f"same task", f"it was trained with another {', '.join(differ)}")
+    raise config_lib.ConfigError(
+      "model.init_from",
+      workdir,
+      "a run of the same model on the same task",
+      f"it was trained with another {', '.join(differ)}",
+    )
   say(f"starting from the dense run {workdir} at step {restored.step}")
   return restored.model

@@ -11,6 +11,7 @@ a[:, :r] of a rank-sharded array is uneven across devices and forces resharding 
 An axis that does not divide its dimension is dropped from that leaf's spec (replicated), so
 one rule set serves every model size; `tests/test_sharding.py` pins the resulting specs.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,9 +20,10 @@ import re
 from typing import Any
 
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
@@ -29,15 +31,14 @@ BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 # (path regex, spec). Paths end with the parameter name; optimizer moments share the same path
 # suffixes, so one rule set covers parameters and optimizer state.
 DEFAULT_RULES = (
-    (r"(^|/)a$", ("fsdp", None)),          # NSN factor a: (d_in, R) → split d_in
-    (r"(^|/)b$", (None, "tensor")),        # NSN factor b: (R, d_out) → split d_out
-    (r"(^|/)kernel$", ("fsdp", "tensor")),  # dense kernel (d_in, d_out)
-    (r"(^|/)bias$", ("tensor",)),
+  (r"(^|/)a$", ("fsdp", None)),  # NSN factor a: (d_in, R) → split d_in
+  (r"(^|/)b$", (None, "tensor")),  # NSN factor b: (R, d_out) → split d_out
+  (r"(^|/)kernel$", ("fsdp", "tensor")),  # dense kernel (d_in, d_out)
+  (r"(^|/)bias$", ("tensor",)),
 )
 
 
-def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None
-              ) -> Mesh:
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh; one axis may be -1 (= the remaining devices).
 
   The axis sizes must multiply to a divisor of the device count; the mesh then uses the first
@@ -46,26 +47,29 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] | N
   devices = list(jax.devices() if devices is None else devices)
   sizes = [int(mesh_config[axis]) for axis in AXES]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh {dict(zip(AXES, sizes))}: sizes must be positive, with at most "
-                     "one -1.")
+    raise ValueError(f"mesh {dict(zip(AXES, sizes))}: sizes must be positive, with at most one -1.")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"mesh {dict(zip(AXES, sizes))} does not divide the {len(devices)} "
-                       "devices.")
+      raise ValueError(f"mesh {dict(zip(AXES, sizes))} does not divide the {len(devices)} devices.")
     sizes[sizes.index(-1)] = len(devices) // known
   total = math.prod(sizes)
   if len(devices) % total:
-    raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {total} devices, which does not "
-                     f"divide the {len(devices)} devices available.")
+    raise ValueError(
+      f"mesh {dict(zip(AXES, sizes))} needs {total} devices, which does not "
+      f"divide the {len(devices)} devices available."
+    )
   grid = np.asarray(devices[:total]).reshape(sizes)
   return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
 def path_string(path: tuple) -> str:
   """A jax key path → "hidden/0/a". Attribute hops (a Variable's `.value`) are not part of it."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path
-                  if not isinstance(k, jax.tree_util.GetAttrKey))
+  return "/".join(
+    str(getattr(k, "key", getattr(k, "idx", k)))
+    for k in path
+    if not isinstance(k, jax.tree_util.GetAttrKey)
+  )
 
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES) -> P:
@@ -75,8 +79,10 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES)
     if re.search(pattern, path):
       if len(spec) != len(shape):
         continue  # a rule for another rank of array (e.g. a scalar optimizer count)
-      fitted = [axis if axis is not None and dim % mesh.shape[axis] == 0 else None
-                for axis, dim in zip(spec, shape)]
+      fitted = [
+        axis if axis is not None and dim % mesh.shape[axis] == 0 else None
+        for axis, dim in zip(spec, shape)
+      ]
       return P(*fitted)
   return P()
 
@@ -84,8 +90,8 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES)
 def tree_shardings(tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs) by the rules."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, spec_for(path_string(path), x.shape, mesh, rules)),
-      tree)
+    lambda path, x: NamedSharding(mesh, spec_for(path_string(path), x.shape, mesh, rules)), tree
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

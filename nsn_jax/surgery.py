@@ -8,6 +8,7 @@ Factors come from the kernel's SVD (least ‖W − W_r‖ at every rank), or, gi
 captured by `capture_inputs`, from FlexRank's activation-aware SVD (least ‖X(W − W_r)‖ on those
 inputs at every rank), which is what the model's outputs feel.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -16,17 +17,17 @@ import functools
 import re
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from nsn_jax.flexrank import activation_aware_factors, output_error
 from nsn_jax.flops import break_even_rank
 from nsn_jax.layers import NSNDense, name_nsn_layers, set_submodule, svd_factors
 
-MLP_RULES = (r"(^|/)mlp/[^/]+$",)                 # every projection of a block's MLP / FFN
-ATTENTION_RULES = (r"(^|/)attn/(q|k|v|o)$",)       # the attention projections
+MLP_RULES = (r"(^|/)mlp/[^/]+$",)  # every projection of a block's MLP / FFN
+ATTENTION_RULES = (r"(^|/)attn/(q|k|v|o)$",)  # the attention projections
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ReplacedLayer:
   r = R/2 on the calibration rows X, None without calibration. `init` is "svd" or
   "activation_aware".
   """
+
   path: str
   in_features: int
   out_features: int
@@ -49,20 +51,24 @@ class ReplacedLayer:
   output_error_at_half_rank: float | None
 
 
-def chosen_linears(model: nnx.Module,
-                    rules: Sequence[str]) -> list[tuple[str, tuple, nnx.Linear]]:
+def chosen_linears(model: nnx.Module, rules: Sequence[str]) -> list[tuple[str, tuple, nnx.Linear]]:
   """(path as "a/0/b", path as graph keys, layer) of each `nnx.Linear` matching any of `rules`.
 
   Raises ValueError if none matches, listing the dense layers there are. A single string is
   one rule (not a sequence of one-character rules).
   """
   rules = (rules,) if isinstance(rules, str) else rules
-  dense = [("/".join(map(str, path)), path, node) for path, node in nnx.iter_graph(model)
-           if isinstance(node, nnx.Linear)]
+  dense = [
+    ("/".join(map(str, path)), path, node)
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, nnx.Linear)
+  ]
   chosen = [entry for entry in dense if any(re.search(rule, entry[0]) for rule in rules)]
   if not chosen:
-    raise ValueError(f"rules {list(rules)} match none of the model's dense layers: "
-                     f"{[name for name, _, _ in dense]}.")
+    raise ValueError(
+      f"rules {list(rules)} match none of the model's dense layers: "
+      f"{[name for name, _, _ in dense]}."
+    )
   return chosen
 
 
@@ -80,16 +86,22 @@ class _InputRecorder(nnx.Module):
 def _keep_rows(kept: list[np.ndarray], max_rows: int, name: str, x: jax.Array) -> None:
   """Appends x: (..., d_in) to `kept` as float32 rows (n, d_in) until `max_rows` rows are kept."""
   if isinstance(x, jax.core.Tracer):
-    raise ValueError(f"capture_inputs got a traced input at {name!r}: the forward function "
-                     "must run eagerly (not under jax.jit / nnx.jit); rows go to the host.")
+    raise ValueError(
+      f"capture_inputs got a traced input at {name!r}: the forward function "
+      "must run eagerly (not under jax.jit / nnx.jit); rows go to the host."
+    )
   room = max_rows - sum(len(rows) for rows in kept)
   if room > 0:
     kept.append(np.asarray(x, np.float32).reshape(-1, x.shape[-1])[:room])
 
 
-def capture_inputs(model: nnx.Module, forward: Callable[[nnx.Module], Any],
-                   rules: Sequence[str] = MLP_RULES, *,
-                   max_rows: int = 8192) -> dict[str, np.ndarray]:
+def capture_inputs(
+  model: nnx.Module,
+  forward: Callable[[nnx.Module], Any],
+  rules: Sequence[str] = MLP_RULES,
+  *,
+  max_rows: int = 8192,
+) -> dict[str, np.ndarray]:
   """The inputs the `nnx.Linear` layers matching `rules` receive while `forward(model)` runs.
 
   Returns {path: float32 (n_rows, d_in)}: each call's input (..., d_in) flattened to rows, in call
@@ -103,8 +115,11 @@ def capture_inputs(model: nnx.Module, forward: Callable[[nnx.Module], Any],
   kept = {name: [] for name, _, _ in chosen}
   try:
     for name, path, linear in chosen:
-      set_submodule(model, path, _InputRecorder(
-          linear, functools.partial(_keep_rows, kept[name], max_rows, name)))
+      set_submodule(
+        model,
+        path,
+        _InputRecorder(linear, functools.partial(_keep_rows, kept[name], max_rows, name)),
+      )
     forward(model)
   finally:
     for _, path, linear in chosen:
@@ -115,10 +130,13 @@ def capture_inputs(model: nnx.Module, forward: Callable[[nnx.Module], Any],
   return {name: np.concatenate(rows) for name, rows in kept.items()}
 
 
-def decompose_and_replace(model: nnx.Module, rules: Sequence[str] = MLP_RULES,
-                          max_rank: int = 64, *,
-                          calibration: Mapping[str, Any] | None = None,
-                          ) -> tuple[nnx.Module, list[ReplacedLayer]]:
+def decompose_and_replace(
+  model: nnx.Module,
+  rules: Sequence[str] = MLP_RULES,
+  max_rank: int = 64,
+  *,
+  calibration: Mapping[str, Any] | None = None,
+) -> tuple[nnx.Module, list[ReplacedLayer]]:
   """A copy of `model` whose `nnx.Linear` layers matching any of `rules` are NSN layers of rank
   min(max_rank, d_in, d_out), and a report of what was replaced.
 
@@ -133,8 +151,10 @@ def decompose_and_replace(model: nnx.Module, rules: Sequence[str] = MLP_RULES,
   chosen = chosen_linears(model, rules)
   missing = [name for name, _, _ in chosen if calibration is not None and name not in calibration]
   if missing:
-    raise ValueError(f"calibration has no activations for the chosen layers {missing}; "
-                     f"it has {sorted(calibration)}.")
+    raise ValueError(
+      f"calibration has no activations for the chosen layers {missing}; "
+      f"it has {sorted(calibration)}."
+    )
   report = []
   for name, path, linear in chosen:
     kernel = linear.kernel[...]
@@ -142,26 +162,37 @@ def decompose_and_replace(model: nnx.Module, rules: Sequence[str] = MLP_RULES,
     if calibration is None:
       init, factors = "svd", svd_factors(kernel, max_rank)
     else:
-      init, factors = "activation_aware", activation_aware_factors(kernel, calibration[name],
-                                                                   max_rank)
-    layer = NSNDense.from_factors(*factors, bias, dtype=linear.dtype,
-                                  param_dtype=linear.param_dtype)
+      init, factors = (
+        "activation_aware",
+        activation_aware_factors(kernel, calibration[name], max_rank),
+      )
+    layer = NSNDense.from_factors(
+      *factors, bias, dtype=linear.dtype, param_dtype=linear.param_dtype
+    )
     set_submodule(model, path, layer)
     half = max(1, layer.max_rank // 2)
-    report.append(ReplacedLayer(
-        path=name, in_features=linear.in_features,
-        out_features=linear.out_features, max_rank=layer.max_rank,
+    report.append(
+      ReplacedLayer(
+        path=name,
+        in_features=linear.in_features,
+        out_features=linear.out_features,
+        max_rank=layer.max_rank,
         break_even_rank=break_even_rank(linear.in_features, linear.out_features),
         error_at_max_rank=_relative_error(layer, kernel, layer.max_rank),
-        error_at_half_rank=_relative_error(layer, kernel, half), init=init,
-        output_error_at_half_rank=None if calibration is None else output_error(
-            kernel, layer.a[...], layer.b[...], calibration[name], half)))
+        error_at_half_rank=_relative_error(layer, kernel, half),
+        init=init,
+        output_error_at_half_rank=None
+        if calibration is None
+        else output_error(kernel, layer.a[...], layer.b[...], calibration[name], half),
+      )
+    )
   name_nsn_layers(model)
   return model, report
 
 
-def nsn_skeleton(model: nnx.Module, rules: Sequence[str] = MLP_RULES,
-                 max_rank: int = 64) -> nnx.Module:
+def nsn_skeleton(
+  model: nnx.Module, rules: Sequence[str] = MLP_RULES, max_rank: int = 64
+) -> nnx.Module:
   """`decompose_and_replace`'s structure without its arithmetic: a copy of `model` whose chosen
   layers are NSN layers of the same shapes and R with zero factors. Under `nnx.eval_shape` this
   is the restore target of a checkpoint of a decomposed model (no SVD, no report)."""
@@ -170,17 +201,26 @@ def nsn_skeleton(model: nnx.Module, rules: Sequence[str] = MLP_RULES,
     d_in, d_out = linear.in_features, linear.out_features
     r = min(max_rank, d_in, d_out)
     bias = None if linear.bias is None else linear.bias[...]
-    set_submodule(model, path, NSNDense.from_factors(
-        jnp.zeros((d_in, r)), jnp.zeros((r, d_out)), bias, dtype=linear.dtype,
-        param_dtype=linear.param_dtype))
+    set_submodule(
+      model,
+      path,
+      NSNDense.from_factors(
+        jnp.zeros((d_in, r)),
+        jnp.zeros((r, d_out)),
+        bias,
+        dtype=linear.dtype,
+        param_dtype=linear.param_dtype,
+      ),
+    )
   name_nsn_layers(model)
   return model
 
 
 def _relative_error(layer: NSNDense, kernel, rank: int) -> float:
   kernel = jnp.asarray(kernel, jnp.float32)
-  return float(jnp.linalg.norm(layer.kernel(rank).astype(jnp.float32) - kernel) /
-               jnp.linalg.norm(kernel))
+  return float(
+    jnp.linalg.norm(layer.kernel(rank).astype(jnp.float32) - kernel) / jnp.linalg.norm(kernel)
+  )
 
 
 def format_report(report: list[ReplacedLayer]) -> str:
@@ -189,12 +229,18 @@ def format_report(report: list[ReplacedLayer]) -> str:
   err@ columns are relative weight errors; out@R/2 is the relative output error on the
   calibration rows ("-" without calibration).
   """
-  lines = [f"{'layer':<28} {'d_in':>6} {'d_out':>6} {'R':>5} {'r*':>7} {'init':>16} "
-           f"{'err@R':>8} {'err@R/2':>8} {'out@R/2':>8}"]
+  lines = [
+    f"{'layer':<28} {'d_in':>6} {'d_out':>6} {'R':>5} {'r*':>7} {'init':>16} "
+    f"{'err@R':>8} {'err@R/2':>8} {'out@R/2':>8}"
+  ]
   for r in report:
-    flag = "  (R > r*: the top ranks cost more than dense)" if r.max_rank > r.break_even_rank else ""
+    flag = (
+      "  (R > r*: the top ranks cost more than dense)" if r.max_rank > r.break_even_rank else ""
+    )
     out = "-" if r.output_error_at_half_rank is None else f"{r.output_error_at_half_rank:.3f}"
-    lines.append(f"{r.path:<28} {r.in_features:>6} {r.out_features:>6} {r.max_rank:>5} "
-                 f"{r.break_even_rank:>7.1f} {r.init:>16} {r.error_at_max_rank:>8.2e} "
-                 f"{r.error_at_half_rank:>8.3f} {out:>8}{flag}")
+    lines.append(
+      f"{r.path:<28} {r.in_features:>6} {r.out_features:>6} {r.max_rank:>5} "
+      f"{r.break_even_rank:>7.1f} {r.init:>16} {r.error_at_max_rank:>8.2e} "
+      f"{r.error_at_half_rank:>8.3f} {out:>8}{flag}"
+    )
   return "\n".join(lines)

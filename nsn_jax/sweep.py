@@ -6,6 +6,7 @@ and writes sweep.json, sweep.csv and frontier.png (accuracy against FLOPs fracti
 directory, by default DIR/eval/step_<step>: a sweep of another step never overwrites this one,
 and sweeping the same step again adds its rows to (or refreshes them in) the table there.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -15,10 +16,11 @@ import json
 import math
 import os
 
-import jax
 from flax import nnx
+import jax
 
-from nsn_jax import flops, profiles as flexrank_profiles
+from nsn_jax import flops
+from nsn_jax import profiles as flexrank_profiles
 from nsn_jax.build import mismatches, text_encoder
 from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
@@ -32,6 +34,7 @@ class SweepRow:
   """One evaluated model, rank or profile. FLOPs per example (a sequence model's whole forward
   pass over data.seq_len tokens); fractions of the dense model and of rank R; latency in ms per
   batch; xla_flops: XLA's count of the same forward pass, per example."""
+
   model: str
   rank: int | None
   profile_ranks: str | None
@@ -73,8 +76,9 @@ def parse_ranks(spec: str, max_rank: int) -> list[int]:
       return sorted({1, max_rank, *range(step, max_rank + 1, step)})
     ranks = sorted({int(r) for r in spec.split(",") if r.strip()})
   except ValueError:
-    raise ValueError(f"--ranks={spec!r} is not 'all', 'every:N', 'none' or a list like "
-                     "'1,2,4'.") from None
+    raise ValueError(
+      f"--ranks={spec!r} is not 'all', 'every:N', 'none' or a list like '1,2,4'."
+    ) from None
   bad = [r for r in ranks if not 1 <= r <= max_rank]
   if bad or not ranks:
     raise ValueError(f"--ranks={spec!r}: ranks {bad} are outside this model's range 1..{max_rank}.")
@@ -85,19 +89,26 @@ def check_budgets(budgets: Sequence[float]) -> None:
   """Raises ValueError unless every budget is a fraction in (0, 1]."""
   bad = [b for b in budgets if not 0 < b <= 1]
   if bad:
-    raise ValueError(f"--budgets={','.join(map(str, budgets))}: {bad} are not fractions; valid: "
-                     "numbers in (0, 1], e.g. 0.25,0.5")
+    raise ValueError(
+      f"--budgets={','.join(map(str, budgets))}: {bad} are not fractions; valid: "
+      "numbers in (0, 1], e.g. 0.25,0.5"
+    )
 
 
 class _Rows:
   """Turns evaluations of one restored model into SweepRows (costs shared by every row)."""
 
-  def __init__(self, restored: Restored, arrays: dict, batch_size: int, budgets: dict,
-               reference_model: nnx.Module):
+  def __init__(
+    self,
+    restored: Restored,
+    arrays: dict,
+    batch_size: int,
+    budgets: dict,
+    reference_model: nnx.Module,
+  ):
     self.model, self.arrays, self.budgets = restored.model, arrays, budgets
     self.config = restored.config
-    self.seq_len = self.config.data.seq_len if self.config.task != "image_classification" \
-        else None
+    self.seq_len = self.config.data.seq_len if self.config.task != "image_classification" else None
     self.task = get_task(self.config.task)
     self.trained = set(restored.metadata.get("trained_ranks", []))
     self.evaluator = RankEvaluator(nnx.graphdef(self.model), batch_size, self.task)
@@ -113,33 +124,61 @@ class _Rows:
     metrics = self.evaluator(params, self.arrays, point)
     cost = self.per_example * flops.model_flops(self.model, point, self.seq_len)
     if verbose:
-      label = (f"profile {flexrank_profiles.summarise(point)}" if isinstance(point, Mapping)
-               else f"rank {point}" if point is not None else "")
+      label = (
+        f"profile {flexrank_profiles.summarise(point)}"
+        if isinstance(point, Mapping)
+        else f"rank {point}"
+        if point is not None
+        else ""
+      )
       print(f"  {name} {label}: accuracy {metrics['accuracy']:.4f}", flush=True)
     values = dict(
-        model=name, rank=point, profile_ranks=None, trained=point in self.trained,
-        budget=self.budgets.get(point) if isinstance(point, int) else None,
-        accuracy=metrics["accuracy"], loss=metrics["loss"],
-        perplexity=(math.exp(metrics["loss"]) if self.task.name == "language_modelling"
-                    else None),
-        flops=cost, flops_frac_dense=cost / self.dense, flops_frac_max_rank=cost / self.full,
-        nsn_frac_dense=_nsn_fraction(self.model, point),
-        active_params=flops.active_params(self.model, point),
-        latency_ms=1e3 * metrics["latency_s"],
-        xla_flops=self.evaluator.forward_flops(params, self.arrays, point)
-        / self.evaluator.batch_size)
+      model=name,
+      rank=point,
+      profile_ranks=None,
+      trained=point in self.trained,
+      budget=self.budgets.get(point) if isinstance(point, int) else None,
+      accuracy=metrics["accuracy"],
+      loss=metrics["loss"],
+      perplexity=(math.exp(metrics["loss"]) if self.task.name == "language_modelling" else None),
+      flops=cost,
+      flops_frac_dense=cost / self.dense,
+      flops_frac_max_rank=cost / self.full,
+      nsn_frac_dense=_nsn_fraction(self.model, point),
+      active_params=flops.active_params(self.model, point),
+      latency_ms=1e3 * metrics["latency_s"],
+      xla_flops=self.evaluator.forward_flops(params, self.arrays, point)
+      / self.evaluator.batch_size,
+    )
     return SweepRow(**(values | fields))
 
   def profile_rows(self, name: str, saved: Mapping, trained: bool, verbose: bool):
-    return [self.row(name, profile, verbose, rank=None, budget=budget, trained=trained,
-                     profile_ranks=flexrank_profiles.summarise(profile))
-            for budget, profile in saved.items()]
+    return [
+      self.row(
+        name,
+        profile,
+        verbose,
+        rank=None,
+        budget=budget,
+        trained=trained,
+        profile_ranks=flexrank_profiles.summarise(profile),
+      )
+      for budget, profile in saved.items()
+    ]
 
 
-def run_sweep(workdir: str, ranks_spec: str = "all", budgets: Sequence[float] = (),
-              budget_reference: str = "max_rank", batch_size: int | None = None,
-              references: Sequence[str] = (), verbose: bool = True, profiles: bool = False,
-              out: str | None = None, step: int | None = None) -> list[SweepRow]:
+def run_sweep(
+  workdir: str,
+  ranks_spec: str = "all",
+  budgets: Sequence[float] = (),
+  budget_reference: str = "max_rank",
+  batch_size: int | None = None,
+  references: Sequence[str] = (),
+  verbose: bool = True,
+  profiles: bool = False,
+  out: str | None = None,
+  step: int | None = None,
+) -> list[SweepRow]:
   """Evaluates the requested ranks (and the ranks that budgets map to) of `workdir`'s newest
   checkpoint (or `step`); with `profiles` each FlexRank profile saved in it (model "flexrank");
   then each reference run on the same task: a dense baseline once ("dense: DIR"), a FlexRank run
@@ -162,9 +201,12 @@ def run_sweep(workdir: str, ranks_spec: str = "all", budgets: Sequence[float] = 
   arrays = pipeline.load_split(config.data, config.data.eval_split, text_encoder(config))
   batch_size = batch_size or config.eval.batch_size
   if verbose:
-    print(f"sweeping {len(ranks)} ranks and {len(saved)} profiles of {workdir} (step "
-          f"{restored.step}, R={_max_rank(model)}, {len(next(iter(arrays.values())))} "
-          f"{config.data.eval_split} examples)", flush=True)
+    print(
+      f"sweeping {len(ranks)} ranks and {len(saved)} profiles of {workdir} (step "
+      f"{restored.step}, R={_max_rank(model)}, {len(next(iter(arrays.values())))} "
+      f"{config.data.eval_split} examples)",
+      flush=True,
+    )
   own = _Rows(restored, arrays, batch_size, budget_of, model)
   kind = "export" if "export" in restored.metadata else "dense"
   rows = [own.row("nsn" if nsn_layers(model) else kind, rank, verbose) for rank in ranks]
@@ -190,8 +232,10 @@ def _requested_ranks(restored: Restored, spec: str, budgets, reference: str):
   if not nsn_layers(model):
     if spec not in ("all", "none") or budgets:
       what = "an export" if "export" in restored.metadata else "a dense model"
-      raise ValueError(f"--ranks={spec!r} / --budgets: {what} has no ranks; valid: --ranks=all "
-                       "(the model as it is) and no --budgets")
+      raise ValueError(
+        f"--ranks={spec!r} / --budgets: {what} has no ranks; valid: --ranks=all "
+        "(the model as it is) and no --budgets"
+      )
     return ([None] if spec == "all" else []), {}
   seq_len = config.data.seq_len if config.task != "image_classification" else None
   ranks = parse_ranks(spec, flops.max_rank(model))
@@ -201,22 +245,28 @@ def _requested_ranks(restored: Restored, spec: str, budgets, reference: str):
   return sorted(set(ranks) | set(budget_of)), budget_of
 
 
-def _reference_rows(reference: str, restored: Restored, arrays, batch_size: int,
-                    verbose: bool) -> list[SweepRow]:
+def _reference_rows(
+  reference: str, restored: Restored, arrays, batch_size: int, verbose: bool
+) -> list[SweepRow]:
   """A reference run's rows beside `restored`'s (costs as fractions of `restored`'s model)."""
   other = restore_model(reference)
   differ = mismatches(restored.config, other.config)
   if differ:
-    raise ValueError(f"reference {reference} was trained with another {', '.join(differ)}; "
-                     "a reference must be the same model on the same task and data.")
+    raise ValueError(
+      f"reference {reference} was trained with another {', '.join(differ)}; "
+      "a reference must be the same model on the same task and data."
+    )
   rows = _Rows(other, arrays, batch_size, {}, restored.model)
   if _distilled(other.metadata):
-    return rows.profile_rows(f"flexrank: {reference}",
-                             flexrank_profiles.saved_profiles(other.metadata), True, verbose)
+    return rows.profile_rows(
+      f"flexrank: {reference}", flexrank_profiles.saved_profiles(other.metadata), True, verbose
+    )
   if nsn_layers(other.model):
-    raise ValueError(f"reference {reference} is a nested model; a reference must be dense "
-                     "(trained with model.dense=True) or a distilled FlexRank run "
-                     "(objective flexrank_distill).")
+    raise ValueError(
+      f"reference {reference} is a nested model; a reference must be dense "
+      "(trained with model.dense=True) or a distilled FlexRank run "
+      "(objective flexrank_distill)."
+    )
   return [rows.row(f"dense: {reference}", None, verbose, trained=True)]
 
 
@@ -231,39 +281,42 @@ def _nsn_fraction(model, rank) -> float | None:
   layers = nsn_layers(model).values()
   if not layers:
     return None
-  return (sum(flops.nsn_layer_flops(layer, rank) for layer in layers) /
-          sum(flops.dense_flops(l.in_features, l.out_features, l.bias is not None)
-              for l in layers))
+  return sum(flops.nsn_layer_flops(layer, rank) for layer in layers) / sum(
+    flops.dense_flops(l.in_features, l.out_features, l.bias is not None) for l in layers
+  )
 
 
 def format_table(rows: Sequence[SweepRow]) -> str:
   """The sweep as a fixed-width text table; a profile shows its per-layer ranks' range for a
   rank, a dense reference its workdir."""
   perplexity = any(r.perplexity is not None for r in rows)
-  labels = [r.rank if r.rank is not None else r.profile_ranks or r.model
-            for r in rows]
+  labels = [r.rank if r.rank is not None else r.profile_ranks or r.model for r in rows]
   width = max(5, *(len(str(label)) for label in labels))
-  header = (f"{'rank':>{width}} {'trained':>7} {'budget':>6} {'accuracy':>8} {'loss':>7} "
-            + (f"{'ppl':>8} " if perplexity else "") +
-            f"{'FLOPs/ex':>13} {'%dense':>6} {'%R':>6} {'%NSN':>6} {'params':>11} "
-            f"{'ms/batch':>8}")
+  header = (
+    f"{'rank':>{width}} {'trained':>7} {'budget':>6} {'accuracy':>8} {'loss':>7} "
+    + (f"{'ppl':>8} " if perplexity else "")
+    + f"{'FLOPs/ex':>13} {'%dense':>6} {'%R':>6} {'%NSN':>6} {'params':>11} "
+    f"{'ms/batch':>8}"
+  )
   lines = [header, "-" * len(header)]
   for r, rank in zip(rows, labels):
     budget = "" if r.budget is None else f"{r.budget:g}"
     lines.append(
-        f"{rank:>{width}} {'yes' if r.trained else 'no':>7} {budget:>6} "
-        f"{r.accuracy:>8.4f} {r.loss:>7.4f} "
-        + (f"{r.perplexity:>8.2f} " if perplexity else "") +
-        f"{r.flops:>13,} {100 * r.flops_frac_dense:>6.1f} "
-        f"{100 * r.flops_frac_max_rank:>6.1f} "
-        + ("     -" if r.nsn_frac_dense is None else f"{100 * r.nsn_frac_dense:>6.1f}") +
-        f" {r.active_params:>11,} "
-        f"{r.latency_ms:>8.3f}")
+      f"{rank:>{width}} {'yes' if r.trained else 'no':>7} {budget:>6} "
+      f"{r.accuracy:>8.4f} {r.loss:>7.4f} "
+      + (f"{r.perplexity:>8.2f} " if perplexity else "")
+      + f"{r.flops:>13,} {100 * r.flops_frac_dense:>6.1f} "
+      f"{100 * r.flops_frac_max_rank:>6.1f} "
+      + ("     -" if r.nsn_frac_dense is None else f"{100 * r.nsn_frac_dense:>6.1f}")
+      + f" {r.active_params:>11,} "
+      f"{r.latency_ms:>8.3f}"
+    )
   return "\n".join(lines)
 
 
-def write_outputs(rows: Sequence[SweepRow], directory: str, title: str,
-                  budget_reference: str = "max_rank") -> list[SweepRow]:
+def write_outputs(
+  rows: Sequence[SweepRow], directory: str, title: str, budget_reference: str = "max_rank"
+) -> list[SweepRow]:
   """Merges `rows` into `directory`'s sweep (a row of the same model and rank is replaced) and
   writes sweep.json, sweep.csv and frontier.png there (process 0 only); returns the merged rows,
   ordered by model then FLOPs."""
@@ -271,8 +324,10 @@ def write_outputs(rows: Sequence[SweepRow], directory: str, title: str,
   merged = {row.key: row for row in read_rows(path)} if os.path.exists(path) else {}
   merged.update({row.key: row for row in rows})
   order = list(dict.fromkeys(row.model for row in rows))  # this sweep's models first
-  merged = sorted(merged.values(), key=lambda r: (
-      order.index(r.model) if r.model in order else len(order), r.model, r.flops))
+  merged = sorted(
+    merged.values(),
+    key=lambda r: (order.index(r.model) if r.model in order else len(order), r.model, r.flops),
+  )
   if jax.process_index() != 0:
     return merged
   os.makedirs(directory, exist_ok=True)
@@ -297,42 +352,67 @@ def read_rows(path: str) -> list[SweepRow]:
 def plot_frontier(rows: Sequence[SweepRow], path: str, title: str, budget_reference: str) -> None:
   """Accuracy against FLOPs (fraction of the dense model); trained ranks filled, held-out hollow."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for i, r in enumerate(r for r in rows if r.model.startswith(("dense", "export"))):
-    ax.axhline(r.accuracy, color=f"C{i + 3}", linestyle="--", linewidth=1,
-               label=f"{r.model} ({r.accuracy:.3f})")
+    ax.axhline(
+      r.accuracy,
+      color=f"C{i + 3}",
+      linestyle="--",
+      linewidth=1,
+      label=f"{r.model} ({r.accuracy:.3f})",
+    )
   runs = dict.fromkeys(r.model for r in rows if r.model.startswith("flexrank"))
   for color, run in zip(("C2", "C5", "C6", "C7"), runs):
     flex = [r for r in rows if r.model == run]
     distilled = flex[0].trained
-    label = "FlexRank profile" + run.removeprefix("flexrank") + ("" if distilled else
-                                                                 " (not distilled)")
-    ax.plot([r.flops_frac_dense for r in flex], [r.accuracy for r in flex],
-            "D-" if distilled else "D--", color=color, mfc=None if distilled else "none",
-            zorder=2, label=label)
+    label = (
+      "FlexRank profile" + run.removeprefix("flexrank") + ("" if distilled else " (not distilled)")
+    )
+    ax.plot(
+      [r.flops_frac_dense for r in flex],
+      [r.accuracy for r in flex],
+      "D-" if distilled else "D--",
+      color=color,
+      mfc=None if distilled else "none",
+      zorder=2,
+      label=label,
+    )
   rows = [r for r in rows if r.model == "nsn"]
   x = [r.flops_frac_dense for r in rows]
   ax.plot(x, [r.accuracy for r in rows], "-", color="0.7", zorder=1)
-  for trained, style in ((True, dict(color="C0", label="trained rank")),
-                         (False, dict(facecolors="none", edgecolors="C1",
-                                      label="held-out rank (never trained)"))):
+  for trained, style in (
+    (True, dict(color="C0", label="trained rank")),
+    (False, dict(facecolors="none", edgecolors="C1", label="held-out rank (never trained)")),
+  ):
     points = [r for r in rows if r.trained == trained]
     if points:
-      ax.scatter([r.flops_frac_dense for r in points], [r.accuracy for r in points],
-                 zorder=2, **style)
+      ax.scatter(
+        [r.flops_frac_dense for r in points], [r.accuracy for r in points], zorder=2, **style
+      )
   for r in rows:
     if r.budget is not None:
       ax.axvline(r.flops_frac_dense, color="0.5", linestyle=":", linewidth=1)
-      ax.annotate(f"budget {r.budget:g} of {budget_reference} → r={r.rank}",
-                  (r.flops_frac_dense, 0.25),
-                  xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
-                  xytext=(-9, 0), textcoords="offset points")
+      ax.annotate(
+        f"budget {r.budget:g} of {budget_reference} → r={r.rank}",
+        (r.flops_frac_dense, 0.25),
+        xycoords=("data", "axes fraction"),
+        rotation=90,
+        fontsize=7,
+        xytext=(-9, 0),
+        textcoords="offset points",
+      )
   for r in rows[:1] + rows[-1:]:
-    ax.annotate(f"r={r.rank}", (r.flops_frac_dense, r.accuracy),
-                textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.annotate(
+      f"r={r.rank}",
+      (r.flops_frac_dense, r.accuracy),
+      textcoords="offset points",
+      xytext=(4, -10),
+      fontsize=8,
+    )
   ax.set_xlabel("forward FLOPs, fraction of the dense model")
   ax.set_ylabel("accuracy")
   ax.set_title(f"compute–accuracy frontier: {title}", fontsize=9)

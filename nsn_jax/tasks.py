@@ -8,6 +8,7 @@ evaluator and one sweep serve them all:
   language_modelling    model(tokens (B, T), rank) → next-token logits (B, T−1, V) against
                         tokens[:, 1:], weighted by mask[:, 1:] (padding never scored)
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -44,13 +45,15 @@ def _next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
 @dataclasses.dataclass(frozen=True)
 class Task:
   """logits(model, batch, rank) → (B, ..., C); targets(batch) → (labels (B, ...), weights)."""
+
   name: str
   logits: Callable[[Any, Batch, Any], jax.Array]
   targets: Callable[[Batch], tuple[jax.Array, jax.Array]]
-  keys: tuple[str, ...]   # the batch arrays the task reads
+  keys: tuple[str, ...]  # the batch arrays the task reads
 
-  def scores(self, logits: jax.Array, batch: Batch,
-             rows: jax.Array | None = None) -> dict[str, jax.Array]:
+  def scores(
+    self, logits: jax.Array, batch: Batch, rows: jax.Array | None = None
+  ) -> dict[str, jax.Array]:
     """Sums over the batch: `loss` (weighted CE, nats), `correct` and `weight` (the number of
     scored examples or tokens), float32 scalars. `rows` (B,) 0/1 drops padded rows."""
     labels, weights = self.targets(batch)
@@ -58,15 +61,21 @@ class Task:
       weights = weights * rows.reshape(rows.shape + (1,) * (weights.ndim - 1))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     hits = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return {"loss": jnp.sum(ce * weights), "correct": jnp.sum(hits * weights),
-            "weight": jnp.sum(weights)}
+    return {
+      "loss": jnp.sum(ce * weights),
+      "correct": jnp.sum(hits * weights),
+      "weight": jnp.sum(weights),
+    }
 
 
-TASKS = {task.name: task for task in (
+TASKS = {
+  task.name: task
+  for task in (
     Task("image_classification", _image_logits, _label_targets, ("image", "label")),
     Task("text_classification", _text_logits, _label_targets, ("tokens", "mask", "label")),
     Task("language_modelling", _next_token_logits, _next_token_targets, ("tokens", "mask")),
-)}
+  )
+}
 
 
 def get_task(name: str) -> Task:

@@ -5,21 +5,22 @@ The pieces live in their own modules: the config schema (`nsn_jax.config`), the 
 (`nsn_jax.train_step`), checkpoints (`nsn_jax.checkpoint`). This module orders them and runs
 the loop.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
 import signal
-from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import nnx
 
 import nsn_jax
-from nsn_jax import config as config_lib, profiles, sharding
+from nsn_jax import config as config_lib
+from nsn_jax import profiles, sharding
 from nsn_jax.build import build_pretrained, check_rank_fits, text_encoder
 from nsn_jax.checkpoint import Checkpoints, abstract_tree, param_shapes
 from nsn_jax.data import pipeline
@@ -29,13 +30,19 @@ from nsn_jax.methods import Method, build_method
 from nsn_jax.metrics import MetricWriter, Progress, say
 from nsn_jax.restore import restore_dense_twin
 from nsn_jax.tasks import Task, get_task
-from nsn_jax.train_step import (create_train_state, join_checkpoint, make_train_step,
-                                split_for_checkpoint, trainable)
+from nsn_jax.train_step import (
+  create_train_state,
+  join_checkpoint,
+  make_train_step,
+  split_for_checkpoint,
+  trainable,
+)
 from nsn_jax.workdir import WorkdirLock
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       metrics_dir: str | None = None) -> dict[str, float]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, metrics_dir: str | None = None
+) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming from its checkpoint) and returns final eval metrics.
 
   Writes workdir/checkpoints (orbax; local or gs://) and metrics_dir/metrics.jsonl and
@@ -44,8 +51,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   metrics_dir = metrics_dir or workdir
   if "://" in metrics_dir:
-    raise config_lib.ConfigError("--metrics_dir", metrics_dir, "a local directory (checkpoints "
-                                 "may still go to a gs:// workdir)", "metrics are local files")
+    raise config_lib.ConfigError(
+      "--metrics_dir",
+      metrics_dir,
+      "a local directory (checkpoints may still go to a gs:// workdir)",
+      "metrics are local files",
+    )
   config_lib.validate(config, jax.device_count())
   check_rank_fits(config)
   lock = WorkdirLock(metrics_dir) if jax.process_index() == 0 else contextlib.nullcontext()
@@ -54,8 +65,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mesh = sharding.make_mesh(config.mesh)
     task = get_task(config.task)
     encoder = text_encoder(config)
-    train_batches = pipeline.train_batches(config.data, config.train.batch_size, config.seed,
-                                           jax.process_index(), jax.process_count(), encoder)
+    train_batches = pipeline.train_batches(
+      config.data,
+      config.train.batch_size,
+      config.seed,
+      jax.process_index(),
+      jax.process_count(),
+      encoder,
+    )
     eval_arrays = pipeline.load_split(config.data, config.data.eval_split, encoder)
 
     # ----- Model (pretrained + surgery, or from scratch), method, and the sharded state.
@@ -71,14 +88,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # ----- The update step: jitted once, state donated, shardings bound here.
     extra, extra_sharding = method.extra(mesh, config)
     batch_sharding = sharding.batch_sharding(mesh)
-    step_fn = make_train_step(graphdef, method.loss, trainable(config), state_sharding,
-                              batch_sharding, extra_sharding)
+    step_fn = make_train_step(
+      graphdef, method.loss, trainable(config), state_sharding, batch_sharding, extra_sharding
+    )
     evaluator = RankEvaluator(nnx.graphdef(model), config.eval.batch_size, task)
 
     def evaluate(state) -> dict[str, float]:
-      return {f"eval/{name}/{k}": v for name, rank in method.eval_points().items()
-              for k, v in evaluator(state["model"], eval_arrays, rank).items()
-              if k != "latency_s"}
+      return {
+        f"eval/{name}/{k}": v
+        for name, rank in method.eval_points().items()
+        for k, v in evaluator(state["model"], eval_arrays, rank).items()
+        if k != "latency_s"
+      }
 
     def save(step: int, state) -> None:
       metadata = checkpoint_metadata(config, model, method, step)
@@ -103,13 +124,22 @@ def _model_and_method(config, task: Task, train_batches) -> tuple[nnx.Module | N
   """
   if config.model.name not in config_lib.PRETRAINED:
     return None, build_method(config, task, config.model.max_rank)
-  dense, model, calibration = build_pretrained(config, seed=config.seed,
-                                               calibrate=_calibration(config, task, train_batches),
-                                               dense=restore_dense_twin(config))
+  dense, model, calibration = build_pretrained(
+    config,
+    seed=config.seed,
+    calibrate=_calibration(config, task, train_batches),
+    dense=restore_dense_twin(config),
+  )
   found = []
   if config.flexrank.budgets:
-    found = profiles.search_profiles(model, dense, calibration, config.flexrank.budgets,
-                                     config.data.seq_len, config.flexrank.budget_unit)
+    found = profiles.search_profiles(
+      model,
+      dense,
+      calibration,
+      config.flexrank.budgets,
+      config.data.seq_len,
+      config.flexrank.budget_unit,
+    )
   teacher = dense if config.objective.name == config_lib.DISTILL else None
   return model, build_method(config, task, config.model.max_rank, found, teacher)
 
@@ -144,15 +174,16 @@ def _resume(checkpoints: Checkpoints, state: nnx.State, method: Method) -> int:
 def checkpoint_metadata(config, model: nnx.Module, method: Method, step: int) -> dict:
   """What a checkpoint says about itself; `restore_model` rebuilds the model from it."""
   return {
-      "config": json.loads(config.to_json_best_effort()),
-      "nsn_layers": {path: {"in_features": l.in_features, "out_features": l.out_features,
-                            "max_rank": l.max_rank}
-                     for path, l in nsn_layers(model).items()},
-      "max_rank": None if config.model.dense else config.model.max_rank,
-      "param_shapes": param_shapes(nnx.to_pure_dict(nnx.state(model))),
-      "library_version": nsn_jax.__version__,
-      "step": step,
-      **method.metadata(),
+    "config": json.loads(config.to_json_best_effort()),
+    "nsn_layers": {
+      path: {"in_features": l.in_features, "out_features": l.out_features, "max_rank": l.max_rank}
+      for path, l in nsn_layers(model).items()
+    },
+    "max_rank": None if config.model.dense else config.model.max_rank,
+    "param_shapes": param_shapes(nnx.to_pure_dict(nnx.state(model))),
+    "library_version": nsn_jax.__version__,
+    "step": step,
+    **method.metadata(),
   }
 
 
@@ -162,15 +193,17 @@ class _StopFlag:
 
   def __init__(self):
     self.requested = False
-    self._previous = {sig: signal.signal(sig, self._handle)
-                      for sig in (signal.SIGTERM, signal.SIGINT)}
+    self._previous = {
+      sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
 
   def _handle(self, signum, frame):
     del frame
     if self.requested and signum == signal.SIGINT:
       raise KeyboardInterrupt
-    logging.warning("%s: saving a checkpoint and stopping (Ctrl-C again to abort).",
-                    signal.Signals(signum).name)
+    logging.warning(
+      "%s: saving a checkpoint and stopping (Ctrl-C again to abort).", signal.Signals(signum).name
+    )
     self.requested = True
 
   def restore(self):
@@ -178,8 +211,9 @@ class _StopFlag:
       signal.signal(sig, handler)
 
 
-def _loop(config, method: Method, state, start_step: int, inputs, evaluate, save,
-          writer: MetricWriter) -> dict[str, float]:
+def _loop(
+  config, method: Method, state, start_step: int, inputs, evaluate, save, writer: MetricWriter
+) -> dict[str, float]:
   """Steps start_step+1..train.steps; returns the final evaluation.
 
   Step t is dispatched before step t−1's metrics are fetched, so the host never stalls the
@@ -195,9 +229,10 @@ def _loop(config, method: Method, state, start_step: int, inputs, evaluate, save
     metrics = jax.device_get(metrics)
     if not metrics["finite"]:
       raise FloatingPointError(
-          f"step {done}: the loss or the parameters are NaN/inf; the last checkpoint is step "
-          f"{saved_step} and nothing later was saved. Lower optimizer.learning_rate or raise "
-          "optimizer.warmup_steps, then re-run (it resumes from that checkpoint).")
+        f"step {done}: the loss or the parameters are NaN/inf; the last checkpoint is step "
+        f"{saved_step} and nothing later was saved. Lower optimizer.learning_rate or raise "
+        "optimizer.warmup_steps, then re-run (it resumes from that checkpoint)."
+      )
     if force or done % config.train.log_every == 0:
       scalars, fields = method.log(done, step_inputs, metrics)
       writer.write(done, scalars)
@@ -205,8 +240,10 @@ def _loop(config, method: Method, state, start_step: int, inputs, evaluate, save
 
   try:
     for step in range(start_step + 1, config.train.steps + 1):
-      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
-               for k, v in next(batches).items()}
+      batch = {
+        k: jax.make_array_from_process_local_data(batch_sharding, v)
+        for k, v in next(batches).items()
+      }
       step_inputs = method.step_inputs(step)
       state, metrics = step_fn(state, batch, jnp.asarray(step_inputs), extra)
       if pending is not None:

@@ -5,18 +5,20 @@ optimizer. `create_train_state` builds it directly in its sharded layout; `make_
 jits one pure step `(state, batch, step_inputs, extra) → (state, metrics)` for a training
 method (`nsn_jax.methods`), with the state donated and every sharding bound at construction.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
 import re
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import optax
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nsn_jax import flops, sharding
 from nsn_jax.build import build_model
@@ -27,8 +29,13 @@ class TrainState(nnx.Module):
   """model; rank_weights (one learned log-variance per rank 1..R, None for a dense model);
   optimizer (AdamW over the parameters `trainable` selects, and the log-variances)."""
 
-  def __init__(self, model: nnx.Module, rank_weights: RankWeights | None,
-               tx: optax.GradientTransformation, wrt: nnx.filterlib.Filter):
+  def __init__(
+    self,
+    model: nnx.Module,
+    rank_weights: RankWeights | None,
+    tx: optax.GradientTransformation,
+    wrt: nnx.filterlib.Filter,
+  ):
     self.model = model
     self.rank_weights = rank_weights
     # Built over this state before `optimizer` exists: its moments mirror model/rank_weights.
@@ -38,7 +45,8 @@ class TrainState(nnx.Module):
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW with linear warm-up then cosine decay to 0 over `config.train.steps`."""
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.optimizer.learning_rate, config.optimizer.warmup_steps, config.train.steps)
+    0.0, config.optimizer.learning_rate, config.optimizer.warmup_steps, config.train.steps
+  )
   return optax.adamw(schedule, weight_decay=config.optimizer.weight_decay)
 
 
@@ -49,15 +57,16 @@ def trainable(config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
   rules = [re.compile(rule) for rule in config.train.trainable]
 
   def selected(path, value) -> bool:
-    return (isinstance(value, nnx.Param) and
-            any(rule.search("/".join(map(str, path))) for rule in rules))
+    return isinstance(value, nnx.Param) and any(
+      rule.search("/".join(map(str, path))) for rule in rules
+    )
 
   return nnx.Any(LogVariance, selected)
 
 
-def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                       model: nnx.Module | None = None
-                       ) -> tuple[nnx.GraphDef, nnx.State, Any]:
+def create_train_state(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, model: nnx.Module | None = None
+) -> tuple[nnx.GraphDef, nnx.State, Any]:
   """(graphdef, state, state shardings) of a `TrainState` laid out on `mesh`.
 
   `model`: a pretrained family's model already built (`nsn_jax.build.build_pretrained`), placed
@@ -74,8 +83,9 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
     return TrainState(model, weights, tx, wrt)
 
   graphdef, abstract_state = nnx.split(nnx.eval_shape(init))
-  state_sharding = sharding.tree_shardings(abstract_state, mesh,
-                                           sharding.rules_from_config(config.sharding))
+  state_sharding = sharding.tree_shardings(
+    abstract_state, mesh, sharding.rules_from_config(config.sharding)
+  )
   if model is not None:
     graphdef, state = nnx.split(init(model))
     state = jax.device_put(state, state_sharding)
@@ -87,9 +97,14 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 LossFn = Callable[[TrainState, dict, jax.Array, Any], tuple[jax.Array, dict]]
 
 
-def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, wrt: nnx.filterlib.Filter,
-                    state_sharding: Any, batch_sharding: NamedSharding,
-                    extra_sharding: Any = None):
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  loss_fn: LossFn,
+  wrt: nnx.filterlib.Filter,
+  state_sharding: Any,
+  batch_sharding: NamedSharding,
+  extra_sharding: Any = None,
+):
   """The jitted step `(state, batch, step_inputs, extra) → (state, metrics)`.
 
   `loss_fn(train_state, batch, step_inputs, extra) → (loss, aux)` is a method's loss
@@ -104,17 +119,20 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, wrt: nnx.filterlib.
   def step(state, batch, step_inputs, extra):
     train_state = nnx.merge(graphdef, state)
     (loss, aux), grads = nnx.value_and_grad(
-        lambda s: loss_fn(s, batch, step_inputs, extra), argnums=nnx.DiffState(0, wrt),
-        has_aux=True)(train_state)
+      lambda s: loss_fn(s, batch, step_inputs, extra), argnums=nnx.DiffState(0, wrt), has_aux=True
+    )(train_state)
     train_state.optimizer.update(train_state, grads)
     finite = jnp.isfinite(loss)
     for x in jax.tree.leaves(nnx.state(train_state, wrt)):
       finite &= jnp.isfinite(x).all()
     return nnx.state(train_state), {"total_loss": loss, "finite": finite, **aux}
 
-  return jax.jit(step, donate_argnums=0,
-                 in_shardings=(state_sharding, batch_sharding, replicated, extra_sharding),
-                 out_shardings=(state_sharding, replicated))
+  return jax.jit(
+    step,
+    donate_argnums=0,
+    in_shardings=(state_sharding, batch_sharding, replicated, extra_sharding),
+    out_shardings=(state_sharding, replicated),
+  )
 
 
 def split_for_checkpoint(state: nnx.State) -> tuple[dict, dict]:

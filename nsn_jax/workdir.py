@@ -7,6 +7,7 @@ a killed run is stale by construction: the next run simply takes it. The file is
 holds it, for the error message. flock is advisory and local: it guards a local (or NFS)
 directory against runs that also use this lock, and cannot lock gs://… paths.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -41,13 +42,20 @@ class WorkdirLock:
       holder = _parse(f.read())
       f.close()
       raise WorkdirLockedError(
-          f"another run (pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
-          f"started {holder.get('started', '?')}) is using {self.directory}; wait for it or use "
-          "another --workdir") from None
+        f"another run (pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
+        f"started {holder.get('started', '?')}) is using {self.directory}; wait for it or use "
+        "another --workdir"
+      ) from None
     f.truncate(0)
-    json.dump({"host": socket.gethostname(), "pid": os.getpid(),
-               "started": datetime.datetime.now().isoformat(timespec="seconds"),
-               "command": " ".join(sys.argv)}, f)
+    json.dump(
+      {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+      },
+      f,
+    )
     f.flush()
     self._file = f
     return self

@@ -3,14 +3,17 @@
 PJRT_NPROC=16 keeps collectives on 2-core machines from deadlocking (see environment docs); the
 terminate timeout turns such a hang into a fast failure.
 """
+
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_cpu_collective_call_terminate_timeout_seconds=30")
+os.environ.setdefault(
+  "XLA_FLAGS",
+  "--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=30",
+)
 os.environ.setdefault("PJRT_NPROC", "16")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pytest  # noqa: E402  (after the environment set-up above)
+import pytest
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +26,7 @@ def data_dir(tmp_path_factory):
 def smoke_config(data_dir):
   """configs/default.py:smoke reading data from the session's data_dir."""
   from configs import default
+
   config = default.get_config("smoke")
   config.data.data_dir = data_dir
   return config
@@ -32,5 +36,7 @@ def smoke_config(data_dir):
 def tiny_gguf(tmp_path_factory):
   """A tiny random-weight Llama GGUF file (tests/test_llama.py's TINY): SmolLM2's stand-in."""
   from test_llama import TINY, gguf_weights, tiny_model, write_gguf
-  return str(write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", TINY,
-                        gguf_weights(tiny_model())))
+
+  return str(
+    write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", TINY, gguf_weights(tiny_model()))
+  )

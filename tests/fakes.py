@@ -1,4 +1,5 @@
 """Stand-ins for datasets that need a network: built locally, read through the real code path."""
+
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
@@ -45,5 +46,12 @@ class FakeMnli(glue.Glue, skip_registration=True):
 
   def _generate_examples(self, split):
     for i in range(self.SIZES[split]):
-      yield i, {"premise": f"the cat sat on mat number {i}.", "hypothesis": f"a cat sat {i}.",
-                "label": i % 3, "idx": i}
+      yield (
+        i,
+        {
+          "premise": f"the cat sat on mat number {i}.",
+          "hypothesis": f"a cat sat {i}.",
+          "label": i % 3,
+          "idx": i,
+        },
+      )

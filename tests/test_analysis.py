@@ -1,8 +1,9 @@
 """Analysis metrics on constructed cases where the answer is known."""
+
+from flax import nnx
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from nsn_jax import analysis
 from nsn_jax.layers import NSNDense
@@ -11,8 +12,9 @@ from nsn_jax.layers import NSNDense
 def test_energy_profile_of_svd_init_is_the_spectrum():
   kernel = jax.random.normal(jax.random.key(0), (20, 12))
   layer = NSNDense.from_dense(kernel, None, 12)
-  np.testing.assert_allclose(analysis.energy_profile(layer),
-                             np.linalg.svd(np.asarray(kernel), compute_uv=False), rtol=1e-4)
+  np.testing.assert_allclose(
+    analysis.energy_profile(layer), np.linalg.svd(np.asarray(kernel), compute_uv=False), rtol=1e-4
+  )
 
 
 def test_containment_is_one_for_svd_and_lower_for_reversed_components():

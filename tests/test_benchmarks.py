@@ -3,6 +3,7 @@
 No timing assertions: speed is what the benchmarks measure, not what the tests check. The torch
 suite needs its own venv, absent in CI; only its skip path is tested.
 """
+
 import json
 import math
 
@@ -42,8 +43,9 @@ def _gar_excess_bound(layers, rows: int) -> int:
   per row the pivot add (r) and the gather's per-element index check and fill-mode select
   (2·d_in); per call the gather's index normalisation (≤ 32 ops per index). `layers`:
   [d_in, d_out, rank, form] per deployed layer."""
-  return sum(rows * (rank + 2 * d_in) + 32 * d_in
-             for d_in, _, rank, form in layers if form == "gar")
+  return sum(
+    rows * (rank + 2 * d_in) + 32 * d_in for d_in, _, rank, form in layers if form == "gar"
+  )
 
 
 def _assert_flops_explained(row, rows: int, elementwise_min: int, elementwise_max: int):
@@ -59,15 +61,20 @@ def test_layer_rows_cover_the_grid_and_match_xla_flops(report):
   ranks = {2, 4, 8, 16, 24, 32}
   assert {row["rank"] for row in rows if row["kind"] == "nsn"} == ranks
   assert {(row["policy"], row["rank"]) for row in rows if row["kind"] == "deployed"} == {
-      (policy, r) for policy in ("cheapest", "matmul") for r in ranks}
+    (policy, r) for policy in ("cheapest", "matmul") for r in ranks
+  }
   assert {row["kind"] for row in rows} == {"nsn", "dense", "matmul", "deployed"}
   for row in rows:
     assert _positive(row["latency_s"]) and _positive(row["flops_per_s"]), row
     # A deployed layer's FLOPs: GAR below min(d_in, d_out) = 64 under "cheapest"; under
     # "matmul" factorised below the break-even rank 32, folded dense at it.
     if row["kind"] == "deployed":
-      assert row["form"] == {"cheapest": "gar", "matmul": (
-          "factorised" if row["rank"] < 32 else "dense")}[row["policy"]], row
+      assert (
+        row["form"]
+        == {"cheapest": "gar", "matmul": ("factorised" if row["rank"] < 32 else "dense")}[
+          row["policy"]
+        ]
+      ), row
     layers = [[64, 64, row["rank"], row["form"]]] if row["kind"] == "deployed" else []
     _assert_flops_explained({**row, "layers": layers}, row["batch"], 0, 0)
   assert [row["vs_dense"] for row in rows if row["kind"] == "dense"] == [1.0]
@@ -79,7 +86,8 @@ def test_model_rows_per_rank_and_batch(report):
   mlp = [row for row in rows if row["model"] == "mlp"]
   for kind, policies in (("nsn", {None}), ("deployed", {"cheapest", "matmul"})):
     assert {(row["batch"], row["rank"], row["policy"]) for row in mlp if row["kind"] == kind} == {
-        (b, r, p) for b in (1, 8) for r in (1, 2, 4, 8) for p in policies}
+      (b, r, p) for b in (1, 8) for r in (1, 2, 4, 8) for p in policies
+    }
   for row in mlp:
     assert _positive(row["latency_s"]), row
     # XLA also counts the ReLUs of the smoke MLP's one hidden layer (32 wide), at most once each.
@@ -99,14 +107,22 @@ def test_model_rows_per_rank_and_batch(report):
 def test_train_rows_per_model_strategy_and_rank_count(report):
   rows = report["suites"]["train"]["rows"]
   assert {(row["model"], row["strategy"], row["k"]) for row in rows} == {
-      (model, strategy, k) for model in ("mlp", "mlp_wide")
-      for strategy, k in (("vmap_masked", 1), ("vmap_masked", 2), ("vmap_masked", 4),
-                          ("loop_static", 1), ("loop_static", 2), ("loop_static", 4),
-                          ("single_static", 1))}
+    (model, strategy, k)
+    for model in ("mlp", "mlp_wide")
+    for strategy, k in (
+      ("vmap_masked", 1),
+      ("vmap_masked", 2),
+      ("vmap_masked", 4),
+      ("loop_static", 1),
+      ("loop_static", 2),
+      ("loop_static", 4),
+      ("single_static", 1),
+    )
+  }
   for row in rows:
     assert _positive(row["steps_per_s"]) and _positive(row["program_bytes"]), row
     anchor = {"mlp": 8, "mlp_wide": 32}[row["model"]]
-    assert row["ranks"] == [anchor // 2 ** i for i in range(row["k"])]  # the anchor leads
+    assert row["ranks"] == [anchor // 2**i for i in range(row["k"])]  # the anchor leads
     assert row["memory_source"]
 
 
@@ -121,7 +137,8 @@ def test_compile_warm_run_reads_every_rank_from_disk(report):
 
 
 def test_torch_suite_without_its_venv_is_skipped_with_the_setup_command(
-    tmp_path, monkeypatch, capsys):
+  tmp_path, monkeypatch, capsys
+):
   monkeypatch.setattr(torch_ref, "PYTHON", tmp_path / "no-venv" / "python")
   out = tmp_path / "torch.json"
   report = run.main(["--suite", "torch", "--size", "tiny", "--out", str(out)])

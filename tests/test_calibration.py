@@ -2,20 +2,21 @@
 
 `-m slow` measures the same on SmolLM2-135M: calibrated on stdlib docstrings, scored on others.
 """
+
 import ast
 import sysconfig
 import time
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from test_llama import TINY, forward, tiny_model, tiny_tokens
 
 from nsn_jax.flexrank import output_error
 from nsn_jax.llm import load_gguf, smollm2_path
 from nsn_jax.surgery import capture_inputs, decompose_and_replace, format_report
-from test_llama import TINY, forward, tiny_model, tiny_tokens
 
 MLP_PATHS = [f"layers/{i}/mlp/{p}" for i in range(TINY.n_layers) for p in ("down", "gate", "up")]
 
@@ -24,8 +25,9 @@ def correlated_model():
   """TINY whose embeddings have 4 dominant directions, so every layer sees correlated inputs."""
   model = tiny_model()
   rng = np.random.default_rng(0)
-  table = (rng.normal(size=(TINY.vocab_size, 4)) @ rng.normal(size=(4, TINY.dim))
-           + 0.1 * rng.normal(size=(TINY.vocab_size, TINY.dim)))
+  table = rng.normal(size=(TINY.vocab_size, 4)) @ rng.normal(size=(4, TINY.dim)) + 0.1 * rng.normal(
+    size=(TINY.vocab_size, TINY.dim)
+  )
   model.embed.embedding[...] = jnp.asarray(table, jnp.float32)
   return model
 
@@ -54,8 +56,7 @@ def test_capture_records_the_inputs_and_leaves_the_model_as_it_was():
   capped = capture_inputs(model, lambda m: [m(tokens[:2]), m(tokens[2:])], max_rows=40)
   assert all(capped[path].shape[0] == 40 for path in MLP_PATHS)
   # The first 40 rows in call order; a batch of 2 rounds a little differently from one of 8.
-  np.testing.assert_allclose(capped["layers/1/mlp/down"], rows["layers/1/mlp/down"][:40],
-                             atol=1e-5)
+  np.testing.assert_allclose(capped["layers/1/mlp/down"], rows["layers/1/mlp/down"][:40], atol=1e-5)
 
 
 def test_capture_restores_the_model_when_forward_fails():
@@ -65,8 +66,9 @@ def test_capture_restores_the_model_when_forward_fails():
     capture_inputs(model, lambda m: forward(m, tokens), rules=(r"layers/0/mlp/gate$",))
   assert model.layers[0].mlp.gate is gate
   with pytest.raises(ValueError, match=r"never called .*layers/1/mlp/up"):
-    capture_inputs(model, lambda m: m.layers[0].mlp.gate(jnp.ones((1, TINY.dim))),
-                   rules=(r"mlp/(gate|up)$",))
+    capture_inputs(
+      model, lambda m: m.layers[0].mlp.gate(jnp.ones((1, TINY.dim))), rules=(r"mlp/(gate|up)$",)
+    )
   assert isinstance(model.layers[1].mlp.up, nnx.Linear)
 
 
@@ -81,9 +83,13 @@ def test_activation_aware_init_beats_svd_on_the_calibration_rows():
   gains = []
   for report in aware_report:
     kernel, path = _module(model, report.path).kernel[...], report.path
-    errors = [[output_error(kernel, layer.a[...], layer.b[...], rows[path], r)
-               for layer in (_module(aware, path), _module(plain, path))]
-              for r in range(1, report.max_rank + 1)]
+    errors = [
+      [
+        output_error(kernel, layer.a[...], layer.b[...], rows[path], r)
+        for layer in (_module(aware, path), _module(plain, path))
+      ]
+      for r in range(1, report.max_rank + 1)
+    ]
     assert all(aware_err <= plain_err + 1e-6 for aware_err, plain_err in errors), (path, errors)
     gains += [aware_err / plain_err for aware_err, plain_err in errors[:-1]]
     assert report.output_error_at_half_rank == pytest.approx(errors[report.max_rank // 2 - 1][0])
@@ -135,9 +141,12 @@ def stdlib_docstrings(modules) -> str:
   for module in modules:
     with open(f"{root}/{module}.py", encoding="utf-8") as source:
       tree = ast.parse(source.read())
-    docs += [doc for node in ast.walk(tree)
-             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-             and (doc := ast.get_docstring(node))]
+    docs += [
+      doc
+      for node in ast.walk(tree)
+      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+      and (doc := ast.get_docstring(node))
+    ]
   return "\n\n".join(docs)
 
 
@@ -145,8 +154,8 @@ def token_batches(tokenizer, modules, n_sequences, batch=16):
   """The text's first n_sequences · SEQ_LEN tokens as int32 batches (batch, SEQ_LEN)."""
   ids = tokenizer.encode(stdlib_docstrings(modules))
   assert len(ids) >= n_sequences * SEQ_LEN, (modules, len(ids))
-  sequences = np.asarray(ids[:n_sequences * SEQ_LEN], np.int32).reshape(n_sequences, SEQ_LEN)
-  return [jnp.asarray(sequences[i:i + batch]) for i in range(0, n_sequences, batch)]
+  sequences = np.asarray(ids[: n_sequences * SEQ_LEN], np.int32).reshape(n_sequences, SEQ_LEN)
+  return [jnp.asarray(sequences[i : i + batch]) for i in range(0, n_sequences, batch)]
 
 
 @pytest.mark.slow
@@ -159,30 +168,47 @@ def test_smollm2_activation_aware_beats_svd_on_held_out_text():
     def forward(model):
       for tokens in batches:
         model(tokens)  # the logits are dropped: only the captured inputs are kept
+
     return forward
 
-  calibration = capture_inputs(model, run(token_batches(tokenizer, CALIBRATION_MODULES, 128)),
-                               rules)
+  calibration = capture_inputs(
+    model, run(token_batches(tokenizer, CALIBRATION_MODULES, 128)), rules
+  )
   held_out = capture_inputs(model, run(token_batches(tokenizer, HELD_OUT_MODULES, 64)), rules)
   aware, report = decompose_and_replace(model, rules, max_rank=576, calibration=calibration)
   plain, _ = decompose_and_replace(model, rules, max_rank=576)
   print(f"\n{format_report(report)}")
-  print(f"held-out relative output error ‖X(W − W_r)‖/‖XW‖, svd → activation-aware "
-        f"({len(calibration[report[0].path])} calibration rows, "
-        f"{len(held_out[report[0].path])} held-out rows)")
+  print(
+    f"held-out relative output error ‖X(W − W_r)‖/‖XW‖, svd → activation-aware "
+    f"({len(calibration[report[0].path])} calibration rows, "
+    f"{len(held_out[report[0].path])} held-out rows)"
+  )
   print(f"{'layer':<20}" + "".join(f"{f'r={r}':>18}" for r in RANKS))
   pairs = []
   for entry in report:
     kernel = _module(model, entry.path).kernel[...]
-    row = [[output_error(kernel, layer.a[...], layer.b[...], held_out[entry.path], r)
-            for layer in (_module(plain, entry.path), _module(aware, entry.path))] for r in RANKS]
+    row = [
+      [
+        output_error(kernel, layer.a[...], layer.b[...], held_out[entry.path], r)
+        for layer in (_module(plain, entry.path), _module(aware, entry.path))
+      ]
+      for r in RANKS
+    ]
     pairs += row
     print(f"{entry.path:<20}" + "".join(f"{p:>9.3f} → {a:.3f}" for p, a in row))
   plain_err, aware_err = np.asarray(pairs).T
-  print(f"{'mean':<20}" + "".join(f"{p:>9.3f} → {a:.3f}" for p, a in
-                                  zip(plain_err.reshape(-1, len(RANKS)).mean(0),
-                                      aware_err.reshape(-1, len(RANKS)).mean(0))))
+  print(
+    f"{'mean':<20}"
+    + "".join(
+      f"{p:>9.3f} → {a:.3f}"
+      for p, a in zip(
+        plain_err.reshape(-1, len(RANKS)).mean(0), aware_err.reshape(-1, len(RANKS)).mean(0)
+      )
+    )
+  )
   wins = float(np.mean(aware_err < plain_err))
-  print(f"activation-aware lower on {wins:.0%} of {len(pairs)} (layer, rank) pairs; "
-        f"{time.perf_counter() - start:.0f} s")
+  print(
+    f"activation-aware lower on {wins:.0%} of {len(pairs)} (layer, rank) pairs; "
+    f"{time.perf_counter() - start:.0f} s"
+  )
   assert wins >= 0.8 and aware_err.mean() < plain_err.mean()

@@ -1,5 +1,6 @@
 """The bad-input matrix: every config mistake gets one line naming the field, the value and what
 is valid, before any data or weights are read; the CLIs print it without a traceback (exit 2)."""
+
 import os
 import subprocess
 import sys
@@ -15,64 +16,72 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (overrides of configs/default.py:smoke, regex the one-line message must match).
 MLP_CASES = [
-    ({"model.max_rank": 64}, r"model.max_rank=64: valid: 1..32"),   # above the 32-wide layer
-    ({"model.max_rank": 0}, r"model.max_rank=0: valid: 1..32"),
-    ({"model.max_rank": 4}, r"ranks.fixed=\(8, 4, 2\): \[8\] out of range; valid: .*1..4"),
-    ({"model.max_rank": 4, "ranks.fixed": (4, 2)}, r"eval.ranks=\(8, 2\): \[8\] out of range"),
-    ({"ranks.fixed": ()}, r"ranks.fixed=\(\): valid: a tuple of distinct integers in 1..8"),
-    ({"ranks.fixed": (8, 8)}, r"ranks.fixed=\(8, 8\): repeated ranks"),
-    ({"ranks.fixed": (8, 2.5)}, r"ranks.fixed=\(8, 2.5\): \[2.5\] out of range"),
-    ({"ranks.held_out": (3,)}, r"ranks.held_out=\(3,\): with fixed ranks every rank not in "),
-    ({"ranks.kind": "sampled"}, r"ranks.kind='sampled': valid: fixed \| anchor_variants"),
-    ({"ranks.kind": "anchor_variants", "ranks.min_rank": 9}, r"ranks.min_rank=9: valid: 1..8"),
-    ({"ranks.kind": "anchor_variants", "ranks.held_out": (8,)},
-     r"ranks.held_out=\(8,\): \[8\] out of range; valid: .*1..7 \(R=8 is the anchor\)"),
-    ({"ranks.kind": "anchor_variants", "ranks.held_out": (2, 3, 4, 5, 6, 7)},
-     r"ranks.held_out=.*leaving a rank below R to train"),
-    ({"ranks.kind": "anchor_variants", "ranks.curriculum": "cosine"}, r"ranks.curriculum='cosine'"),
-    ({"ranks.kind": "anchor_variants", "ranks.warmup_fraction": 1.5},
-     r"ranks.warmup_fraction=1.5: valid: a number in \[0, 1\]"),
-    ({"ranks.kind": "anchor_variants", "ranks.num_variants": 0}, r"ranks.num_variants=0"),
-    ({"ranks.kind": "anchor_variants", "train.multi_rank": "loop_static"},
-     r"train.multi_rank='loop_static'.*anchor_variants"),
-    ({"eval.ranks": (64, 16)}, r"eval.ranks=\(64, 16\): \[64, 16\] out of range; valid: .*1..8"),
-    ({"eval.batch_size": 0}, r"eval.batch_size=0: valid: an integer ≥ 1"),
-    ({"eval.every": 0}, r"eval.every=0: valid: an integer ≥ 1"),
-    ({"train.log_every": 0}, r"train.log_every=0: valid: an integer ≥ 1"),
-    ({"train.checkpoint_every": 0}, r"train.checkpoint_every=0: valid: an integer ≥ 1"),
-    ({"train.max_to_keep": 0}, r"train.max_to_keep=0: valid: an integer ≥ 1"),
-    ({"train.steps": 0}, r"train.steps=0: valid: an integer ≥ 1"),
-    ({"train.batch_size": 0}, r"train.batch_size=0: valid: an integer ≥ 1"),
-    ({"train.trainable": ()}, r"train.trainable=\(\): valid: a tuple of path regexes"),
-    ({"train.trainable": ("(",)}, r"train.trainable='\(': .*valid: Python regular expressions"),
-    ({"train.multi_rank": "fused"}, r"train.multi_rank='fused': valid: vmap_masked \| loop_static"),
-    ({"optimizer.learning_rate": -1e-3}, r"optimizer.learning_rate=-0.001: valid: a number in \(0"),
-    ({"optimizer.learning_rate": float("nan")}, r"optimizer.learning_rate=nan"),
-    ({"optimizer.weight_decay": -0.1}, r"optimizer.weight_decay=-0.1: valid: a number in \[0"),
-    ({"optimizer.warmup_steps": 20}, r"optimizer.warmup_steps=20: valid: 0..19"),
-    ({"optimizer.warmup_steps": -1}, r"optimizer.warmup_steps=-1: valid: 0..19"),
-    ({"objective.name": "focal"}, r"objective.name='focal': valid: anchor_only \| uniform"),
-    ({"objective.logits_weight": -1.0}, r"objective.logits_weight=-1.0"),
-    ({"objective.name": "flexrank_distill"}, r"flexrank.budgets=\(\): valid: one or more fractions"),
-    ({"flexrank.budgets": (0.5,)}, r"flexrank.budgets=\(0.5,\): valid: \(\) unless a pretrained"),
-    ({"flexrank.budget_unit": "bytes"}, r"flexrank.budget_unit='bytes': valid: flops \| params"),
-    ({"model.name": "resnet"}, r"model.name='resnet': valid: nsn_mlp \| llama_gguf \| bert_hf"),
-    ({"model.dtype": "float16"}, r"model.dtype='float16': valid: float32 \| bfloat16"),
-    ({"model.hidden": ()}, r"model.hidden=\(\): valid: one or more positive widths"),
-    ({"model.hidden": (32, 0)}, r"model.hidden=\(32, 0\)"),
-    ({"model.path": "/tmp/x.gguf"}, r"model.path='/tmp/x.gguf': only pretrained models read"),
-    ({"model.init_from": "runs/x"}, r"model.init_from='runs/x': only pretrained models read"),
-    ({"task": "segmentation"}, r"task='segmentation': valid: image_classification"),
-    ({"task": "text_classification"}, r"task='text_classification': valid: image_classif"),
-    ({"data.name": ""}, r"data.name='': valid: a TFDS dataset name"),
-    ({"data.image_shape": (28, 0, 1)}, r"data.image_shape=\(28, 0, 1\): valid: positive sizes"),
-    ({"data.num_classes": 1}, r"data.num_classes=1: valid: 2..inf|data.num_classes=1: valid: an"),
-    ({"seed": -1}, r"seed=-1: valid: an integer ≥ 0"),
-    ({"mesh.data": 3}, r"mesh=.*'data': 3.*product divides the 8 devices"),
-    ({"mesh.data": 0}, r"mesh.data=0: valid: a positive device count, or -1"),
-    ({"mesh.data": -1, "mesh.fsdp": -1}, r"mesh=.*at most one axis of -1"),
-    ({"train.batch_size": 30}, r"train.batch_size=30: valid: a multiple of the data × fsdp"),
-    ({"sharding.rules": (("(", ("fsdp",)),)}, r"sharding.rules='\('"),
+  ({"model.max_rank": 64}, r"model.max_rank=64: valid: 1..32"),  # above the 32-wide layer
+  ({"model.max_rank": 0}, r"model.max_rank=0: valid: 1..32"),
+  ({"model.max_rank": 4}, r"ranks.fixed=\(8, 4, 2\): \[8\] out of range; valid: .*1..4"),
+  ({"model.max_rank": 4, "ranks.fixed": (4, 2)}, r"eval.ranks=\(8, 2\): \[8\] out of range"),
+  ({"ranks.fixed": ()}, r"ranks.fixed=\(\): valid: a tuple of distinct integers in 1..8"),
+  ({"ranks.fixed": (8, 8)}, r"ranks.fixed=\(8, 8\): repeated ranks"),
+  ({"ranks.fixed": (8, 2.5)}, r"ranks.fixed=\(8, 2.5\): \[2.5\] out of range"),
+  ({"ranks.held_out": (3,)}, r"ranks.held_out=\(3,\): with fixed ranks every rank not in "),
+  ({"ranks.kind": "sampled"}, r"ranks.kind='sampled': valid: fixed \| anchor_variants"),
+  ({"ranks.kind": "anchor_variants", "ranks.min_rank": 9}, r"ranks.min_rank=9: valid: 1..8"),
+  (
+    {"ranks.kind": "anchor_variants", "ranks.held_out": (8,)},
+    r"ranks.held_out=\(8,\): \[8\] out of range; valid: .*1..7 \(R=8 is the anchor\)",
+  ),
+  (
+    {"ranks.kind": "anchor_variants", "ranks.held_out": (2, 3, 4, 5, 6, 7)},
+    r"ranks.held_out=.*leaving a rank below R to train",
+  ),
+  ({"ranks.kind": "anchor_variants", "ranks.curriculum": "cosine"}, r"ranks.curriculum='cosine'"),
+  (
+    {"ranks.kind": "anchor_variants", "ranks.warmup_fraction": 1.5},
+    r"ranks.warmup_fraction=1.5: valid: a number in \[0, 1\]",
+  ),
+  ({"ranks.kind": "anchor_variants", "ranks.num_variants": 0}, r"ranks.num_variants=0"),
+  (
+    {"ranks.kind": "anchor_variants", "train.multi_rank": "loop_static"},
+    r"train.multi_rank='loop_static'.*anchor_variants",
+  ),
+  ({"eval.ranks": (64, 16)}, r"eval.ranks=\(64, 16\): \[64, 16\] out of range; valid: .*1..8"),
+  ({"eval.batch_size": 0}, r"eval.batch_size=0: valid: an integer ≥ 1"),
+  ({"eval.every": 0}, r"eval.every=0: valid: an integer ≥ 1"),
+  ({"train.log_every": 0}, r"train.log_every=0: valid: an integer ≥ 1"),
+  ({"train.checkpoint_every": 0}, r"train.checkpoint_every=0: valid: an integer ≥ 1"),
+  ({"train.max_to_keep": 0}, r"train.max_to_keep=0: valid: an integer ≥ 1"),
+  ({"train.steps": 0}, r"train.steps=0: valid: an integer ≥ 1"),
+  ({"train.batch_size": 0}, r"train.batch_size=0: valid: an integer ≥ 1"),
+  ({"train.trainable": ()}, r"train.trainable=\(\): valid: a tuple of path regexes"),
+  ({"train.trainable": ("(",)}, r"train.trainable='\(': .*valid: Python regular expressions"),
+  ({"train.multi_rank": "fused"}, r"train.multi_rank='fused': valid: vmap_masked \| loop_static"),
+  ({"optimizer.learning_rate": -1e-3}, r"optimizer.learning_rate=-0.001: valid: a number in \(0"),
+  ({"optimizer.learning_rate": float("nan")}, r"optimizer.learning_rate=nan"),
+  ({"optimizer.weight_decay": -0.1}, r"optimizer.weight_decay=-0.1: valid: a number in \[0"),
+  ({"optimizer.warmup_steps": 20}, r"optimizer.warmup_steps=20: valid: 0..19"),
+  ({"optimizer.warmup_steps": -1}, r"optimizer.warmup_steps=-1: valid: 0..19"),
+  ({"objective.name": "focal"}, r"objective.name='focal': valid: anchor_only \| uniform"),
+  ({"objective.logits_weight": -1.0}, r"objective.logits_weight=-1.0"),
+  ({"objective.name": "flexrank_distill"}, r"flexrank.budgets=\(\): valid: one or more fractions"),
+  ({"flexrank.budgets": (0.5,)}, r"flexrank.budgets=\(0.5,\): valid: \(\) unless a pretrained"),
+  ({"flexrank.budget_unit": "bytes"}, r"flexrank.budget_unit='bytes': valid: flops \| params"),
+  ({"model.name": "resnet"}, r"model.name='resnet': valid: nsn_mlp \| llama_gguf \| bert_hf"),
+  ({"model.dtype": "float16"}, r"model.dtype='float16': valid: float32 \| bfloat16"),
+  ({"model.hidden": ()}, r"model.hidden=\(\): valid: one or more positive widths"),
+  ({"model.hidden": (32, 0)}, r"model.hidden=\(32, 0\)"),
+  ({"model.path": "/tmp/x.gguf"}, r"model.path='/tmp/x.gguf': only pretrained models read"),
+  ({"model.init_from": "runs/x"}, r"model.init_from='runs/x': only pretrained models read"),
+  ({"task": "segmentation"}, r"task='segmentation': valid: image_classification"),
+  ({"task": "text_classification"}, r"task='text_classification': valid: image_classif"),
+  ({"data.name": ""}, r"data.name='': valid: a TFDS dataset name"),
+  ({"data.image_shape": (28, 0, 1)}, r"data.image_shape=\(28, 0, 1\): valid: positive sizes"),
+  ({"data.num_classes": 1}, r"data.num_classes=1: valid: 2..inf|data.num_classes=1: valid: an"),
+  ({"seed": -1}, r"seed=-1: valid: an integer ≥ 0"),
+  ({"mesh.data": 3}, r"mesh=.*'data': 3.*product divides the 8 devices"),
+  ({"mesh.data": 0}, r"mesh.data=0: valid: a positive device count, or -1"),
+  ({"mesh.data": -1, "mesh.fsdp": -1}, r"mesh=.*at most one axis of -1"),
+  ({"train.batch_size": 30}, r"train.batch_size=30: valid: a multiple of the data × fsdp"),
+  ({"sharding.rules": (("(", ("fsdp",)),)}, r"sharding.rules='\('"),
 ]
 
 
@@ -87,16 +96,22 @@ def _set(config, overrides):
 
 
 def test_every_shipped_config_validates():
-  for module, variants in ((default, (None, "smoke", "dense", "dense,smoke")),
-                           (cifar10_mlp, (None, "smoke")),
-                           (smollm2_genre, (None, "dense", "smoke", "dense,smoke")),
-                           (smollm2_lm, (None, "smoke")), (minilm_genre, (None, "compare"))):
+  for module, variants in (
+    (default, (None, "smoke", "dense", "dense,smoke")),
+    (cifar10_mlp, (None, "smoke")),
+    (smollm2_genre, (None, "dense", "smoke", "dense,smoke")),
+    (smollm2_lm, (None, "smoke")),
+    (minilm_genre, (None, "compare")),
+  ):
     for variant in variants:
       validate(module.get_config(variant), num_devices=8)
 
 
-@pytest.mark.parametrize("overrides,message", MLP_CASES,
-                         ids=[",".join(f"{k}={v}" for k, v in c.items()) for c, _ in MLP_CASES])
+@pytest.mark.parametrize(
+  "overrides,message",
+  MLP_CASES,
+  ids=[",".join(f"{k}={v}" for k, v in c.items()) for c, _ in MLP_CASES],
+)
 def test_bad_mlp_config_is_one_clear_line(overrides, message):
   config = _set(default.get_config("smoke"), overrides)
   with pytest.raises(ConfigError, match=message) as error:
@@ -106,38 +121,55 @@ def test_bad_mlp_config_is_one_clear_line(overrides, message):
 
 
 PRETRAINED_CASES = [
-    ({"model.max_rank": 4096}, r"model.max_rank=4096: valid: 1..32 \(min\(d_in, d_out\) of "),
-    ({"surgery.rules": ("ffn",)}, r"surgery.rules=\('ffn',\): matches no dense layer; valid: "
-     r"presets \(mlp, attention, mlp_and_attention\) or regexes matching layer paths such as "),
-    ({"surgery.rules": ()}, r"surgery.rules=\(\): valid: a tuple of presets \(mlp \| attention"),
-    ({"data.text_feature": ()}, r"data.text_feature=\(\): valid: one or more feature names"),
-    ({"model.path": "/nowhere/model.gguf"}, r"model.path='/nowhere/model.gguf': not found"),
-    ({"model.init_from": "/nowhere/run"}, r"model.init_from='/nowhere/run': not found"),
-    ({"surgery.init": "qr"}, r"surgery.init='qr': valid: svd \| activation_aware"),
-    ({"surgery.calibration_batches": 0}, r"surgery.calibration_batches=0"),
-    ({"data.seq_len": 1}, r"data.seq_len=1: valid: an integer ≥ 2"),
-    ({"data.seq_len": None}, r"data.seq_len=None: valid: an integer ≥ 2"),
-    ({"task": "image_classification"}, r"task='image_classification': valid: text_classif"),
-    ({"task": "language_modelling"}, r"data.num_classes=3: a language model predicts tokens"),
-    ({"objective.name": "flexrank_distill", "flexrank.budgets": (0.5, 1.5)},
-     r"flexrank.budgets=1.5: valid: a number in \(0, 1\]"),
-    ({"objective.name": "flexrank_distill", "flexrank.budgets": (0.5, 0.5)},
-     r"flexrank.budgets=\(0.5, 0.5\): repeated budget"),
-    ({"objective.name": "flexrank_distill", "flexrank.budgets": (0.5,), "eval.ranks": ()},
-     r"model.init_from='': distilling a classifier needs a fine-tuned teacher"),
-    ({"flexrank.budgets": (0.5, 0.6), "flexrank.probabilities": (1.0,)},
-     r"flexrank.probabilities=\(1.0,\): valid: 2 non-negative numbers summing to 1"),
-    ({"model.dense": True, "flexrank.budgets": (0.5,)}, r"flexrank.budgets=\(0.5,\)"),
-    ({"objective.name": "flexrank_distill", "flexrank.budgets": (0.5,), "model.init_from": REPO},
-     r"eval.ranks=\(8, 2\): distillation evaluates its profiles"),
-    ({"model.dense": True, "objective.name": "uncertainty_ortho"},
-     r"objective.name='uncertainty_ortho': a dense model trains one plain loss"),
+  ({"model.max_rank": 4096}, r"model.max_rank=4096: valid: 1..32 \(min\(d_in, d_out\) of "),
+  (
+    {"surgery.rules": ("ffn",)},
+    r"surgery.rules=\('ffn',\): matches no dense layer; valid: "
+    r"presets \(mlp, attention, mlp_and_attention\) or regexes matching layer paths such as ",
+  ),
+  ({"surgery.rules": ()}, r"surgery.rules=\(\): valid: a tuple of presets \(mlp \| attention"),
+  ({"data.text_feature": ()}, r"data.text_feature=\(\): valid: one or more feature names"),
+  ({"model.path": "/nowhere/model.gguf"}, r"model.path='/nowhere/model.gguf': not found"),
+  ({"model.init_from": "/nowhere/run"}, r"model.init_from='/nowhere/run': not found"),
+  ({"surgery.init": "qr"}, r"surgery.init='qr': valid: svd \| activation_aware"),
+  ({"surgery.calibration_batches": 0}, r"surgery.calibration_batches=0"),
+  ({"data.seq_len": 1}, r"data.seq_len=1: valid: an integer ≥ 2"),
+  ({"data.seq_len": None}, r"data.seq_len=None: valid: an integer ≥ 2"),
+  ({"task": "image_classification"}, r"task='image_classification': valid: text_classif"),
+  ({"task": "language_modelling"}, r"data.num_classes=3: a language model predicts tokens"),
+  (
+    {"objective.name": "flexrank_distill", "flexrank.budgets": (0.5, 1.5)},
+    r"flexrank.budgets=1.5: valid: a number in \(0, 1\]",
+  ),
+  (
+    {"objective.name": "flexrank_distill", "flexrank.budgets": (0.5, 0.5)},
+    r"flexrank.budgets=\(0.5, 0.5\): repeated budget",
+  ),
+  (
+    {"objective.name": "flexrank_distill", "flexrank.budgets": (0.5,), "eval.ranks": ()},
+    r"model.init_from='': distilling a classifier needs a fine-tuned teacher",
+  ),
+  (
+    {"flexrank.budgets": (0.5, 0.6), "flexrank.probabilities": (1.0,)},
+    r"flexrank.probabilities=\(1.0,\): valid: 2 non-negative numbers summing to 1",
+  ),
+  ({"model.dense": True, "flexrank.budgets": (0.5,)}, r"flexrank.budgets=\(0.5,\)"),
+  (
+    {"objective.name": "flexrank_distill", "flexrank.budgets": (0.5,), "model.init_from": REPO},
+    r"eval.ranks=\(8, 2\): distillation evaluates its profiles",
+  ),
+  (
+    {"model.dense": True, "objective.name": "uncertainty_ortho"},
+    r"objective.name='uncertainty_ortho': a dense model trains one plain loss",
+  ),
 ]
 
 
-@pytest.mark.parametrize("overrides,message", PRETRAINED_CASES,
-                         ids=[",".join(f"{k}={v}" for k, v in c.items()) for c, _ in
-                              PRETRAINED_CASES])
+@pytest.mark.parametrize(
+  "overrides,message",
+  PRETRAINED_CASES,
+  ids=[",".join(f"{k}={v}" for k, v in c.items()) for c, _ in PRETRAINED_CASES],
+)
 def test_bad_pretrained_config_is_one_clear_line(overrides, message, tiny_gguf):
   config = _set(smollm2_genre.get_config("smoke"), {"model.path": tiny_gguf, **overrides})
   with pytest.raises(ConfigError, match=message) as error:
@@ -150,8 +182,11 @@ def test_a_typo_in_a_config_file_is_named():
   config = default.get_config("smoke")
   config.unlock()
   config.train.stpes = 10
-  with pytest.raises(ConfigError, match=r"train.stpes=10: unknown field; valid: the fields of "
-                     r"train\. .*steps"):
+  with pytest.raises(
+    ConfigError,
+    match=r"train.stpes=10: unknown field; valid: the fields of "
+    r"train\. .*steps",
+  ):
     validate(config)
 
 
@@ -169,27 +204,63 @@ def test_old_checkpoint_configs_upgrade():
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "PYTHONPATH": REPO},
+  )
 
 
 def test_clis_print_one_line_and_exit_2_before_any_work(tmp_path):
   """Through the real CLIs: the README's own example, an unknown field, a bad value, a bad
   flag, a missing checkpoint, an export budget; nothing written to the workdir."""
   cases = [
-      (["train.py", "--config=configs/default.py:smoke", f"--workdir={tmp_path}/a",
-        "--config.model.max_rank=4"], "ranks.fixed=(8, 4, 2)"),
-      (["train.py", "--config=configs/default.py:smoke", f"--workdir={tmp_path}/b",
-        "--config.model.max_rnak=4"], "max_rnak"),
-      (["train.py", "--config=configs/default.py:smoke", f"--workdir={tmp_path}/c",
-        "--config.train.log_every=0"], "train.log_every=0: valid: an integer ≥ 1"),
-      (["train.py", "--config=configs/nowhere.py", f"--workdir={tmp_path}/d"], "nowhere.py"),
-      (["train.py", "--config=configs/default.py:smoke", f"--workdir={tmp_path}/d",
-        "--config.model.max_rank=abc"], "--config.model.max_rank=abc"),  # a type, at parsing
-      (["eval.py", f"--workdir={tmp_path}/e"], "no checkpoint in"),
-      (["eval.py", f"--workdir={tmp_path}/e", "--batch_size=0"], "batch_size"),
-      (["-m", "nsn_jax.export", f"--workdir={tmp_path}/e", "--budget=2", f"--out={tmp_path}/x"],
-       "--budgets=2.0: [2.0] are not fractions"),
+    (
+      [
+        "train.py",
+        "--config=configs/default.py:smoke",
+        f"--workdir={tmp_path}/a",
+        "--config.model.max_rank=4",
+      ],
+      "ranks.fixed=(8, 4, 2)",
+    ),
+    (
+      [
+        "train.py",
+        "--config=configs/default.py:smoke",
+        f"--workdir={tmp_path}/b",
+        "--config.model.max_rnak=4",
+      ],
+      "max_rnak",
+    ),
+    (
+      [
+        "train.py",
+        "--config=configs/default.py:smoke",
+        f"--workdir={tmp_path}/c",
+        "--config.train.log_every=0",
+      ],
+      "train.log_every=0: valid: an integer ≥ 1",
+    ),
+    (["train.py", "--config=configs/nowhere.py", f"--workdir={tmp_path}/d"], "nowhere.py"),
+    (
+      [
+        "train.py",
+        "--config=configs/default.py:smoke",
+        f"--workdir={tmp_path}/d",
+        "--config.model.max_rank=abc",
+      ],
+      "--config.model.max_rank=abc",
+    ),  # a type, at parsing
+    (["eval.py", f"--workdir={tmp_path}/e"], "no checkpoint in"),
+    (["eval.py", f"--workdir={tmp_path}/e", "--batch_size=0"], "batch_size"),
+    (
+      ["-m", "nsn_jax.export", f"--workdir={tmp_path}/e", "--budget=2", f"--out={tmp_path}/x"],
+      "--budgets=2.0: [2.0] are not fractions",
+    ),
   ]
   for args, message in cases:
     proc = _cli(*args)

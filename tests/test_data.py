@@ -1,4 +1,6 @@
 """Data layer: the offline mnist5k builder, the grain pipeline, and a prepared online dataset."""
+
+from fakes import FakeCifar10, fake_cifar
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -7,13 +9,12 @@ from nsn_jax import config as config_lib
 from nsn_jax.data import pipeline
 from nsn_jax.data.mnist5k import Mnist5k, mnist5k
 
-from fakes import FakeCifar10, fake_cifar
-
 
 def _config(data_dir, name="mnist5k", image_shape=(28, 28, 1), num_classes=10):
   config = config_lib.defaults().data
-  config.update(dict(name=name, data_dir=str(data_dir), image_shape=image_shape,
-                     num_classes=num_classes))
+  config.update(
+    dict(name=name, data_dir=str(data_dir), image_shape=image_shape, num_classes=num_classes)
+  )
   return config
 
 
@@ -35,16 +36,19 @@ def test_mnist5k_splits_are_stratified_and_disjoint(mnist_dir):
   assert builder.is_prepared()
   assert builder.info.splits["train"].num_examples == 4000
   assert builder.info.splits["test"].num_examples == 1000
-  (x_tr, y_tr), (x_te, y_te) = ((split["image"], split["label"]) for split in (
-      pipeline.load_split(_config(mnist_dir), s) for s in ("train", "test")))
+  (x_tr, y_tr), (x_te, y_te) = (
+    (split["image"], split["label"])
+    for split in (pipeline.load_split(_config(mnist_dir), s) for s in ("train", "test"))
+  )
   assert x_tr.shape == (4000, 28, 28, 1) and x_te.shape == (1000, 28, 28, 1)
   np.testing.assert_array_equal(np.bincount(y_tr, minlength=10), [400] * 10)
   np.testing.assert_array_equal(np.bincount(y_te, minlength=10), [100] * 10)
   assert not set(_keys(x_tr)) & set(_keys(x_te))
   # Together the splits are exactly the 5,000 real digits of the CSV, each with its label.
   rows = np.loadtxt(mnist5k.csv_path(), delimiter=",", dtype=np.uint8)
-  expected = dict(zip(_keys(rows[:, :-1].reshape(-1, 28, 28, 1).astype(np.float32) / 255.0),
-                      rows[:, -1]))
+  expected = dict(
+    zip(_keys(rows[:, :-1].reshape(-1, 28, 28, 1).astype(np.float32) / 255.0), rows[:, -1])
+  )
   got = dict(zip(_keys(np.concatenate([x_tr, x_te])), np.concatenate([y_tr, y_te])))
   assert got == expected
   assert x_tr.min() == 0.0 and x_tr.max() == 1.0 and x_tr.mean() > 0.05
@@ -53,6 +57,7 @@ def test_mnist5k_splits_are_stratified_and_disjoint(mnist_dir):
 def test_mnist5k_prepared_once_then_reused(mnist_dir, monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError("mnist5k was regenerated")
+
   monkeypatch.setattr(Mnist5k, "_split_generators", fail)
   assert len(pipeline.data_source(_config(mnist_dir), "test")) == 1000
 
@@ -67,6 +72,7 @@ def test_mnist5k_concurrent_preparation(tmp_path, monkeypatch):
       raced.append(True)
       Mnist5k(data_dir=str(tmp_path)).download_and_prepare()
     return original(self, dl_manager)
+
   monkeypatch.setattr(Mnist5k, "_split_generators", race)
   assert len(pipeline.data_source(_config(tmp_path), "test")) == 1000
   assert raced
@@ -85,7 +91,7 @@ def test_train_batches_shapes_and_determinism(mnist_dir):
   batch = ds[0]
   assert batch["image"].shape == (16, 28, 28, 1) and batch["image"].dtype == np.float32
   assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
-  assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
   again = pipeline.train_batches(config, batch_size=16, seed=3)
   for step in range(5):
     np.testing.assert_array_equal(ds[step]["image"], again[step]["image"])
@@ -108,8 +114,10 @@ def test_iterate_replays_random_access_and_resumes(mnist_dir):
 
 def test_processes_read_disjoint_halves(mnist_dir):
   config = _config(mnist_dir)
-  hosts = [pipeline.train_batches(config, batch_size=64, seed=1, process_index=p,
-                                  process_count=2) for p in range(2)]
+  hosts = [
+    pipeline.train_batches(config, batch_size=64, seed=1, process_index=p, process_count=2)
+    for p in range(2)
+  ]
   # 62 global batches of 64 stay inside the first epoch (4,000 examples).
   seen = []
   for ds in hosts:
@@ -122,7 +130,8 @@ def test_processes_read_disjoint_halves(mnist_dir):
   single = pipeline.train_batches(config, batch_size=64, seed=1)
   for step in (0, 61, 200):
     np.testing.assert_array_equal(
-        np.concatenate([ds[step]["image"] for ds in hosts]), single[step]["image"])
+      np.concatenate([ds[step]["image"] for ds in hosts]), single[step]["image"]
+    )
   with pytest.raises(ValueError, match="not divisible"):
     pipeline.train_batches(config, batch_size=63, seed=1, process_count=2)
 
@@ -131,7 +140,7 @@ def test_epochs_are_reshuffled(mnist_dir):
   ds = pipeline.train_batches(_config(mnist_dir), batch_size=4000, seed=0)
   first, second = ds[0]["image"], ds[1]["image"]
   assert sorted(_keys(first)) == sorted(_keys(second))  # Each epoch is the whole split...
-  assert _keys(first) != _keys(second)                  # ...in a new order.
+  assert _keys(first) != _keys(second)  # ...in a new order.
 
 
 def test_missing_dataset_split_or_shape(tmp_path, mnist_dir):

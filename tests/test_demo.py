@@ -3,6 +3,7 @@
 Tolerance for "accuracy is non-decreasing in rank": acc(r') ≥ acc(r) − 0.02 for every r < r'.
 Two points is about two binomial standard deviations of a difference on the 1,000 test digits.
 """
+
 import pytest
 
 from nsn_jax import flops
@@ -16,6 +17,7 @@ MONOTONE_TOLERANCE = 0.02
 @pytest.mark.slow
 def test_default_config_meets_the_demo_promises(data_dir, tmp_path):
   from configs import default
+
   config = default.get_config()
   config.data.data_dir = data_dir
   train_and_evaluate(config, str(tmp_path))

@@ -1,13 +1,14 @@
-"""Deployment forms (dense / factorised / GAR), the per-layer choice, and the exported checkpoint."""
+"""Deployment forms (dense / factorised / GAR), the per-layer choice, the exported checkpoint."""
+
 import os
 import subprocess
 import sys
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from nsn_jax import flops
 from nsn_jax.deploy import FORM_CLASSES, FORMS, deploy
@@ -83,8 +84,9 @@ def test_matmul_policy_switches_from_factorised_to_dense_at_the_break_even_rank(
   for rank in range(1, max_rank + 1):
     deployed, (entry,) = deploy(model, rank, "matmul")
     assert entry.form == ("factorised" if rank < 15 else "dense"), rank  # r* itself: a tie
-    assert entry.flops <= min(flops.dense_flops(d_in, d_out),
-                              flops.nsn_layer_flops(model.layer, rank))
+    assert entry.flops <= min(
+      flops.dense_flops(d_in, d_out), flops.nsn_layer_flops(model.layer, rank)
+    )
     assert _relative(deployed(x), model(x, rank)) < 1e-4, rank
 
 
@@ -94,7 +96,9 @@ def test_profile_deploys_each_layer_at_its_own_rank_and_leaves_the_model_untouch
   profile = {"hidden/0": 2, "hidden/1": 8}  # 8 = min(d_in, d_out): GAR ties dense, dense wins
   deployed, report = deploy(model, profile, form={"hidden/0": "factorised"})
   assert [(e.path, e.rank, e.form) for e in report] == [
-      ("hidden/0", 2, "factorised"), ("hidden/1", 8, "dense")]
+    ("hidden/0", 2, "factorised"),
+    ("hidden/1", 8, "dense"),
+  ]
   x = jnp.asarray(np.random.default_rng(1).random((4, 12)), jnp.float32)
   assert _relative(deployed(x), model(x, rank=profile)) < 1e-5
   after = nnx.to_pure_dict(nnx.state(model))
@@ -115,6 +119,7 @@ def test_bad_ranks_and_forms_are_refused_with_the_layer_named():
 def trained(tmp_path_factory, data_dir):
   """A smoke run whose hidden layer (784 → 16, R = 16) reaches its break-even rank (15.7)."""
   from configs import default
+
   config = default.get_config("smoke")
   config.data.data_dir = data_dir
   config.model.hidden, config.model.max_rank = (16,), 16
@@ -155,14 +160,29 @@ def test_export_by_budget_and_refusals(trained, tmp_path):
 
 def test_export_cli(trained, tmp_path):
   out = tmp_path / "cli"
-  proc = subprocess.run([sys.executable, "-m", "nsn_jax.export", f"--workdir={trained}",
-                         "--rank=3", f"--out={out}"], cwd=REPO, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-m", "nsn_jax.export", f"--workdir={trained}", "--rank=3", f"--out={out}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "hidden/0" in proc.stdout and "exported rank 3" in proc.stdout
-  proc = subprocess.run([sys.executable, "-m", "nsn_jax.export", f"--workdir={trained}",
-                         "--rank=17", f"--out={tmp_path / 'bad'}"], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "nsn_jax.export",
+      f"--workdir={trained}",
+      "--rank=17",
+      f"--out={tmp_path / 'bad'}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   # Bad input: one line `tool: error: message` and exit code 2 (`nsn_jax.cli`).
   assert proc.returncode == 2 and "export.py: error: " in proc.stderr and "rank 17" in proc.stderr
   assert "Traceback" not in proc.stderr and not (tmp_path / "bad").exists()

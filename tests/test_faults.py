@@ -2,6 +2,7 @@
 
 Each test trains the smoke config for seconds and asserts that nothing is lost and training can
 always go on."""
+
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ def _logged_steps(workdir) -> list[int]:
 def trained_20(tmp_path_factory, data_dir):
   """A smoke run of 20 steps with checkpoints at 10 and 20."""
   from configs import default
+
   config = default.get_config("smoke")
   config.data.data_dir = data_dir
   workdir = tmp_path_factory.mktemp("trained_20")
@@ -38,9 +40,11 @@ def trained_20(tmp_path_factory, data_dir):
 
 def _newest_array_file(workdir, step: int) -> str:
   """The largest data file of step `step`'s params (the hidden layer's factor)."""
-  files = [os.path.join(root, name)
-           for root, _, names in os.walk(workdir / "checkpoints" / str(step) / "params")
-           for name in names]
+  files = [
+    os.path.join(root, name)
+    for root, _, names in os.walk(workdir / "checkpoints" / str(step) / "params")
+    for name in names
+  ]
   return max(files, key=os.path.getsize)
 
 
@@ -55,10 +59,12 @@ def _truncate(path):
     f.truncate(os.path.getsize(path) // 2)
 
 
-@pytest.mark.parametrize("corrupt", [_flip, _truncate, os.remove], ids=["flip", "truncate",
-                                                                        "delete"])
-def test_training_resumes_past_a_corrupt_newest_checkpoint(trained_20, smoke_config, tmp_path,
-                                                           corrupt):
+@pytest.mark.parametrize(
+  "corrupt", [_flip, _truncate, os.remove], ids=["flip", "truncate", "delete"]
+)
+def test_training_resumes_past_a_corrupt_newest_checkpoint(
+  trained_20, smoke_config, tmp_path, corrupt
+):
   workdir = tmp_path / "run"
   shutil.copytree(trained_20, workdir)
   corrupt(_newest_array_file(workdir, 20))
@@ -88,6 +94,7 @@ def test_divergence_never_reaches_a_checkpoint(trained_20, smoke_config, tmp_pat
 
 def _abstract(checkpoints, step):
   import jax
+
   shapes = checkpoints.metadata(step)["param_shapes"]
   tree = {}
   for path, shape in shapes.items():
@@ -101,15 +108,26 @@ def _abstract(checkpoints, step):
 
 def _leaves(tree):
   import jax
+
   return jax.tree.leaves(tree)
 
 
 def _train_cli(workdir, data_dir, *overrides):
   return subprocess.Popen(
-      [sys.executable, "train.py", "--config=configs/default.py:smoke", f"--workdir={workdir}",
-       f"--config.data.data_dir={data_dir}", *overrides], cwd=REPO,
-      env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
+    [
+      sys.executable,
+      "train.py",
+      "--config=configs/default.py:smoke",
+      f"--workdir={workdir}",
+      f"--config.data.data_dir={data_dir}",
+      *overrides,
+    ],
+    cwd=REPO,
+    env={**os.environ, "PYTHONPATH": REPO},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def _wait_for_first_log(workdir, proc, timeout=120):
@@ -121,8 +139,13 @@ def _wait_for_first_log(workdir, proc, timeout=120):
 
 def test_second_trainer_is_refused_and_ctrl_c_saves(data_dir, smoke_config, tmp_path):
   workdir = tmp_path / "run"
-  first = _train_cli(workdir, data_dir, "--config.train.steps=100000",
-                     "--config.train.checkpoint_every=100000", "--config.eval.every=100000")
+  first = _train_cli(
+    workdir,
+    data_dir,
+    "--config.train.steps=100000",
+    "--config.train.checkpoint_every=100000",
+    "--config.eval.every=100000",
+  )
   try:
     _wait_for_first_log(workdir, first)
     with pytest.raises(WorkdirLockedError, match=rf"pid {first.pid} on host .* is using "):
@@ -140,8 +163,13 @@ def test_second_trainer_is_refused_and_ctrl_c_saves(data_dir, smoke_config, tmp_
 
 def test_kill_9_mid_run_then_resume_finishes(data_dir, tmp_path):
   workdir = tmp_path / "run"
-  proc = _train_cli(workdir, data_dir, "--config.train.steps=400",
-                    "--config.train.checkpoint_every=1", "--config.train.log_every=1")
+  proc = _train_cli(
+    workdir,
+    data_dir,
+    "--config.train.steps=400",
+    "--config.train.checkpoint_every=1",
+    "--config.train.log_every=1",
+  )
   try:
     _wait_for_first_log(workdir, proc)
     time.sleep(1.0)  # saving every step: the kill lands in or near a save
@@ -149,8 +177,13 @@ def test_kill_9_mid_run_then_resume_finishes(data_dir, tmp_path):
     proc.communicate(timeout=60)
   finally:
     proc.kill()
-  resumed = _train_cli(workdir, data_dir, "--config.train.steps=400",
-                       "--config.train.checkpoint_every=100", "--config.train.log_every=1")
+  resumed = _train_cli(
+    workdir,
+    data_dir,
+    "--config.train.steps=400",
+    "--config.train.checkpoint_every=100",
+    "--config.train.log_every=1",
+  )
   out, _ = resumed.communicate(timeout=600)
   assert resumed.returncode == 0, out[-3000:]
   assert Checkpoints(str(workdir / "checkpoints")).steps()[-1] == 400

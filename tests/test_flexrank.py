@@ -1,12 +1,14 @@
 """FlexRank: activation-aware factors, exact and nested profile search, GAR deployment, and the
 profile records a search returns and a checkpoint stores."""
+
 import itertools
 import json
 
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import numpy as np
 import pytest
-from flax import nnx
-from hypothesis import given, settings, strategies as st
 
 from nsn_jax import flexrank, flops
 from nsn_jax.layers import nsn_layers, set_submodule, svd_factors
@@ -28,8 +30,10 @@ def _correlated(seed=0, n=256):
 def test_activation_aware_beats_svd_at_every_rank():
   x, w = _correlated()
   aa, svd = flexrank.activation_aware_factors(w, x, D_OUT), svd_factors(w, D_OUT)
-  errs = [(flexrank.output_error(w, *aa, x, r), flexrank.output_error(w, *svd, x, r))
-          for r in range(1, D_OUT + 1)]
+  errs = [
+    (flexrank.output_error(w, *aa, x, r), flexrank.output_error(w, *svd, x, r))
+    for r in range(1, D_OUT + 1)
+  ]
   assert all(e_aa <= e_svd + 1e-6 for e_aa, e_svd in errs), errs
   assert any(e_aa < 0.8 * e_svd for e_aa, e_svd in errs[:-1]), errs
   assert errs[-1][0] < 1e-4  # full rank reproduces the kernel
@@ -106,14 +110,19 @@ def test_profiles_optimal_within_budget_and_nested(tables, fractions):
     assert all(nested[i][l] <= nested[j][l] for l in tables)
   smallest = order[0]
   assert flexrank.profile_cost_error(tables, nested[smallest])[1] == pytest.approx(
-      flexrank.profile_cost_error(tables, flexrank.best_profile(tables, budgets[smallest]))[1])
+    flexrank.profile_cost_error(tables, flexrank.best_profile(tables, budgets[smallest]))[1]
+  )
 
 
 def test_large_budgets_round_costs_up_and_stay_within_budget():
   # 40 layers of 64 ranks whose costs share no useful unit: the DP coarsens to `max_units`.
   rng = np.random.default_rng(0)
-  tables = {f"l{i}": [(r, 97 * r + int(rng.integers(0, 13)), float(np.exp(-r / 9) + 1e-3 * i))
-                      for r in range(1, 65)] for i in range(40)}
+  tables = {
+    f"l{i}": [
+      (r, 97 * r + int(rng.integers(0, 13)), float(np.exp(-r / 9) + 1e-3 * i)) for r in range(1, 65)
+    ]
+    for i in range(40)
+  }
   budget = 0.4 * sum(t[-1][1] for t in tables.values())
   coarse = flexrank.best_profile(tables, budget, max_units=256)
   fine = flexrank.best_profile(tables, budget)
@@ -127,7 +136,10 @@ def test_budget_below_all_rank_one_raises():
   with pytest.raises(ValueError, match="below"):
     flexrank.nested_profiles(tables, [30, 15])
   assert flexrank.nested_profiles(tables, [32, 16, 22]) == [
-      {"l0": 2, "l1": 2}, {"l0": 1, "l1": 1}, {"l0": 1, "l1": 2}]
+    {"l0": 2, "l1": 2},
+    {"l0": 1, "l1": 1},
+    {"l0": 1, "l1": 2},
+  ]
 
 
 @pytest.mark.parametrize("r", [1, 3, 8, 15, 16])
@@ -169,8 +181,14 @@ def test_search_returns_profiles_within_budget(unit):
 def test_profile_json_round_trip_and_metadata_readers():
   model, found = _searched()
   records = json.loads(json.dumps([p.to_json() for p in found]))  # what metadata holds
-  assert list(records[0]) == ["budget", "unit", "ranks", "flops_frac_dense",
-                              "params_frac_dense", "error"]
+  assert list(records[0]) == [
+    "budget",
+    "unit",
+    "ranks",
+    "flops_frac_dense",
+    "params_frac_dense",
+    "error",
+  ]
   assert [Profile.from_json(r) for r in records] == found
   assert len({*found}) == 2  # hashable
   metadata = {"flexrank": {"profiles": records}}

@@ -4,34 +4,35 @@ from the dense model, profile evaluation and export at a profile.
 The tiny random-weight GGUF of tests/test_llm_train.py stands in for SmolLM2, on the real offline
 Shakespeare genre data, with the shipped config at its `flexrank,smoke` size.
 """
+
 import json
 import os
 import subprocess
 import sys
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from test_llm_train import _config
 
 from configs import smollm2_genre, smollm2_lm
-from nsn_jax import config as config_lib, flops
+from nsn_jax import config as config_lib
+from nsn_jax import flops
+from nsn_jax.build import build_pretrained, text_encoder
 from nsn_jax.checkpoint import CheckpointError
 from nsn_jax.data import pipeline
 from nsn_jax.export import export
 from nsn_jax.layers import nsn_layers
-from nsn_jax.build import build_pretrained, text_encoder
 from nsn_jax.objective import distillation_loss
 from nsn_jax.profiles import ProfileSampler, saved_profiles, search_profiles
+from nsn_jax.restore import restore_dense_twin, restore_model
 from nsn_jax.surgery import capture_inputs
-from nsn_jax.restore import restore_model
 from nsn_jax.sweep import run_sweep
 from nsn_jax.tasks import get_task
-from nsn_jax.restore import restore_dense_twin
 from nsn_jax.train_lib import train_and_evaluate
-from test_llm_train import _config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = get_task("text_classification")
@@ -51,14 +52,16 @@ def flex_run(tiny_gguf, data_dir, dense_twin, tmp_path_factory):
   budgets 0.55, 0.6, 0.65."""
   workdir = str(tmp_path_factory.mktemp("flex"))
   return workdir, train_and_evaluate(
-      _config(smollm2_genre, "flexrank,smoke", tiny_gguf, data_dir, model__init_from=dense_twin),
-      workdir)
+    _config(smollm2_genre, "flexrank,smoke", tiny_gguf, data_dir, model__init_from=dense_twin),
+    workdir,
+  )
 
 
 def _batch(config):
   """The first training batch of `config` (real Shakespeare passages), as jax arrays."""
-  batches = pipeline.train_batches(config.data, config.train.batch_size, config.seed, 0, 1,
-                                   text_encoder(config))
+  batches = pipeline.train_batches(
+    config.data, config.train.batch_size, config.seed, 0, 1, text_encoder(config)
+  )
   return {k: jnp.asarray(v) for k, v in batches[0].items()}
 
 
@@ -116,8 +119,9 @@ def test_parameter_budgets_give_nested_profiles_within_the_parameter_count(tiny_
 def test_distillation_logs_finite_kl_at_the_profiles_the_sampler_draws(flex_run):
   workdir, _ = flex_run
   metadata = restore_model(workdir)[1]
-  sampler = ProfileSampler.create(metadata["flexrank"]["profiles"], (), metadata["config"]["seed"],
-                                  metadata["max_rank"])
+  sampler = ProfileSampler.create(
+    metadata["flexrank"]["profiles"], (), metadata["config"]["seed"], metadata["max_rank"]
+  )
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f]
   train = [r for r in logged if "train/kl" in r]
@@ -134,8 +138,9 @@ def test_sampled_profile_sequence_replays_by_seed_and_step():
   draws = [sampler.index(step) for step in range(3000)]
   # A resumed run asks for later steps only: each answer depends on (seed, step) alone.
   assert [again.index(step) for step in range(2999, -1, -1)] == draws[::-1]
-  assert draws != [ProfileSampler.create(found, (0.2, 0.3, 0.5), 8, 8).index(s)
-                   for s in range(3000)]
+  assert draws != [
+    ProfileSampler.create(found, (0.2, 0.3, 0.5), 8, 8).index(s) for s in range(3000)
+  ]
   np.testing.assert_allclose(np.bincount(draws) / 3000, (0.2, 0.3, 0.5), atol=0.03)
   np.testing.assert_array_equal(sampler(5), sampler.ranks[draws[5]])
   assert list(sampler.ranks[2]) == [4, 5] and sampler.paths == ("x", "y")
@@ -143,11 +148,11 @@ def test_sampled_profile_sequence_replays_by_seed_and_step():
     ProfileSampler.create(found, (0.5, 0.5), seed=0, max_rank=8)
 
 
-def test_kl_is_zero_for_the_teacher_and_full_rank_and_distillation_lowers_it(
-    tiny_gguf, data_dir):
+def test_kl_is_zero_for_the_teacher_and_full_rank_and_distillation_lowers_it(tiny_gguf, data_dir):
   # Full rank (R = 32 = d_model) with plain SVD: the student reproduces the dense teacher.
-  config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, model__max_rank=32,
-                   surgery__init="svd")
+  config = _config(
+    smollm2_genre, "smoke", tiny_gguf, data_dir, model__max_rank=32, surgery__init="svd"
+  )
   dense, model, _ = build_pretrained(config, seed=config.seed)
   # A fresh head is zero (uniform predictions) and would make every KL 0: give teacher and
   # student the same random head, as a trained one would be.
@@ -166,8 +171,9 @@ def test_kl_is_zero_for_the_teacher_and_full_rank_and_distillation_lowers_it(
 
   @nnx.jit
   def step(model, optimizer, dense, batch):
-    loss, grads = nnx.value_and_grad(
-        lambda m: distillation_loss(m, dense, TASK, batch, at(2))[0])(model)
+    loss, grads = nnx.value_and_grad(lambda m: distillation_loss(m, dense, TASK, batch, at(2))[0])(
+      model
+    )
     optimizer.update(model, grads)
     return loss
 
@@ -194,8 +200,13 @@ def test_eval_profiles_rows(flex_run, dense_twin):
   assert [r.accuracy for r in beside] == [r.accuracy for r in rows]
   with pytest.raises(ValueError, match="nothing to evaluate"):
     run_sweep(workdir, "none", verbose=False)
-  proc = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", "--ranks=none",
-                         "--profiles"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "eval.py", f"--workdir={workdir}", "--ranks=none", "--profiles"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "flexrank profile" in proc.stdout and "(mean" in proc.stdout
 
@@ -220,10 +231,10 @@ def test_export_at_a_profile_reloads_smaller_and_reproduces_it(flex_run, tmp_pat
     export(workdir, str(tmp_path / "x"), profile_budget=0.4)
 
 
-def test_an_nsn_run_saves_untrained_profiles_and_keeps_its_objective(tiny_gguf, data_dir,
-                                                                      tmp_path):
-  config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, train__steps=2,
-                   flexrank__budgets=(0.6,))
+def test_an_nsn_run_saves_untrained_profiles_and_keeps_its_objective(tiny_gguf, data_dir, tmp_path):
+  config = _config(
+    smollm2_genre, "smoke", tiny_gguf, data_dir, train__steps=2, flexrank__budgets=(0.6,)
+  )
   final = train_and_evaluate(config, str(tmp_path))
   assert {"eval/rank_8/loss", "eval/rank_2/loss", "eval/profile_0.6/loss"} <= set(final)
   metadata = restore_model(str(tmp_path))[1]
@@ -235,23 +246,33 @@ def test_an_nsn_run_saves_untrained_profiles_and_keeps_its_objective(tiny_gguf, 
 
 
 def test_surgery_starts_from_the_dense_twin(tiny_gguf, data_dir, dense_twin):
-  config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, surgery__init="svd",
-                   model__max_rank=32, model__init_from=dense_twin)  # full rank: d_model
+  config = _config(
+    smollm2_genre,
+    "smoke",
+    tiny_gguf,
+    data_dir,
+    surgery__init="svd",
+    model__max_rank=32,
+    model__init_from=dense_twin,
+  )  # full rank: d_model
   twin = restore_dense_twin(config)
   assert float(jnp.abs(twin.head.kernel[...]).max()) > 0  # fine-tuned, not a new zero head
-  dense, model, _ = build_pretrained(config, seed=config.seed, calibrate=None,
-                                     dense=restore_dense_twin(config))
+  dense, model, _ = build_pretrained(
+    config, seed=config.seed, calibrate=None, dense=restore_dense_twin(config)
+  )
   batch = _batch(config)
   reference = TASK.logits(restore_model(dense_twin)[0], batch, None)
   assert _relative(TASK.logits(dense, batch, None), reference) == 0
   assert _relative(TASK.logits(model, batch, config.model.max_rank), reference) < 1e-4
 
 
-def test_bad_flexrank_configs_are_refused(tiny_gguf, data_dir, smoke_config, dense_twin,
-                                          flex_run, tmp_path):
+def test_bad_flexrank_configs_are_refused(
+  tiny_gguf, data_dir, smoke_config, dense_twin, flex_run, tmp_path
+):
   def run(variant, name, **overrides):
-    train_and_evaluate(_config(smollm2_genre, variant, tiny_gguf, data_dir, **overrides),
-                       str(tmp_path / name))
+    train_and_evaluate(
+      _config(smollm2_genre, variant, tiny_gguf, data_dir, **overrides), str(tmp_path / name)
+    )
 
   with pytest.raises(ValueError, match="flexrank.budgets.*flexrank_distill"):
     run("flexrank,smoke", "a", flexrank__budgets=())
@@ -262,16 +283,26 @@ def test_bad_flexrank_configs_are_refused(tiny_gguf, data_dir, smoke_config, den
   with pytest.raises(ValueError, match="repeated budget"):
     run("flexrank,smoke", "d", flexrank__budgets=(0.6, 0.6))
   with pytest.raises(CheckpointError, match="profiles searched now differ"):
-    train_and_evaluate(_config(smollm2_genre, "flexrank,smoke", tiny_gguf, data_dir,
-                               model__init_from=dense_twin, flexrank__budgets=(0.55, 0.6)),
-                       flex_run[0])
+    train_and_evaluate(
+      _config(
+        smollm2_genre,
+        "flexrank,smoke",
+        tiny_gguf,
+        data_dir,
+        model__init_from=dense_twin,
+        flexrank__budgets=(0.55, 0.6),
+      ),
+      flex_run[0],
+    )
   with pytest.raises(ValueError, match="init_from.*classifier needs a fine-tuned teacher"):
     run("flexrank,smoke", "f")
   with pytest.raises(ValueError, match="nested run.*dense twin"):
     run("flexrank,smoke", "g", model__init_from=flex_run[0])
   with pytest.raises(ValueError, match="another task, data.name, data.num_classes"):
-    train_and_evaluate(_config(smollm2_lm, "smoke", tiny_gguf, data_dir,
-                               model__init_from=dense_twin), str(tmp_path / "h"))
+    train_and_evaluate(
+      _config(smollm2_lm, "smoke", tiny_gguf, data_dir, model__init_from=dense_twin),
+      str(tmp_path / "h"),
+    )
   with pytest.raises(ValueError, match="model.init_from=.*nowhere': not found"):
     run("smoke", "i", model__init_from=str(tmp_path / "nowhere"))
   with pytest.raises(CheckpointError, match="no checkpoint in"):

@@ -1,13 +1,15 @@
 """FLOPs/params accounting against XLA's own count, the forms' formulas, and the budget solver."""
+
 import os
 import subprocess
 import sys
 
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
-from hypothesis import given, settings, strategies as st
 
 from nsn_jax import flops
 from nsn_jax.models.mlp import NSNMLP
@@ -36,7 +38,11 @@ def test_analytic_flops_match_xla_per_rank():
     # At rank 1 the second matmul of each NSN layer contracts over size 1: XLA makes it an outer
     # product and counts one FLOP per output (d_out per row) instead of two.
     outer_product_saving = batch * (64 + 48) if r == 1 else 0
-    assert abs(xla - analytic - relus + outer_product_saving) / analytic <= XLA_TOLERANCE, (r, xla, analytic)
+    assert abs(xla - analytic - relus + outer_product_saving) / analytic <= XLA_TOLERANCE, (
+      r,
+      xla,
+      analytic,
+    )
 
 
 def test_counts_by_hand():
@@ -91,12 +97,14 @@ def test_cheapest_form(d_in, d_out):
     assert flops.cheapest_form(d_in, d_out, r) == ("gar" if r < top else "dense")
     # Without GAR: factorised strictly below the break-even rank, dense from it (ties included).
     assert flops.cheapest_form(d_in, d_out, r, ("dense", "factorised")) == (
-        "factorised" if r < flops.break_even_rank(d_in, d_out) else "dense")
+      "factorised" if r < flops.break_even_rank(d_in, d_out) else "dense"
+    )
 
 
 def test_importing_flops_leaves_the_deployed_modules_out():
   code = "import sys, nsn_jax.flops; print('nsn_jax.deploy' in sys.modules)"
-  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                        timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip() == "False"

@@ -1,17 +1,19 @@
 """The sequence classifier on a decoder backbone, and whole-forward FLOPs of sequence models."""
+
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from nsn_jax import flops
 from nsn_jax.models.heads import SequenceClassifier
 from nsn_jax.models.llama import LlamaConfig, LlamaModel
 from nsn_jax.surgery import decompose_and_replace
 
-CONFIG = LlamaConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256,
-                     max_seq_len=64)
+CONFIG = LlamaConfig(
+  vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256, max_seq_len=64
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +22,9 @@ def nsn_decoder():
 
 
 def _tokens(batch, length, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).integers(0, CONFIG.vocab_size, (batch, length)),
-                     jnp.int32)
+  return jnp.asarray(
+    np.random.default_rng(seed).integers(0, CONFIG.vocab_size, (batch, length)), jnp.int32
+  )
 
 
 def test_encode_is_the_decoder_without_its_head(nsn_decoder):
@@ -37,8 +40,9 @@ def test_classifier_ignores_right_padding(nsn_decoder):
   short = _tokens(1, 7)
   padded = jnp.concatenate([short, jnp.zeros((1, 5), jnp.int32)], axis=1)
   mask = jnp.arange(12)[None] < 7
-  np.testing.assert_allclose(forward(classifier, padded, mask),
-                             forward(classifier, short, jnp.ones((1, 7), bool)), atol=1e-5)
+  np.testing.assert_allclose(
+    forward(classifier, padded, mask), forward(classifier, short, jnp.ones((1, 7), bool)), atol=1e-5
+  )
 
 
 @pytest.mark.parametrize("rank", [8, 64])
@@ -47,8 +51,10 @@ def test_whole_forward_flops_match_xla_up_to_elementwise_work(nsn_decoder, rank)
   counts norms, RoPE, softmax and activations: a few percent at this size, never less."""
   t = 32
   classifier = SequenceClassifier(nsn_decoder, 3, rngs=nnx.Rngs(1))
-  for model, call in ((nsn_decoder, lambda m, x: m(x, rank=rank)[0]),
-                      (classifier, lambda m, x: m(x, x >= 0, rank=rank))):
+  for model, call in (
+    (nsn_decoder, lambda m, x: m(x, rank=rank)[0]),
+    (classifier, lambda m, x: m(x, x >= 0, rank=rank)),
+  ):
     program = jax.jit(lambda state, x: call(nnx.merge(nnx.graphdef(model), state), x))
     counted = program.lower(nnx.state(model), _tokens(2, t)).compile().cost_analysis()["flops"]
     analytic = 2 * t * flops.model_flops(model, rank, seq_len=t)

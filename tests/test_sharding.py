@@ -3,6 +3,7 @@
 Tolerance for "the same losses": 1e-4 relative per step over 20 steps. Sharded reductions sum
 in another order than one device, and Adam carries those float32 rounding differences forward.
 """
+
 import json
 import os
 import shutil
@@ -10,12 +11,12 @@ import socket
 import subprocess
 import sys
 
+from flax import nnx
 import jax
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from nsn_jax import sharding
 from nsn_jax.restore import restore_model
@@ -24,14 +25,17 @@ from nsn_jax.train_step import create_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_RTOL = 1e-4
-MESHES = {"one_device": dict(data=1, fsdp=1, tensor=1), "data8": dict(data=8),
-          "fsdp8": dict(data=1, fsdp=8), "tensor8": dict(data=1, tensor=8),
-          "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2)}
+MESHES = {
+  "one_device": dict(data=1, fsdp=1, tensor=1),
+  "data8": dict(data=8),
+  "fsdp8": dict(data=1, fsdp=8),
+  "tensor8": dict(data=1, tensor=8),
+  "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
+}
 
 
 def _mesh(**axes):
-  return sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1,
-                                                       **axes}))
+  return sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, **axes}))
 
 
 def _losses(workdir):
@@ -51,6 +55,7 @@ def _config(smoke_config, **mesh):
 def runs(tmp_path_factory, data_dir):
   """Each mesh of MESHES trains the smoke config for 20 steps; name → workdir."""
   from configs import default
+
   smoke = default.get_config("smoke")
   smoke.data.data_dir = data_dir
   workdirs = {}
@@ -65,25 +70,28 @@ def test_meshes_give_the_same_losses(runs):
   assert sorted(reference) == list(range(1, 21))
   for name in MESHES:
     losses = _losses(runs[name])
-    np.testing.assert_allclose([losses[s] for s in reference], list(reference.values()),
-                               rtol=LOSS_RTOL, err_msg=name)
+    np.testing.assert_allclose(
+      [losses[s] for s in reference], list(reference.values()), rtol=LOSS_RTOL, err_msg=name
+    )
 
 
 def test_parameters_are_sharded_as_the_rules_say(smoke_config):
   mesh = _mesh(data=2, fsdp=2, tensor=2)
   _, state, _ = create_train_state(smoke_config, mesh)
-  specs = {sharding.path_string(path): leaf.sharding.spec
-           for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+  specs = {
+    sharding.path_string(path): leaf.sharding.spec
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+  }
   golden = {
-      "model/hidden/0/a": P("fsdp", None),      # (784, 8): feature axis split, rank axis not
-      "model/hidden/0/b": P(None, "tensor"),    # (8, 32)
-      "model/hidden/0/bias": P("tensor"),       # (32,)
-      "model/head/kernel": P("fsdp", "tensor"),  # (32, 10)
-      "model/head/bias": P("tensor"),           # (10,)
-      "rank_weights/log_var": P(),
-      "optimizer/opt_state/0/mu/model/hidden/0/a": P("fsdp", None),  # optimizer state follows params
-      "optimizer/opt_state/0/nu/model/head/kernel": P("fsdp", "tensor"),
-      "optimizer/step": P(),
+    "model/hidden/0/a": P("fsdp", None),  # (784, 8): feature axis split, rank axis not
+    "model/hidden/0/b": P(None, "tensor"),  # (8, 32)
+    "model/hidden/0/bias": P("tensor"),  # (32,)
+    "model/head/kernel": P("fsdp", "tensor"),  # (32, 10)
+    "model/head/bias": P("tensor"),  # (10,)
+    "rank_weights/log_var": P(),
+    "optimizer/opt_state/0/mu/model/hidden/0/a": P("fsdp", None),  # optimizer state follows params
+    "optimizer/opt_state/0/nu/model/head/kernel": P("fsdp", "tensor"),
+    "optimizer/step": P(),
   }
   for path, spec in golden.items():
     assert specs[path] == spec, path
@@ -97,9 +105,15 @@ def test_an_axis_that_does_not_divide_is_replicated():
   assert sharding.spec_for("hidden/0/b", (8, 32), mesh) == P(None, "tensor")
 
 
-@pytest.mark.parametrize("axes, match", [
-    (dict(data=3), "does not divide"), (dict(data=-1, fsdp=-1), "at most one -1"),
-    (dict(data=16), "needs 16 devices"), (dict(tensor=0), "positive")])
+@pytest.mark.parametrize(
+  "axes, match",
+  [
+    (dict(data=3), "does not divide"),
+    (dict(data=-1, fsdp=-1), "at most one -1"),
+    (dict(data=16), "needs 16 devices"),
+    (dict(tensor=0), "positive"),
+  ],
+)
 def test_bad_meshes_are_clear_errors(axes, match):
   with pytest.raises(ValueError, match=match):
     _mesh(**axes)
@@ -118,8 +132,9 @@ def test_checkpoint_restores_on_other_meshes(runs, smoke_config, tmp_path):
   assert other.hidden[0].b[...].sharding.spec == P(None, "tensor")
   # The parameters are bitwise the same; outputs differ only by the reduction order of the
   # tensor-parallel matmuls (observed ≤ 2e-5 relative on a logit near 0).
-  for restored, reference in zip(jax.tree.leaves(nnx.state(other)),
-                                 jax.tree.leaves(nnx.state(single))):
+  for restored, reference in zip(
+    jax.tree.leaves(nnx.state(other)), jax.tree.leaves(nnx.state(single))
+  ):
     np.testing.assert_array_equal(np.asarray(restored), np.asarray(reference))
   for rank in range(1, 9):
     np.testing.assert_allclose(other(x, rank=rank), single(x, rank=rank), rtol=1e-5, atol=1e-5)
@@ -140,34 +155,54 @@ def _free_port():
 
 def _two_process_run(workdir, data_dir):
   port = _free_port()
-  env = {**os.environ, "PYTHONPATH": REPO, "PJRT_NPROC": "16",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  procs = [subprocess.Popen(
-      [sys.executable, "train.py", "--config=configs/default.py:smoke", f"--workdir={workdir}",
-       f"--config.data.data_dir={data_dir}", "--config.train.log_every=1",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
+  env = {
+    **os.environ,
+    "PYTHONPATH": REPO,
+    "PJRT_NPROC": "16",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  }
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "train.py",
+        "--config=configs/default.py:smoke",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.train.log_every=1",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
 
 
-def test_two_process_cluster_trains_checkpoints_and_resumes(runs, smoke_config, tmp_path,
-                                                            data_dir):
+def test_two_process_cluster_trains_checkpoints_and_resumes(runs, smoke_config, tmp_path, data_dir):
   """Two OS processes × 2 CPU devices on localhost vs one process on 4 devices."""
   reference = tmp_path / "one_process"
   train_and_evaluate(_config(smoke_config, data=4), str(reference))
   cluster = tmp_path / "cluster"
   _two_process_run(cluster, data_dir)
   expected = _losses(reference)
-  np.testing.assert_allclose([_losses(cluster)[s] for s in expected], list(expected.values()),
-                             rtol=LOSS_RTOL)
+  np.testing.assert_allclose(
+    [_losses(cluster)[s] for s in expected], list(expected.values()), rtol=LOSS_RTOL
+  )
   # Interrupted after its step-10 checkpoint: the cluster resumes and replays steps 11..20.
   shutil.rmtree(cluster / "checkpoints" / "20")
   os.remove(cluster / "metrics.jsonl")
   _two_process_run(cluster, data_dir)
   resumed = _losses(cluster)
   assert sorted(resumed) == list(range(11, 21))
-  np.testing.assert_allclose([resumed[s] for s in resumed], [expected[s] for s in resumed],
-                             rtol=LOSS_RTOL)
+  np.testing.assert_allclose(
+    [resumed[s] for s in resumed], [expected[s] for s in resumed], rtol=LOSS_RTOL
+  )

@@ -1,4 +1,5 @@
 """Each reproduction study runs end to end as its CLI, at a tiny size, so the scripts cannot rot."""
+
 import json
 import os
 import subprocess
@@ -9,10 +10,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _study(name, workdir, data_dir, *flags):
   proc = subprocess.run(
-      [sys.executable, "-m", f"nsn_jax.studies.{name}", f"--workdir={workdir}",
-       "--config=configs/default.py:smoke", "--config.train.steps=3",
-       f"--config.data.data_dir={data_dir}", *flags],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      f"nsn_jax.studies.{name}",
+      f"--workdir={workdir}",
+      "--config=configs/default.py:smoke",
+      "--config.train.steps=3",
+      f"--config.data.data_dir={data_dir}",
+      *flags,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, f"{name}.json")) as f:
     return json.load(f), proc.stdout, proc.stderr

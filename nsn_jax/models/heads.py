@@ -4,11 +4,12 @@ A backbone (`BertModel`, `LlamaModel`) offers `encode(tokens, mask, rank) → hi
 `config.dim` and `attention_flops(seq_len)`; the head reads nothing else, so one classifier
 serves encoders and decoders alike.
 """
+
 from __future__ import annotations
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from nsn_jax.layers import Rank, project
 
@@ -34,8 +35,9 @@ class SequenceClassifier(nnx.Module):
     self.backbone = backbone
     # Zero-initialised: a fresh head predicts uniformly, so the first updates do not push a
     # pretrained backbone with the large errors of random logits.
-    self.head = nnx.Linear(backbone.config.dim, num_classes, kernel_init=nnx.initializers.zeros,
-                           rngs=rngs)
+    self.head = nnx.Linear(
+      backbone.config.dim, num_classes, kernel_init=nnx.initializers.zeros, rngs=rngs
+    )
 
   def __call__(self, tokens: jax.Array, mask: jax.Array, rank: Rank = None) -> jax.Array:
     """tokens int32, mask bool or 0/1 (B, T) → logits float32 (B, num_classes)."""

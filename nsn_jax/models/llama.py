@@ -8,6 +8,7 @@ RoPE rotates *interleaved* pairs (x[..., 2i], x[..., 2i+1]): the layout of GGUF 
 converter permutes each head's Q/K rows so that llama.cpp can rotate adjacent pairs. Weights in
 the Hugging Face layout (rotating the two halves of a head) must have those rows permuted first.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -15,10 +16,10 @@ import dataclasses
 import functools
 from typing import NamedTuple
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from nsn_jax.layers import Rank, is_static_rank, project
 
@@ -26,6 +27,7 @@ from nsn_jax.layers import Rank, is_static_rank, project
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Sizes of a Llama-family decoder; each head has head_dim = dim // n_heads features."""
+
   vocab_size: int
   dim: int
   n_layers: int
@@ -39,8 +41,9 @@ class LlamaConfig:
 
   def __post_init__(self):
     if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or self.head_dim % 2:
-      raise ValueError("LlamaConfig needs n_heads | dim, n_kv_heads | n_heads and an even "
-                       f"head_dim; got {self}.")
+      raise ValueError(
+        f"LlamaConfig needs n_heads | dim, n_kv_heads | n_heads and an even head_dim; got {self}."
+      )
 
   @property
   def head_dim(self) -> int:
@@ -49,15 +52,18 @@ class LlamaConfig:
 
 class KVCache(NamedTuple):
   """Per-layer keys and values, each (B, S, n_kv_heads, head_dim); slots [0, index) are filled."""
+
   keys: tuple[jax.Array, ...]
   values: tuple[jax.Array, ...]
   index: jax.Array  # int32 scalar: the next slot to write
 
   @classmethod
-  def init(cls, config: LlamaConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
+  def init(cls, config: LlamaConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
     """An empty cache with room for `slots` positions."""
-    empty = tuple(jnp.zeros((batch, slots, config.n_kv_heads, config.head_dim), dtype)
-                  for _ in range(config.n_layers))
+    empty = tuple(
+      jnp.zeros((batch, slots, config.n_kv_heads, config.head_dim), dtype)
+      for _ in range(config.n_layers)
+    )
     return cls(empty, empty, jnp.zeros((), jnp.int32))
 
 
@@ -102,8 +108,9 @@ class Attention(nnx.Module):
     at slot `index`."""
     c, (b, t, _) = self.config, x.shape
     q = rope(project(self.q, x, rank).reshape(b, t, c.n_heads, c.head_dim), positions, c.rope_theta)
-    k = rope(project(self.k, x, rank).reshape(b, t, c.n_kv_heads, c.head_dim), positions,
-             c.rope_theta)
+    k = rope(
+      project(self.k, x, rank).reshape(b, t, c.n_kv_heads, c.head_dim), positions, c.rope_theta
+    )
     v = project(self.v, x, rank).reshape(b, t, c.n_kv_heads, c.head_dim)
     if kv is not None:
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
@@ -147,19 +154,25 @@ class Block(nnx.Module):
 class LlamaModel(nnx.Module):
   """Token embedding → n_layers blocks → RMSNorm → vocabulary logits (tied or `lm_head`)."""
 
-  def __init__(self, config: LlamaConfig, *, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                               rngs=rngs)
+  def __init__(self, config: LlamaConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    linear = functools.partial(
+      nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     self.config = config
-    self.embed = nnx.Embed(config.vocab_size, config.dim, dtype=dtype, param_dtype=param_dtype,
-                           rngs=rngs)
+    self.embed = nnx.Embed(
+      config.vocab_size, config.dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     self.layers = nnx.List([Block(config, linear, param_dtype) for _ in range(config.n_layers)])
     self.norm = RMSNorm(config.dim, config.norm_eps, param_dtype)
     self.lm_head = None if config.tie_embeddings else linear(config.dim, config.vocab_size)
 
-  def __call__(self, tokens: jax.Array, rank: Rank = None, cache: KVCache | None = None,
-               positions: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    rank: Rank = None,
+    cache: KVCache | None = None,
+    positions: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
     """tokens: int32 (B, T) → (logits float32 (B, T, vocab), the updated cache or None).
 
     With a cache the tokens continue its sequence: they fill slots index..index+T-1 (the cache
@@ -219,8 +232,14 @@ def _greedy_step(graphdef, treedef, leaves, tokens, cache, rank):
   return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
 
-def generate(model: LlamaModel, prompt_tokens, max_new_tokens: int, rank: Rank = None, *,
-             eos_id: int | None = None) -> list[int]:
+def generate(
+  model: LlamaModel,
+  prompt_tokens,
+  max_new_tokens: int,
+  rank: Rank = None,
+  *,
+  eos_id: int | None = None,
+) -> list[int]:
   """Greedy decoding: up to max_new_tokens ids continuing prompt_tokens (ids), stopping at eos_id.
 
   One call prefills the KV cache with the prompt, then each new token is one call. Both are jitted
@@ -232,13 +251,15 @@ def generate(model: LlamaModel, prompt_tokens, max_new_tokens: int, rank: Rank =
   prompt = jnp.asarray(prompt_tokens, jnp.int32)[None]
   slots = prompt.shape[1] + max_new_tokens
   if slots > model.config.max_seq_len:
-    raise ValueError(f"prompt + max_new_tokens = {slots} exceeds max_seq_len "
-                     f"{model.config.max_seq_len}.")
+    raise ValueError(
+      f"prompt + max_new_tokens = {slots} exceeds max_seq_len {model.config.max_seq_len}."
+    )
   static_rank = tuple(sorted(rank.items())) if isinstance(rank, Mapping) else rank  # hashable
   graphdef, state = nnx.split(model)
   leaves, treedef = jax.tree.flatten(state)
-  token, cache = _greedy_step(graphdef, treedef, leaves, prompt,
-                              KVCache.init(model.config, 1, slots), static_rank)
+  token, cache = _greedy_step(
+    graphdef, treedef, leaves, prompt, KVCache.init(model.config, 1, slots), static_rank
+  )
   out = [int(token[0])]
   while len(out) < max_new_tokens and out[-1] != eos_id:
     token, cache = _greedy_step(graphdef, treedef, leaves, token[:, None], cache, static_rank)

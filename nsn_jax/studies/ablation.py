@@ -7,6 +7,7 @@ trained by any variant), in-distribution ("ID") ranks = every other rank below R
 Variants (see `VARIANTS`) differ only in the objective and in where ranks come from.
 Writes WORKDIR/ablation.json and prints a table.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,18 +16,21 @@ from absl import flags
 
 from nsn_jax.studies import common
 
-HELD_OUT = flags.DEFINE_list("held_out", ["3", "6", "12", "24", "48"],
-                             "Ranks no variant trains; averaged as OOD (those below R are kept).")
+HELD_OUT = flags.DEFINE_list(
+  "held_out",
+  ["3", "6", "12", "24", "48"],
+  "Ranks no variant trains; averaged as OOD (those below R are kept).",
+)
 
 # run name → (label, objective, rank source). "sampled" = the paper's anchor R + one variant per
 # step, drawn from a range that widens linearly from R down to rank 1 over the first 30% of steps.
 VARIANTS = {
-    "anchor_only": ("CE at the anchor only", "anchor_only", "anchor"),
-    "uniform": ("uniform sum, sampled ranks", "uniform", "sampled"),
-    "uncertainty": ("uncertainty-weighted, sampled ranks (the method)", "uncertainty", "sampled"),
-    "logits": ("+ logits regulariser", "uncertainty_logits", "sampled"),
-    "ortho": ("+ residual orthogonality", "uncertainty_ortho", "sampled"),
-    "fixed_set": ("uncertainty-weighted, fixed rank set vmapped", "uncertainty", "fixed"),
+  "anchor_only": ("CE at the anchor only", "anchor_only", "anchor"),
+  "uniform": ("uniform sum, sampled ranks", "uniform", "sampled"),
+  "uncertainty": ("uncertainty-weighted, sampled ranks (the method)", "uncertainty", "sampled"),
+  "logits": ("+ logits regulariser", "uncertainty_logits", "sampled"),
+  "ortho": ("+ residual orthogonality", "uncertainty_ortho", "sampled"),
+  "fixed_set": ("uncertainty-weighted, fixed rank set vmapped", "uncertainty", "fixed"),
 }
 
 
@@ -39,8 +43,9 @@ def variant_config(base, objective: str, source: str, held_out: tuple[int, ...],
     config.ranks.kind, config.ranks.fixed = "fixed", (max_rank,)
   elif source == "fixed":  # powers of two below R, none of them held out
     config.ranks.kind = "fixed"
-    config.ranks.fixed = tuple(r for r in (max_rank >> i for i in range(max_rank.bit_length()))
-                               if r not in held_out)
+    config.ranks.fixed = tuple(
+      r for r in (max_rank >> i for i in range(max_rank.bit_length())) if r not in held_out
+    )
   else:
     config.ranks.kind = "anchor_variants"
     config.ranks.min_rank, config.ranks.curriculum = 1, "linear"
@@ -53,8 +58,13 @@ def run() -> dict:
   max_rank = base.model.max_rank
   held_out = tuple(sorted(int(r) for r in HELD_OUT.value if int(r) < max_rank))
   in_dist = [r for r in range(1, max_rank) if r not in held_out]
-  result = {"held_out_ranks": list(held_out), "id_ranks": in_dist, "anchor_rank": max_rank,
-            "seeds": [int(s) for s in common.SEEDS.value], "variants": {}}
+  result = {
+    "held_out_ranks": list(held_out),
+    "id_ranks": in_dist,
+    "anchor_rank": max_rank,
+    "seeds": [int(s) for s in common.SEEDS.value],
+    "variants": {},
+  }
   for name, (label, objective, source) in VARIANTS.items():
     per_seed = {"anchor": [], "id": [], "ood": []}
     for seed in result["seeds"]:
@@ -63,8 +73,10 @@ def run() -> dict:
       per_seed["anchor"].append(common.accuracy_at(rows, [max_rank]))
       per_seed["id"].append(common.accuracy_at(rows, in_dist))
       per_seed["ood"].append(common.accuracy_at(rows, held_out))
-    result["variants"][name] = {"label": label, **{
-        k: {"per_seed": v, "mean_std": common.mean_std(v)} for k, v in per_seed.items()}}
+    result["variants"][name] = {
+      "label": label,
+      **{k: {"per_seed": v, "mean_std": common.mean_std(v)} for k, v in per_seed.items()},
+    }
   common.write_json(result, os.path.join(common.WORKDIR.value, "ablation.json"))
   print(format_table(result))
   return result
@@ -73,9 +85,11 @@ def run() -> dict:
 def format_table(result: dict) -> str:
   """A markdown table: variant | anchor | avg ID | avg OOD (mean ± std over seeds)."""
   lines = ["| objective | anchor acc | avg ID acc | avg OOD acc |", "|---|---:|---:|---:|"]
-  for name, scores in result["variants"].items():
-    cells = [f"{scores[k]['mean_std'][0]:.3f} ± {scores[k]['mean_std'][1]:.3f}"
-             for k in ("anchor", "id", "ood")]
+  for scores in result["variants"].values():
+    cells = [
+      f"{scores[k]['mean_std'][0]:.3f} ± {scores[k]['mean_std'][1]:.3f}"
+      for k in ("anchor", "id", "ood")
+    ]
     lines.append(f"| {scores['label']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

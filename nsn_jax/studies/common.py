@@ -1,13 +1,14 @@
 """What every study does: train a config variant once, sweep its ranks, summarise, plot."""
+
 from __future__ import annotations
 
 import json
 import os
 
-import ml_collections
-import numpy as np
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
+import numpy as np
 
 from nsn_jax import cli
 from nsn_jax.metrics import say
@@ -15,9 +16,12 @@ from nsn_jax.sweep import SweepRow, read_rows, run_sweep
 from nsn_jax.train_lib import train_and_evaluate
 
 CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/default.py", "Base config of every run (configs/cifar10_mlp.py for "
-    "CIFAR-10; configs/default.py:smoke for a seconds-long miniature); --config.a.b=v overrides.",
-    lock_config=True)
+  "config",
+  "configs/default.py",
+  "Base config of every run (configs/cifar10_mlp.py for "
+  "CIFAR-10; configs/default.py:smoke for a seconds-long miniature); --config.a.b=v overrides.",
+  lock_config=True,
+)
 WORKDIR = flags.DEFINE_string("workdir", "runs/studies", "Root directory shared by studies.")
 SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (ablation).")
 
@@ -71,6 +75,8 @@ def write_json(obj, path: str) -> None:
 def pyplot():
   """matplotlib.pyplot on the headless Agg backend."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   return plt

@@ -6,6 +6,7 @@ Compares the NSN model (the default config) with the plain model (same factorise
 rank R only) from the truncation study, training them if they are not in WORKDIR yet. Writes
 WORKDIR/internals.json, energy.png, log_variance.png and subspaces.png, and prints tables.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,9 @@ import numpy as np
 
 from nsn_jax import analysis
 from nsn_jax.layers import nsn_layers
+from nsn_jax.restore import restore_model
 from nsn_jax.studies import common
 from nsn_jax.studies.truncation import single_rank
-from nsn_jax.restore import restore_model
 
 MODELS = ("nsn", "truncation")  # run names in WORKDIR; "truncation" is the plain model
 LABELS = {"nsn": "NSN", "truncation": "plain (CE at R only)"}
@@ -41,18 +42,21 @@ def run() -> dict:
   common.train_and_sweep(single_rank(base, base.model.max_rank), "truncation")
   models = {name: restore_model(os.path.join(common.WORKDIR.value, name)).model for name in MODELS}
   max_rank = base.model.max_rank
-  pairs = [(r, 2 * r) for r in (2 ** i for i in range(max_rank.bit_length())) if 2 * r <= max_rank]
+  pairs = [(r, 2 * r) for r in (2**i for i in range(max_rank.bit_length())) if 2 * r <= max_rank]
   result = {"energy": {}, "containment": {}, "inter_layer_similarity": {}}
   for name, model in models.items():
     layers = nsn_layers(model)
     result["energy"][name] = {p: analysis.energy_profile(l).tolist() for p, l in layers.items()}
     result["containment"][name] = {
-        p: {f"{r}->{r2}": analysis.containment_score(l, r, r2) for r, r2 in pairs}
-        for p, l in layers.items()}
+      p: {f"{r}->{r2}": analysis.containment_score(l, r, r2) for r, r2 in pairs}
+      for p, l in layers.items()
+    }
     chain = list(layers.values())
     result["inter_layer_similarity"][name] = {
-        f"{w.path}->{r.path}@{rank}": analysis.inter_layer_similarity(w, r, rank)
-        for w, r in zip(chain[:-1], chain[1:]) for rank, _ in pairs}
+      f"{w.path}->{r.path}@{rank}": analysis.inter_layer_similarity(w, r, rank)
+      for w, r in zip(chain[:-1], chain[1:])
+      for rank, _ in pairs
+    }
   history = log_variance_history(os.path.join(common.WORKDIR.value, "nsn"))
   result["log_variance_final"] = {str(r): h[-1][1] for r, h in sorted(history.items())}
   common.write_json(result, os.path.join(common.WORKDIR.value, "internals.json"))
@@ -67,13 +71,16 @@ def format_tables(result: dict) -> str:
   lines = ["containment score (1 = the rank-r map is the principal part of the rank-2r map)"]
   for name, per_layer in result["containment"].items():
     for path, scores in per_layer.items():
-      lines.append(f"  {LABELS[name]:>22} {path:>9}: " +
-                   " ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+      lines.append(
+        f"  {LABELS[name]:>22} {path:>9}: " + " ".join(f"{k} {v:.2f}" for k, v in scores.items())
+      )
   lines.append("inter-layer similarity (writer output vs reader input subspace, at rank r)")
   for name, scores in result["inter_layer_similarity"].items():
     lines.append(f"  {LABELS[name]:>22}: " + " ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-  lines.append("final learned log-variance s_r: " + " ".join(
-      f"r={r} {s:.2f}" for r, s in result["log_variance_final"].items()))
+  lines.append(
+    "final learned log-variance s_r: "
+    + " ".join(f"r={r} {s:.2f}" for r, s in result["log_variance_final"].items())
+  )
   return "\n".join(lines)
 
 
@@ -103,8 +110,13 @@ def plot_subspaces(result: dict, pairs: list[tuple[int, int]], path: str) -> Non
   ranks = [r for r, _ in pairs]
   for i, name in enumerate(MODELS):
     for j, (layer, scores) in enumerate(result["containment"][name].items()):
-      left.plot(ranks, list(scores.values()), "o-" if j == 0 else "s--", color=f"C{i}",
-                label=f"{LABELS[name]}, {layer}")
+      left.plot(
+        ranks,
+        list(scores.values()),
+        "o-" if j == 0 else "s--",
+        color=f"C{i}",
+        label=f"{LABELS[name]}, {layer}",
+      )
     similarity = result["inter_layer_similarity"][name]
     if similarity:
       right.plot(ranks, list(similarity.values()), "o-", color=f"C{i}", label=LABELS[name])

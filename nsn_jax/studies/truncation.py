@@ -7,6 +7,7 @@ truncation: one rank-R model trained at R only, evaluated at every rank by slici
 nsn:        the default multi-rank config, evaluated at every rank.
 Writes WORKDIR/truncation.json and truncation.png and prints the table.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,11 @@ from absl import flags
 
 from nsn_jax.studies import common
 
-NATIVE_RANKS = flags.DEFINE_list("native_ranks", ["1", "2", "4", "8", "16", "32", "64"],
-                                 "Ranks that get their own natively trained model.")
+NATIVE_RANKS = flags.DEFINE_list(
+  "native_ranks",
+  ["1", "2", "4", "8", "16", "32", "64"],
+  "Ranks that get their own natively trained model.",
+)
 
 
 def single_rank(config, rank: int):
@@ -37,19 +41,24 @@ def run() -> dict:
   nsn = common.train_and_sweep(base, "nsn")
   truncation = common.train_and_sweep(single_rank(base, max_rank), "truncation")
   # The native model at R is the truncation model itself: same config, trained once.
-  native = {r: common.train_and_sweep(single_rank(base, r), "truncation" if r == max_rank
-                                      else f"native_r{r}")[-1].accuracy
-            for r in native_ranks}
+  native = {
+    r: common.train_and_sweep(
+      single_rank(base, r), "truncation" if r == max_rank else f"native_r{r}"
+    )[-1].accuracy
+    for r in native_ranks
+  }
   result = {
-      "ranks": list(range(1, max_rank + 1)),
-      "nsn": [row.accuracy for row in nsn],
-      "truncation": [row.accuracy for row in truncation],
-      "native": {str(r): a for r, a in native.items()},
-      "trained_nsn_ranks": [row.rank for row in nsn if row.trained],
+    "ranks": list(range(1, max_rank + 1)),
+    "nsn": [row.accuracy for row in nsn],
+    "truncation": [row.accuracy for row in truncation],
+    "native": {str(r): a for r, a in native.items()},
+    "trained_nsn_ranks": [row.rank for row in nsn if row.trained],
   }
   low = [r for r in result["ranks"] if r <= max(1, max_rank // 8)]
   result["mean_accuracy_at_ranks_up_to_R/8"] = {
-      "nsn": common.accuracy_at(nsn, low), "truncation": common.accuracy_at(truncation, low)}
+    "nsn": common.accuracy_at(nsn, low),
+    "truncation": common.accuracy_at(truncation, low),
+  }
   common.write_json(result, os.path.join(common.WORKDIR.value, "truncation.json"))
   plot(result, os.path.join(common.WORKDIR.value, "truncation.png"))
   print(format_table(result))
@@ -62,16 +71,19 @@ def format_table(result: dict) -> str:
     native = result["native"].get(str(r))
     if native is None and r not in (1, 3, 6, 12, 24, 48):
       continue
-    lines.append(f"{r:>5} {'' if native is None else f'{native:.4f}':>7} "
-                 f"{result['truncation'][r - 1]:>10.4f} {result['nsn'][r - 1]:>7.4f}")
+    lines.append(
+      f"{r:>5} {'' if native is None else f'{native:.4f}':>7} "
+      f"{result['truncation'][r - 1]:>10.4f} {result['nsn'][r - 1]:>7.4f}"
+    )
   return "\n".join(lines)
 
 
 def plot(result: dict, path: str) -> None:
   plt = common.pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  ax.plot(result["ranks"], result["truncation"], label="truncation (one rank-R model, sliced)",
-          color="C3")
+  ax.plot(
+    result["ranks"], result["truncation"], label="truncation (one rank-R model, sliced)", color="C3"
+  )
   ax.plot(result["ranks"], result["nsn"], label="NSN (one multi-rank model)", color="C0")
   native = sorted((int(r), a) for r, a in result["native"].items())
   ax.plot(*zip(*native), "s--", label="native (one model per rank)", color="C2")

