@@ -23,6 +23,31 @@ class Column(NamedTuple):
   scale: float = 1.0
 
 
+def latency_columns(flops_fmt: str) -> tuple[Column, ...]:
+  """The columns every latency table ends with: median and min latency, achieved FLOP/s,
+  analytic and XLA FLOPs, latency relative to the dense model."""
+  return (
+    Column("latency_s", "ms", ".3f", 1e3),
+    Column("latency_min_s", "min ms", ".3f", 1e3),
+    Column("flops_per_s", "GFLOP/s", flops_fmt, 1e-9),
+    Column("analytic_flops", "FLOPs", ".3e"),
+    Column("xla_flops", "XLA FLOPs", ".3e"),
+    Column("vs_dense", "lat/dense", ".3f"),
+  )
+
+
+def latency_fields(timing: Timing, analytic: float, counted: float) -> dict:
+  """The row fields `latency_columns` show: a `Timing` and the analytic / XLA FLOP counts."""
+  return {
+    "latency_s": timing.median_s,
+    "latency_min_s": timing.min_s,
+    "calls_per_sample": timing.number,
+    "analytic_flops": analytic,
+    "xla_flops": counted,
+    "flops_per_s": analytic / timing.median_s,
+  }
+
+
 @dataclasses.dataclass
 class SuiteResult:
   """One suite's measurements: `rows` (one dict per measurement), `summary` (ratios and the

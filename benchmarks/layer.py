@@ -16,7 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import Column, SuiteResult, eval_program, summary_line, time_jax, xla_flops
+from benchmarks.common import (
+  Column,
+  SuiteResult,
+  eval_program,
+  latency_columns,
+  latency_fields,
+  summary_line,
+  time_jax,
+  xla_flops,
+)
 from benchmarks.timing import Policy
 from nsn_jax import flops
 from nsn_jax.deploy import POLICIES, deploy
@@ -45,12 +54,7 @@ COLUMNS = (
   Column("rank", "rank"),
   Column("policy", "policy"),
   Column("form", "form"),
-  Column("latency_s", "ms", ".3f", 1e3),
-  Column("latency_min_s", "min ms", ".3f", 1e3),
-  Column("flops_per_s", "GFLOP/s", ".1f", 1e-9),
-  Column("analytic_flops", "FLOPs", ".3e"),
-  Column("xla_flops", "XLA FLOPs", ".3e"),
-  Column("vs_dense", "lat/dense", ".3f"),
+  *latency_columns(".1f"),
   Column("vs_matmul", "FLOP/s/matmul", ".3f"),
 )
 
@@ -124,12 +128,7 @@ def run(size: str, policy: Policy) -> SuiteResult:
           "policy": form_policy,
           "form": form,
           "max_rank": grid.max_rank,
-          "latency_s": timing.median_s,
-          "latency_min_s": timing.min_s,
-          "calls_per_sample": timing.number,
-          "analytic_flops": analytic,
-          "xla_flops": counted,
-          "flops_per_s": analytic / timing.median_s,
+          **latency_fields(timing, analytic, counted),
         }
       )
     batch_rows = [row for row in rows if row["batch"] == batch]

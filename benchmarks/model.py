@@ -1,7 +1,8 @@
 """Per-rank inference of whole models against their dense twins, in the same run.
 
 Two models:
-  mlp      the MLP of configs/default.py (784 → 256 → 256 → 10, R = 64) against `DenseMLP`;
+  mlp      the MLP of configs/default.py (784 → 256 → 256 → 10, R = 64) against its dense twin
+           (`model.dense=True`);
   decoder  a SmolLM2-135M-shaped Llama decoder with random weights whose MLP projections are NSN
            layers (`surgery.decompose_and_replace`, SVD init, R = 576), against the same decoder
            before the surgery; one batch of `seq_len` tokens, logits for every position.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
-import math
 import time
 
 from flax import nnx
@@ -24,6 +24,8 @@ from benchmarks.common import (
   Column,
   SuiteResult,
   eval_program,
+  latency_columns,
+  latency_fields,
   mlp_config,
   summary_line,
   time_jax,
@@ -90,28 +92,8 @@ COLUMNS = (
   Column("rank", "rank"),
   Column("policy", "policy"),
   Column("forms", "forms"),
-  Column("latency_s", "ms", ".3f", 1e3),
-  Column("latency_min_s", "min ms", ".3f", 1e3),
-  Column("flops_per_s", "GFLOP/s", ".2f", 1e-9),
-  Column("analytic_flops", "FLOPs", ".3e"),
-  Column("xla_flops", "XLA FLOPs", ".3e"),
-  Column("vs_dense", "lat/dense", ".3f"),
+  *latency_columns(".2f"),
 )
-
-
-class DenseMLP(nnx.Module):
-  """NSNMLP's architecture with plain dense hidden layers: the model NSN's FLOPs compare to."""
-
-  def __init__(self, input_dim: int, hidden: Sequence[int], num_classes: int, *, rngs):
-    widths = [input_dim, *hidden, num_classes]
-    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths, widths[1:])])
-
-  def __call__(self, x):
-    """x: (B, ...) images → logits (B, num_classes)."""
-    x = x.reshape(x.shape[0], -1)
-    for layer in self.layers[:-1]:
-      x = jax.nn.relu(layer(x))
-    return self.layers[-1](x)
 
 
 def rank_grid(max_rank: int) -> tuple[int, ...]:
@@ -168,12 +150,7 @@ def _measure(model_name: str, variants, x, rows_per_input: int, policy: Policy) 
         "forms": sorted({entry.form for entry in report}) or None,
         # (d_in, d_out, rank, form) per deployed layer: what the FLOP check of the tests needs
         "layers": [[e.in_features, e.out_features, e.rank, e.form] for e in report],
-        "latency_s": timing.median_s,
-        "latency_min_s": timing.min_s,
-        "calls_per_sample": timing.number,
-        "analytic_flops": analytic,
-        "xla_flops": counted,
-        "flops_per_s": analytic / timing.median_s,
+        **latency_fields(timing, analytic, counted),
         "lower_and_compile_s": compile_s,
       }
     )
@@ -185,12 +162,9 @@ def _measure(model_name: str, variants, x, rows_per_input: int, policy: Policy) 
 def _mlp_rows(size: str, policy: Policy) -> list[dict]:
   config = mlp_config(size)
   nsn = build_model(config, seed=0)
-  dense = DenseMLP(
-    math.prod(config.data.image_shape),
-    config.model.hidden,
-    config.data.num_classes,
-    rngs=nnx.Rngs(0),
-  )
+  dense_config = config.copy_and_resolve_references()
+  dense_config.model.dense = True  # the same MLP with plain dense hidden layers
+  dense = build_model(dense_config, seed=0)
   variants = _variants(nsn, dense, rank_grid(flops.max_rank(nsn)), None)
   rng = np.random.default_rng(1)  # host-side inputs: no random-number programs to compile
   rows = []

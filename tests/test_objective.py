@@ -39,10 +39,9 @@ def test_vmapped_loss_equals_python_loop_over_static_ranks(name):
   ]
   np.testing.assert_allclose(aux["loss"], per_rank, rtol=1e-5)
   s = weights.log_var[...][RANKS - 1]
-  expected = {
-    "anchor_only": per_rank[0],
-    "uniform": sum(per_rank),
-  }.get(name, sum(jnp.exp(-s) * jnp.array(per_rank) + s))
+  expected = {"anchor_only": per_rank[0], "uniform": sum(per_rank)}.get(
+    name, sum(jnp.exp(-s) * jnp.array(per_rank) + s)
+  )
   if name == "uncertainty_logits":
     p_anchor = jax.nn.softmax(model(x, rank=8))
     kls = [
