@@ -148,7 +148,7 @@ def run(size: str, policy: Policy, jax_results: dict[str, SuiteResult]) -> Suite
     }
   )
   jax_step = {
-    (row["strategy"], row["k"]): row["step_s"]
+    (row["strategy"], row["k"], row["batch"]): row["step_s"]
     for row in jax_results["train"].rows
     if row["model"] == "mlp"
   }
@@ -163,8 +163,8 @@ def run(size: str, policy: Policy, jax_results: dict[str, SuiteResult]) -> Suite
           "k": row["k"],
           "jax_strategy": strategy,
           "torch_s": row["step_s"],
-          "jax_s": jax_step[strategy, row["k"]],
-          "torch_over_jax": row["step_s"] / jax_step[strategy, row["k"]],
+          "jax_s": jax_step[strategy, row["k"], row["batch"]],
+          "torch_over_jax": row["step_s"] / jax_step[strategy, row["k"], row["batch"]],
         }
         for strategy in ("vmap_masked", "loop_static")
       ]

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import json
 import math
 import pathlib
+import re
 
 from flax import nnx
 import gguf
@@ -127,16 +128,50 @@ def build_model(
   return surgery.nsn_skeleton(model, surgery_rules(config), config.model.max_rank)
 
 
-def check_rank_fits(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError when `model.max_rank` exceeds min(d_in, d_out) of a layer that
-  `surgery.rules` chooses (a global rank above it could not run). Reads shapes only: the
-  architecture from the pretrained file's metadata, built abstractly, no weights."""
-  if config.model.name not in PRETRAINED or config.model.dense:
-    return
+def check_model_fits(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for what only the model's shapes tell, read without weights or data
+  (a pretrained architecture from its file's metadata, built abstractly): `surgery.rules`
+  matching no layer, `model.max_rank` above min(d_in, d_out) of a chosen layer (a global rank
+  above it could not run), `data.seq_len` above a BERT's positions, `train.trainable` matching
+  no parameter."""
+  if config.model.name not in PRETRAINED:
+    model = nnx.eval_shape(lambda: build_model(config, seed=0, pretrained=False))
+    return _check_trainable(config, _param_paths(model))
   model = nnx.eval_shape(lambda: _task_model(config, pretrained=False, seed=0))
+  positions = getattr(
+    getattr(getattr(model, "backbone", None), "config", None), "max_positions", None
+  )
+  if positions is not None and config.data.seq_len > positions:
+    raise ConfigError(
+      "data.seq_len", config.data.seq_len, f"2..{positions} (the model's positions)"
+    )
+  paths = _param_paths(model)
+  if not config.model.dense:
+    chosen = _chosen_layers(config, model)
+    _check_model_fits(config, chosen)
+    paths += [f"{path}/{factor}" for path, _, _ in chosen for factor in ("a", "b")]
+  _check_trainable(config, paths)
+
+
+def _param_paths(model: nnx.Module) -> list[str]:
+  return ["/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+
+def _check_trainable(config: ml_collections.ConfigDict, paths: list[str]) -> None:
+  if not any(re.search(rule, path) for rule in config.train.trainable for path in paths):
+    raise ConfigError(
+      "train.trainable",
+      config.train.trainable,
+      f"regexes matching parameter paths such as {', '.join(paths[:3])}",
+      "matches no parameter",
+    )
+
+
+def _chosen_layers(config: ml_collections.ConfigDict, model: nnx.Module) -> list:
+  """`surgery.chosen_linears` of the rules, or a ConfigError naming a few layers there are."""
   try:
-    chosen = surgery.chosen_linears(model, surgery_rules(config))
-  except ValueError:  # no layer matches: name a few that exist
+    return surgery.chosen_linears(model, surgery_rules(config))
+  except ValueError:
     linears = [path for path, _, _ in surgery.chosen_linears(model, ("",))]
     raise ConfigError(
       "surgery.rules",
@@ -145,14 +180,18 @@ def check_rank_fits(config: ml_collections.ConfigDict) -> None:
       f"or regexes matching layer paths such as {', '.join(linears[:4])}",
       "matches no dense layer",
     ) from None
+
+
+def _check_model_fits(config: ml_collections.ConfigDict, chosen: list) -> None:
   widths = {path: min(layer.in_features, layer.out_features) for path, _, layer in chosen}
   narrowest = min(widths, key=widths.get)
   if config.model.max_rank > widths[narrowest]:
     raise ConfigError(
       "model.max_rank",
       config.model.max_rank,
-      f"1..{widths[narrowest]} (min(d_in, d_out) of {narrowest}, the narrowest "
-      "layer surgery.rules chooses)",
+      f"1..{widths[narrowest]} "
+      f"(min(d_in, d_out) of {narrowest}, the narrowest layer surgery.rules "
+      "chooses)",
     )
 
 

@@ -173,6 +173,8 @@ class Checkpoints:
     """
     trees = {"params": params} if train is None else {"params": params, "train": train}
     metadata = {**metadata, "checksums": fingerprints(trees)}
+    if train is not None:  # so a resume with another training set-up is refused by name
+      metadata["train_shapes"] = param_shapes(train)
     items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
     items["metadata"] = ocp.args.JsonSave(metadata)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -203,7 +205,7 @@ class Checkpoints:
 
     def read(step):
       metadata = self._metadata(step)
-      check_same_model(metadata, abstract_params, self.directory)
+      check_same_model(metadata, abstract_params, self.directory, abstract_train)
       missing = set(targets) - set(metadata.get("checksums", targets))
       if missing:
         raise CheckpointError(
@@ -326,8 +328,14 @@ class Checkpoints:
       target = self._quarantine_dir() / str(step)
       if target.exists():  # an earlier quarantine of the same step number: keep both
         target = target.parent / f"{step}.{datetime.datetime.now():%Y%m%dT%H%M%S.%f}"
-      target.parent.mkdir(parents=True, exist_ok=True)
-      source.rename(target)
+      try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+      except Exception as e:  # e.g. an object store that cannot rename folders
+        raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} is unreadable ({reason}) and could not "
+          f"be moved aside ({_reason(e)}): move or delete {source} by hand, then re-run."
+        ) from e
       logging.warning(
         "checkpoint step %d in %s is unreadable (%s); moved it to %s.",
         step,
@@ -349,18 +357,33 @@ def _reason(e: BaseException) -> str:
   return f"{type(e).__name__}: {lines[0] if lines else ''}"[:400]
 
 
-def check_same_model(metadata: dict, abstract_params: Any, directory: str) -> None:
-  """Raises CheckpointError naming the first parameters whose shapes differ."""
-  saved = metadata.get("param_shapes", {})
-  wanted = param_shapes(abstract_params)
+def check_same_model(
+  metadata: dict, abstract_params: Any, directory: str, abstract_train: Any | None = None
+) -> None:
+  """Raises CheckpointError naming the first parameters (or, with `abstract_train`, training
+  state arrays) whose shapes differ: a checkpoint of another model or another training set-up
+  is refused, never mistaken for a corrupt one."""
+  _check_shapes(metadata.get("param_shapes", {}), abstract_params, directory, "model", "parameters")
+  if abstract_train is not None and "train_shapes" in metadata:
+    _check_shapes(
+      metadata["train_shapes"],
+      abstract_train,
+      directory,
+      "training state (another train.trainable or optimizer?)",
+      "arrays",
+    )
+
+
+def _check_shapes(saved: dict, abstract: Any, directory: str, what: str, unit: str) -> None:
+  wanted = param_shapes(abstract)
   diffs = [
-    f"{k}: checkpoint {saved.get(k)} vs model {wanted.get(k)}"
+    f"{k}: checkpoint {saved.get(k)} vs now {wanted.get(k)}"
     for k in sorted(set(saved) | set(wanted))
     if saved.get(k) != wanted.get(k)
   ]
   if diffs:
     raise CheckpointError(
-      f"{directory} holds a checkpoint of another model ({len(diffs)} parameters differ):\n  "
-      + "\n  ".join(diffs[:5])
-      + "\nUse a fresh --workdir, or the config this checkpoint was trained with."
+      f"{directory} holds a checkpoint of another {what} ({len(diffs)} {unit} differ): "
+      + "; ".join(diffs[:3])
+      + ". Use a fresh --workdir, or the config this checkpoint was trained with."
     )

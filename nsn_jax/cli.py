@@ -14,19 +14,33 @@ import sys
 from absl import app, flags, logging
 
 from nsn_jax.checkpoint import CheckpointError
+from nsn_jax.config import ConfigError
+from nsn_jax.data.pipeline import DatasetNotFoundError
+from nsn_jax.train_lib import StoppedEarly
 from nsn_jax.workdir import WorkdirLockedError
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, show the full traceback too.")
 
-# ValueError covers ConfigError and DatasetNotFoundError: every check of user input raises one.
-# OSError: a config file that fails to load is reported when the config is first read.
-USER_ERRORS = (ValueError, CheckpointError, WorkdirLockedError, OSError)
+# Every check of user input in nsn_jax raises ValueError (ConfigError and DatasetNotFoundError
+# among them) or one of these. An unexpected ValueError is shown the same way, with a pointer to
+# --verbose, since it too is most often a value the user gave.
+USER_ERRORS = (
+  ValueError,
+  CheckpointError,
+  WorkdirLockedError,
+  FileNotFoundError,
+  NotADirectoryError,
+  IsADirectoryError,
+  PermissionError,
+)
+_NAMED = (ConfigError, CheckpointError, WorkdirLockedError, DatasetNotFoundError, StoppedEarly)
 
 
 def _fail(error: BaseException, code: int) -> None:
   if _VERBOSE.value:
     raise error
-  print(f"{os.path.basename(sys.argv[0])}: error: {_one_line(error)}", file=sys.stderr)
+  hint = "" if isinstance(error, _NAMED) else " (--verbose for the traceback)"
+  print(f"{os.path.basename(sys.argv[0])}: error: {_one_line(error)}{hint}", file=sys.stderr)
   sys.exit(code)
 
 
@@ -34,9 +48,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag, config file or `--config.a.b=v` override (unknown
   field, wrong type) as one line and exit code 2."""
   try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    if _VERBOSE.name in " ".join(argv):
+    rest = flags.FLAGS(argv)
+    for name in flags.FLAGS:  # a config file that failed to load says so on first access
+      value = flags.FLAGS[name].value
+      if type(value).__name__ == "_ErrorConfig":
+        value.keys()
+    return rest
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    if any(arg in ("--verbose", "--verbose=true", "--verbose=1") for arg in argv):
       raise
     print(f"{os.path.basename(argv[0])}: error: {_one_line(e)}", file=sys.stderr)
     sys.exit(2)
@@ -61,6 +80,8 @@ def run(main: Callable[[], None]) -> None:
     logging.set_verbosity(logging.WARNING)
     try:
       main()
+    except StoppedEarly as e:  # saved; not a failure
+      print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
     except USER_ERRORS as e:
       _fail(e, 2)
     except FloatingPointError as e:  # a diverged run: its last good checkpoint is kept

@@ -36,7 +36,8 @@ OBJECTIVES = (
 DISTILL = "flexrank_distill"
 DTYPES = ("float32", "bfloat16")
 SURGERY_PRESETS = ("mlp", "attention", "mlp_and_attention")
-MULTI_RANK = ("vmap_masked", "loop_static")
+MESH_AXES = ("data", "fsdp", "tensor")  # nsn_jax.sharding.AXES, kept here without importing jax
+MULTI_RANK = ("vmap_masked", "loop_static", "bucketed")
 
 
 class ConfigError(ValueError):
@@ -103,10 +104,7 @@ def _method(c: ml_collections.ConfigDict) -> None:
 
   c.ranks = ml_collections.ConfigDict()  # which ranks each step trains (not in dense mode)
   c.ranks.kind = "fixed"  # fixed (ranks.fixed every step) | anchor_variants (paper)
-  # Every rank up to 8, then powers of two: ranks below 8 do not interpolate from trained
-  # neighbours (held-out ranks 3 and 5 fell ~4 points below trained 2 and 4 with the set 64, 32,
-  # ..., 2, 1); from 9 up, held-out ranks land between their trained neighbours.
-  c.ranks.fixed = (64, 32, 16, 8, 7, 6, 5, 4, 3, 2, 1)
+  c.ranks.fixed = ()  # () = R, the powers of two below it down to 16, then 8, 7, ..., 1
   c.ranks.min_rank = 1  # anchor_variants: smallest rank drawn after warm-up
   c.ranks.num_variants = 1  # anchor_variants: ranks drawn per step besides R
   c.ranks.curriculum = "linear"  # anchor_variants: linear | step | none
@@ -149,9 +147,12 @@ def from_json(saved: dict) -> ml_collections.ConfigDict:
   `surgery.max_rank` of checkpoints written before R had one name becomes model.max_rank /
   model.dense)."""
   saved = json.loads(json.dumps(saved))  # a deep copy
-  legacy = saved.get("surgery", {}).pop("max_rank", None)
+  surgery = saved.get("surgery", {})
+  legacy = surgery.pop("max_rank", None)
   if legacy is not None:
     saved["model"]["max_rank"], saved["model"]["dense"] = legacy or 1, not legacy
+  if isinstance(surgery.get("rules"), str):  # a preset name, before rules became a tuple
+    surgery["rules"] = [surgery["rules"]]
   if saved.get("data", {}).get("eval_examples") is None and "data" in saved:
     saved["data"]["eval_examples"] = 0
   config = defaults()
@@ -165,12 +166,35 @@ def _merge(config: ml_collections.ConfigDict, saved: dict, prefix: str) -> None:
       continue  # a field retired since: nothing reads it
     if isinstance(config[key], ml_collections.ConfigDict):
       _merge(config[key], value, f"{prefix}{key}.")
-    else:
+      continue
+    try:
       config[key] = tuple(_tuples(value)) if isinstance(value, list) else value
+    except TypeError:
+      raise ConfigError(
+        f"{prefix}{key}",
+        str(value),
+        f"a {type(config[key]).__name__}",
+        "a saved config field this version cannot read",
+      ) from None
 
 
 def _tuples(values: list) -> list:
   return [tuple(_tuples(v)) if isinstance(v, list) else v for v in values]
+
+
+def seq_len(config: ml_collections.ConfigDict) -> int | None:
+  """Tokens per example of a text task (what a sequence model's FLOPs are counted over); None
+  for an image task (one row per example)."""
+  return None if config.task == "image_classification" else config.data.seq_len
+
+
+def fixed_ranks(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The ranks a fixed rank set trains: `ranks.fixed`, or by default every rank up to 8, then
+  powers of two up to R (held-out ranks below 8 do not interpolate from trained neighbours;
+  docs/results.md)."""
+  r = config.model.max_rank
+  default = [*(2**i for i in range(r.bit_length()) if 8 < 2**i < r), *range(min(r, 8), 0, -1)]
+  return tuple(config.ranks.fixed) or tuple(dict.fromkeys([r, *sorted(default, reverse=True)]))
 
 
 def eval_ranks(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -180,19 +204,24 @@ def eval_ranks(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   return tuple(config.eval.ranks) or tuple(dict.fromkeys(max(1, r // d) for d in (1, 4, 16)))
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+def validate(
+  config: ml_collections.ConfigDict, num_devices: int | None = None, restoring: bool = False
+) -> None:
   """Raises ConfigError for the first field outside what is valid.
 
   `num_devices`: the devices the mesh is laid over (checks the mesh and batch split); None
-  skips those checks (eval, export).
+  skips those checks (eval, export). `restoring`: only what rebuilding the model reads (task,
+  data, model, surgery), so a checkpoint stays readable when a training-only rule tightens or
+  `model.init_from`'s run has moved.
   """
   _check_fields(config, defaults(), "")
   _check_top(config)
   _check_task(config)
   _check_data(config)
-  _check_model(config)
-  if not config.model.dense:
-    _check_ranks(config)
+  _check_model(config, check_init_from=not restoring)
+  if restoring:
+    return
+  _check_ranks(config)
   _check_objective(config)
   _check_train(config)
   if num_devices is not None:
@@ -237,7 +266,7 @@ def _number(
 
 
 def _check_top(config) -> None:
-  _integer("seed", config.seed, 0)
+  _integer("seed", config.seed, 0, 2**31 - 1)  # JAX keys and numpy generators take it
   _one_of("task", config.task, TASKS)
   _one_of("model.name", config.model.name, MODELS)
 
@@ -255,8 +284,9 @@ def _check_task(config) -> None:
 
 def _check_data(config) -> None:
   data = config.data
-  if not data.name:
-    raise ConfigError("data.name", data.name, "a TFDS dataset name, e.g. mnist5k")
+  for field, example in (("name", "mnist5k"), ("train_split", "train"), ("eval_split", "test")):
+    if not isinstance(data[field], str) or not data[field]:
+      raise ConfigError(f"data.{field}", data[field], f"a TFDS name, e.g. {example}")
   if config.task == "image_classification":
     if not data.image_shape or any(not isinstance(d, int) or d < 1 for d in data.image_shape):
       raise ConfigError("data.image_shape", data.image_shape, "positive sizes, e.g. (28, 28, 1)")
@@ -277,7 +307,7 @@ def _check_data(config) -> None:
     _integer("data.num_classes", data.num_classes, 2)
 
 
-def _check_model(config) -> None:
+def _check_model(config, check_init_from: bool = True) -> None:
   model = config.model
   _one_of("model.dtype", model.dtype, DTYPES)
   if not isinstance(model.dense, bool):
@@ -297,7 +327,7 @@ def _check_model(config) -> None:
   elif not model.dense:
     _integer("model.max_rank", model.max_rank, 1)
   _check_surgery(config)  # also where no surgery runs: a set field is never silently ignored
-  for field in ("path", "init_from"):
+  for field in ("path", "init_from") if check_init_from else ("path",):
     if pretrained and model[field] and not epath.Path(model[field]).exists():
       raise ConfigError(f"model.{field}", model[field], "an existing path", "not found")
 
@@ -326,9 +356,19 @@ def _regex(field: str, rule: Any) -> None:
 def _check_ranks(config) -> None:
   ranks, max_rank = config.ranks, config.model.max_rank
   _one_of("ranks.kind", ranks.kind, ("fixed", "anchor_variants"))
+  _one_of("train.multi_rank", config.train.multi_rank, MULTI_RANK)
+  if config.model.dense:  # the ranks section does not apply; what would be ignored is refused
+    if config.eval.ranks:
+      raise ConfigError(
+        "eval.ranks",
+        config.eval.ranks,
+        "() with model.dense=True",
+        "a dense model is evaluated as itself",
+      )
+    return
   valid = f"distinct integers in 1..{max_rank} (model.max_rank)"
   if ranks.kind == "fixed":
-    _rank_list("ranks.fixed", ranks.fixed, max_rank, valid, empty_ok=False)
+    _rank_list("ranks.fixed", fixed_ranks(config), max_rank, valid, empty_ok=False)
     if ranks.held_out:
       raise ConfigError(
         "ranks.held_out",
@@ -337,7 +377,7 @@ def _check_ranks(config) -> None:
         "with fixed ranks every rank not in ranks.fixed is held out",
       )
   else:
-    _integer("ranks.min_rank", ranks.min_rank, 1, max_rank)
+    _integer("ranks.min_rank", ranks.min_rank, 1, max_rank - 1)  # R is the anchor already
     _integer("ranks.num_variants", ranks.num_variants, 1)
     _one_of("ranks.curriculum", ranks.curriculum, ("linear", "step", "none"))
     _number("ranks.warmup_fraction", ranks.warmup_fraction, 0.0, 1.0)
@@ -349,16 +389,21 @@ def _check_ranks(config) -> None:
       f"distinct integers in 1..{max_rank - 1} (R={max_rank} is the anchor)",
       empty_ok=True,
     )
-    if set(range(ranks.min_rank, max_rank)) and set(range(ranks.min_rank, max_rank)) <= set(
-      ranks.held_out
-    ):
+    below = [r for r in ranks.held_out if r < ranks.min_rank]
+    if below:
+      raise ConfigError(
+        "ranks.held_out",
+        ranks.held_out,
+        f"ranks in {ranks.min_rank}..{max_rank - 1}",
+        f"{below} are below ranks.min_rank: never drawn anyway",
+      )
+    if set(range(ranks.min_rank, max_rank)) <= set(ranks.held_out):
       raise ConfigError("ranks.held_out", ranks.held_out, "leaving a rank below R to train")
   _rank_list("eval.ranks", config.eval.ranks, max_rank, valid, empty_ok=True)
-  _one_of("train.multi_rank", config.train.multi_rank, MULTI_RANK)
-  if config.train.multi_rank == "loop_static" and ranks.kind != "fixed":
+  if config.train.multi_rank in ("loop_static", "bucketed") and ranks.kind != "fixed":
     raise ConfigError(
       "train.multi_rank",
-      "loop_static",
+      config.train.multi_rank,
       "vmap_masked with ranks.kind=anchor_variants",
       "drawn ranks are data, not static slices",
     )
@@ -392,8 +437,17 @@ def _check_objective(config) -> None:
       "() unless a pretrained model gets "
       "surgery (model.name llama_gguf / bert_hf, model.dense=False)",
     )
+  if flex.probabilities and name != DISTILL:
+    raise ConfigError(
+      "flexrank.probabilities",
+      flex.probabilities,
+      f"() unless objective.name={DISTILL}",
+      "only distillation samples the profiles",
+    )
+  numbers = all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in flex.probabilities)
   if flex.probabilities and (
-    len(flex.probabilities) != len(flex.budgets)
+    not numbers
+    or len(flex.probabilities) != len(flex.budgets)
     or min(flex.probabilities) < 0
     or not math.isclose(sum(flex.probabilities), 1.0)
   ):
@@ -450,7 +504,7 @@ def _check_train(config) -> None:
 
 
 def _check_mesh(config, num_devices: int) -> None:
-  sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
+  sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
   for axis, size in sizes.items():
     if isinstance(size, bool) or not isinstance(size, int) or size == 0 or size < -1:
       raise ConfigError(f"mesh.{axis}", size, "a positive device count, or -1 for the rest")
@@ -468,7 +522,21 @@ def _check_mesh(config, num_devices: int) -> None:
       config.train.batch_size,
       f"a multiple of the data × fsdp devices ({split})",
     )
-  for rule in config.sharding.rules:
-    if len(rule) != 2:
-      raise ConfigError("sharding.rules", str(rule), "(path regex, (axis | None, ...)) pairs")
+  _check_sharding_rules(config.sharding.rules)
+
+
+def _check_sharding_rules(rules: Any) -> None:
+  valid = f"(path regex, (axis | None, ...)) pairs, axes from {MESH_AXES}"
+  for rule in rules:
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+      raise ConfigError("sharding.rules", str(rule), valid)
     _regex("sharding.rules", rule[0])
+    spec = rule[1]
+    names = (
+      [a for entry in spec for a in (entry if isinstance(entry, tuple) else (entry,))]
+      if isinstance(spec, (tuple, list))
+      else [spec]
+    )
+    bad = [a for a in names if a is not None and a not in MESH_AXES]
+    if bad or not isinstance(spec, (tuple, list)):
+      raise ConfigError("sharding.rules", str(rule), valid, f"unknown axes {bad}" if bad else "")

@@ -17,9 +17,11 @@ import dataclasses
 import os
 
 from absl import flags
+from etils import epath
 from flax import nnx
 
 from nsn_jax import cli, flops, profiles
+from nsn_jax import config as config_lib
 from nsn_jax.checkpoint import Checkpoints, param_shapes
 from nsn_jax.deploy import FORMS, POLICIES, DeployedLayer, deploy, format_report
 from nsn_jax.restore import restore_model
@@ -46,10 +48,10 @@ def export(
     raise ValueError("give exactly one of --rank (or a profile), --budget and --profile_budget.")
   if not out:
     raise ValueError("--out is required: a new directory for the export.")
-  if os.path.exists(out):
+  if epath.Path(out).exists():
     raise ValueError(f"--out={out} already exists; an export never overwrites: choose a new one.")
   if budget is not None:
-    check_budgets([budget])
+    check_budgets([budget], "--budget")
   restored = restore_model(workdir)
   model, metadata, step = restored
   if "export" in metadata:
@@ -57,7 +59,7 @@ def export(
   # A sequence model's FLOPs include attention over its context: per token at data.seq_len, and
   # per example (seq_len tokens) in the metadata, as eval.py reports them.
   config = restored.config
-  seq_len = config.data.seq_len if config.task != "image_classification" else None
+  seq_len = config_lib.seq_len(config)
   if budget is not None:
     rank = flops.rank_for_budget(model, budget, budget_reference, seq_len)
   if profile_budget is not None:
@@ -74,7 +76,7 @@ def export(
     **metadata,
     "deployed": [dataclasses.asdict(entry) for entry in report],
     "export": {
-      "source": os.path.abspath(workdir),
+      "source": workdir if "://" in workdir else os.path.abspath(workdir),
       "source_step": step,
       "rank": dict(rank) if isinstance(rank, Mapping) else rank,
       "budget": budget,

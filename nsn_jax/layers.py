@@ -3,12 +3,15 @@
 One parameter set holds every rank r in [1, R]. Rank r uses the first r columns of `a` and the
 first r rows of `b`, so W_r = a[:, :r] @ b[:r] and W_{r+1} - W_r is a rank-one step.
 
-A rank reaches a layer in one of three forms (see `resolve_rank`):
+A rank reaches a layer in one of four forms (see `resolve_rank`):
 - a Python int: *static*. Real slices, so under `jax.jit` each rank is its own XLA program with
   2·r·(d_in + d_out) FLOPs per row instead of 2·d_in·d_out.
 - a jax integer array (traced or concrete): *masked*. The full factors with a prefix mask, so one
   compiled program serves any rank drawn at run time; this is what training vmaps over. A traced
   rank cannot be checked at trace time, so it is clamped to [1, R].
+- a `WidthRank(width, rank)`: both. Static slices of `width` columns, masked to the traced `rank`
+  (clamped to [1, width]) within them; a bucket of similar ranks vmaps over it at the cost of
+  its widest rank (`nsn_jax.ranks.BucketPlan`).
 - a mapping from layer path to rank: a per-layer *profile* (FlexRank); each layer looks up its own
   path, set by `name_nsn_layers`.
 """
@@ -16,6 +19,7 @@ A rank reaches a layer in one of three forms (see `resolve_rank`):
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 import numbers
 from typing import Any
 
@@ -24,7 +28,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Rank = int | jax.Array | Mapping[str, Any] | None
+
+@dataclasses.dataclass(frozen=True)
+class WidthRank:
+  """A traced rank inside a static width: slices `a[:, :width]`, `b[:width]`, then masks the
+  first `rank` (int32 scalar, clamped to [1, width]) of those components."""
+
+  width: int
+  rank: jax.Array
+
+
+Rank = int | jax.Array | WidthRank | Mapping[str, Any] | None
 
 
 class NSNFactor(nnx.Param):
@@ -182,22 +196,27 @@ class NSNDense(nnx.Module):
     a, b = self.a[...], self.b[...]
     bias = None if self.bias is None else self.bias[...]
     x, a, b, bias = nnx.nn.dtypes.promote_dtype((x, a, b, bias), dtype=self.dtype)
-    if isinstance(rank, (jax.Array, np.ndarray)):
-      if not jnp.issubdtype(rank.dtype, jnp.integer):
-        raise ValueError(
-          f"NSN layer {self.path!r}: a rank array must be integer, got {rank.dtype}."
-        )
-      rank = jnp.clip(rank, 1, self.max_rank)
-      mask = (jnp.arange(self.max_rank) < rank).astype(x.dtype)
-      y = ((x @ a) * mask) @ b
-    else:
-      r = (
-        self.max_rank
-        if rank is None
-        else check_static_rank(rank, self.max_rank, f"layer {self.path!r}")
-      )
-      y = (x @ a[:, :r]) @ b[:r]
+    width, traced = self._width_and_mask_rank(rank)
+    h = x @ a[:, :width]
+    if traced is not None:
+      h = h * (jnp.arange(width) < jnp.clip(traced, 1, width)).astype(h.dtype)
+    y = h @ b[:width]
     return y if bias is None else y + bias
+
+  def _width_and_mask_rank(self, rank) -> tuple[int, jax.Array | None]:
+    """(static width sliced, traced rank masked within it or None) of any non-profile rank."""
+    where = f"layer {self.path!r}"
+    if isinstance(rank, WidthRank):
+      width, traced = check_static_rank(rank.width, self.max_rank, where), rank.rank
+    elif isinstance(rank, (jax.Array, np.ndarray)):
+      width, traced = self.max_rank, rank
+    else:
+      width = self.max_rank if rank is None else check_static_rank(rank, self.max_rank, where)
+      return width, None
+    dtype = jnp.asarray(traced).dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+      raise ValueError(f"NSN {where}: a rank array must be integer, got {dtype}.")
+    return width, traced
 
   def kernel(self, rank: int | None = None) -> jax.Array:
     """The materialised kernel W_r = a[:, :r] @ b[:r], (d_in, d_out); for analysis, not forward."""

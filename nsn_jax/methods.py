@@ -29,7 +29,7 @@ from nsn_jax.checkpoint import CheckpointError
 from nsn_jax.config import DISTILL
 from nsn_jax.layers import Rank
 from nsn_jax.objective import Objective, distillation_loss, multi_rank_loss
-from nsn_jax.ranks import RankSource, held_out_ranks, rank_source_from_config
+from nsn_jax.ranks import BucketPlan, RankSource, held_out_ranks, rank_source_from_config
 from nsn_jax.tasks import Task
 
 Scalars = dict[str, float]
@@ -46,6 +46,10 @@ class Method:
     """(value, sharding) of what the step needs beside the state; (None, None) by default."""
     del mesh, config
     return None, None
+
+  def start_line(self) -> str | None:
+    """What the trainer logs once at start about how the step runs, or None."""
+    return None
 
   def eval_points(self) -> dict[str, Rank]:
     """{name: rank or profile} evaluated during training, each its own compiled program."""
@@ -77,12 +81,12 @@ class Method:
 
 @dataclasses.dataclass(frozen=True)
 class MultiRank(Method):
-  """NSN's multi-rank training. `static_ranks`: the fixed set as Python ints
-  (`train.multi_rank=loop_static`: each rank a sliced pass), or None (ranks are data)."""
+  """NSN's multi-rank training. `plan`: how the fixed set runs (`train.multi_rank=bucketed`, or
+  `loop_static`: one rank per bucket), static; None: ranks are data (`vmap_masked`)."""
 
   objective: Objective = Objective()
   source: RankSource | None = None
-  static_ranks: tuple[int, ...] | None = None
+  plan: BucketPlan | None = None
   eval_ranks: tuple[int, ...] = ()
 
   def step_inputs(self, step: int) -> np.ndarray:
@@ -97,8 +101,11 @@ class MultiRank(Method):
       self.objective,
       self.task,
       batch,
-      ranks if self.static_ranks is None else self.static_ranks,
+      ranks if self.plan is None else self.plan,
     )
+
+  def start_line(self) -> str | None:
+    return None if self.plan is None else self.plan.describe(self.source.max_rank)
 
   def log(self, step: int, ranks: np.ndarray, metrics: Mapping) -> tuple[Scalars, Scalars]:
     """(scalars, progress-line fields) from a step's fetched metrics."""
@@ -215,9 +222,11 @@ def build_method(
       found, config.flexrank.probabilities, config.seed, max_rank
     )
     return Distill(task, found, sampler, teacher)
-  source = rank_source_from_config(config.ranks, max_rank, config.train.steps, config.seed)
-  static = tuple(int(r) for r in source(0)) if config.train.multi_rank == "loop_static" else None
+  source = rank_source_from_config(config)
+  plans = {"loop_static": BucketPlan.singletons, "bucketed": BucketPlan.auto}
+  mode = config.train.multi_rank
+  plan = plans[mode](source.ranks) if mode in plans else None  # validated: fixed ranks
   objective = Objective.named(
     config.objective.name, config.objective.logits_weight, config.objective.ortho_weight
   )
-  return MultiRank(task, found, objective, source, static, config_lib.eval_ranks(config))
+  return MultiRank(task, found, objective, source, plan, config_lib.eval_ranks(config))

@@ -63,11 +63,19 @@ def _truncate_after(path: str, step: int) -> None:
     return
   with open(path) as f:
     lines = f.readlines()
-  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
   if len(kept) != len(lines):
     with open(path + ".tmp", "w") as f:
       f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+def _step_of(line: str) -> int | None:
+  """The step of a metrics line; None for a blank or torn one (a run killed mid-write)."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 class Progress:

@@ -21,8 +21,10 @@ import dataclasses
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from nsn_jax.layers import nsn_layers
+from nsn_jax.layers import WidthRank, nsn_layers
+from nsn_jax.ranks import BucketPlan
 from nsn_jax.tasks import Task
 
 WEIGHTINGS = ("anchor", "uniform", "uncertainty")
@@ -73,16 +75,30 @@ class Objective:
     return presets[name]
 
 
-def per_rank_logits(model: nnx.Module, task: Task, batch: dict, ranks) -> jax.Array:
-  """The task's logits at each rank → (k, B, ..., C).
+def per_rank_logits(
+  model: nnx.Module, task: Task, batch: dict, ranks: jax.Array | BucketPlan
+) -> jax.Array:
+  """The task's logits at each rank → (k, B, ..., C), in the order of the ranks.
 
-  ranks: an int32 array (k,) runs the masked path vmapped over ranks (one program for any rank
-  values, the training default); a tuple of Python ints runs a loop of static-rank slices (one
-  program per rank tuple, each rank paying only its own FLOPs; `train.multi_rank=loop_static`).
+  ranks: an int32 array (k,) runs the masked path at full width R vmapped over ranks (one
+  program for any rank values; `train.multi_rank=vmap_masked`); a `BucketPlan` of a fixed set
+  runs each bucket at its own static width, vmapped over its masked ranks, a one-rank bucket as
+  a plain static slice (one program per plan; `bucketed`, and `loop_static` = one rank each).
   """
-  if isinstance(ranks, tuple):
-    return jnp.stack([task.logits(model, batch, r) for r in ranks])
-  return jax.vmap(lambda r: task.logits(model, batch, r))(ranks)
+  if not isinstance(ranks, BucketPlan):
+    return jax.vmap(lambda r: task.logits(model, batch, r))(ranks)
+  logits = jnp.concatenate([_bucket_logits(model, task, batch, b) for b in ranks.buckets])
+  order = ranks.order()
+  return logits if order == tuple(range(len(order))) else logits[np.asarray(order)]
+
+
+def _bucket_logits(model: nnx.Module, task: Task, batch: dict, bucket: tuple[int, ...]):
+  """(|bucket|, B, ..., C): a bucket's ranks (descending) at the static width of the first."""
+  width = bucket[0]
+  if len(bucket) == 1:
+    return task.logits(model, batch, width)[None]
+  masked = lambda r: task.logits(model, batch, WidthRank(width, r))
+  return jax.vmap(masked)(jnp.asarray(bucket, jnp.int32))
 
 
 def factor_orthogonality(model: nnx.Module) -> jax.Array:
@@ -136,8 +152,8 @@ def multi_rank_loss(
   """The combined loss and per-rank metrics.
 
   Args:
-    batch: the arrays `task` reads. ranks: the ranks of this step, int32 (k,) or a tuple of k
-      Python ints (see `per_rank_logits`).
+    batch: the arrays `task` reads. ranks: the ranks of this step, int32 (k,) or the
+      `BucketPlan` of a fixed set (see `per_rank_logits`); the objective is the same for both.
   Returns:
     (loss scalar, aux dict: per-rank `loss` (k,) (mean CE over scored examples or tokens),
     `accuracy` (k,), `log_var` (k,)).
@@ -145,7 +161,7 @@ def multi_rank_loss(
   logits = per_rank_logits(model, task, batch, ranks)  # (k, B, ..., C)
   scores = jax.vmap(lambda l: task.scores(l, batch))(logits)
   losses = scores["loss"] / scores["weight"]  # (k,)
-  rank_values = jnp.asarray(ranks, jnp.int32)
+  rank_values = jnp.asarray(ranks.ranks if isinstance(ranks, BucketPlan) else ranks, jnp.int32)
   log_var = rank_weights(rank_values)  # (k,)
   anchor = jnp.argmax(rank_values)
   if objective.weighting == "anchor":

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import math
 
 import ml_collections
 import numpy as np
+
+from nsn_jax import config as config_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +102,82 @@ class AnchorAndVariants:
 
 RankSource = FixedRanks | AnchorAndVariants
 
+# The automatic plan's cost of one bucket beyond its rank-width units (|bucket| × width): the
+# fixed work of one more vmapped pass, measured on the demo MLP (docs/benchmarks.md, train).
+BUCKET_OVERHEAD = 8
+MAX_BUCKETS = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketPlan:
+  """How a fixed rank set runs as buckets of similar ranks (`train.multi_rank`).
+
+  ranks: the set in step order (the order of the per-rank metrics). buckets: the ranks grouped,
+  each bucket in descending order; a bucket runs at the static width of its largest rank,
+  vmapped over its ranks as prefix masks within that width (`layers.WidthRank`), and a one-rank
+  bucket is a plain static slice. Cost in rank-width units: Σ_b |b| · max(b), against Σ r for
+  one static pass per rank and k · R for the masked vmap over the full width.
+  """
+
+  ranks: tuple[int, ...]
+  buckets: tuple[tuple[int, ...], ...]
+
+  def __post_init__(self):
+    grouped = [r for bucket in self.buckets for r in bucket]
+    if sorted(grouped) != sorted(self.ranks) or len(set(self.ranks)) != len(self.ranks):
+      raise ValueError(f"buckets {self.buckets} do not group the distinct ranks {self.ranks}.")
+    if any(list(bucket) != sorted(bucket, reverse=True) for bucket in self.buckets):
+      raise ValueError(f"each bucket must list its ranks in descending order: {self.buckets}.")
+
+  @classmethod
+  def singletons(cls, ranks: Sequence[int]) -> BucketPlan:
+    """One rank per bucket: a static slice per rank (`loop_static`)."""
+    ranks = tuple(int(r) for r in ranks)
+    return cls(ranks, tuple((r,) for r in ranks))
+
+  @classmethod
+  def auto(
+    cls, ranks: Sequence[int], overhead: float = BUCKET_OVERHEAD, max_buckets: int = MAX_BUCKETS
+  ) -> BucketPlan:
+    """The plan of at most `max_buckets` runs of the sorted ranks minimising
+    Σ_b (|b| · max(b) + overhead); a pure function of its arguments (ties: fewer buckets)."""
+    ranks = tuple(int(r) for r in ranks)
+    if not ranks:
+      raise ValueError("a bucket plan needs at least one rank.")
+    desc = sorted(ranks, reverse=True)
+    k, limit = len(desc), min(max_buckets, len(desc))
+    # best[m][j]: (cost, start of the last bucket) of the first j sorted ranks in m buckets.
+    best = [[(math.inf, 0)] * (k + 1) for _ in range(limit + 1)]
+    best[0][0] = (0.0, 0)
+    for m in range(1, limit + 1):
+      for j in range(1, k + 1):
+        best[m][j] = min((best[m - 1][i][0] + (j - i) * desc[i] + overhead, i) for i in range(j))
+    count = min(range(1, limit + 1), key=lambda m: (best[m][k][0], m))
+    cuts, j = [], k
+    for m in range(count, 0, -1):
+      i = best[m][j][1]
+      cuts.append(tuple(desc[i:j]))
+      j = i
+    return cls(ranks, tuple(reversed(cuts)))
+
+  def width_units(self) -> int:
+    """Σ_b |b| · max(b): the bucketed step's NSN-layer work, in units of one rank's pass."""
+    return sum(len(bucket) * bucket[0] for bucket in self.buckets)
+
+  def order(self) -> tuple[int, ...]:
+    """For each rank of `ranks`, its row in the buckets' outputs stacked in bucket order."""
+    row = {r: i for i, r in enumerate(r for bucket in self.buckets for r in bucket)}
+    return tuple(row[r] for r in self.ranks)
+
+  def describe(self, max_rank: int) -> str:
+    """One line: the buckets and their work against Σ r, beside the masked vmap's k · R."""
+    shown = " ".join(f"[{','.join(map(str, bucket))}]" for bucket in self.buckets)
+    total = sum(self.ranks)
+    return (
+      f"multi-rank buckets: {shown} — {self.width_units() / total:.2f}× Σr rank-width units "
+      f"vs {len(self.ranks) * max_rank / total:.2f}× for vmap_masked"
+    )
+
 
 def _check_ranks(ranks: Sequence[int], max_rank: int, name: str) -> None:
   bad = [r for r in ranks if not isinstance(r, (int, np.integer)) or not 1 <= r <= max_rank]
@@ -112,23 +191,19 @@ def held_out_ranks(source: RankSource) -> tuple[int, ...]:
   return tuple(r for r in range(1, source.max_rank + 1) if r not in trained)
 
 
-def rank_source_from_config(
-  config: ml_collections.ConfigDict, max_rank: int, total_steps: int, seed: int
-) -> RankSource:
-  """Builds the source `config.ranks` names: kind = 'fixed' or 'anchor_variants'."""
-  kind = config.kind
-  if kind == "fixed":
-    return FixedRanks(tuple(int(r) for r in config.fixed), max_rank)
-  if kind == "anchor_variants":
-    return AnchorAndVariants(
-      max_rank=max_rank,
-      min_rank=config.min_rank,
-      num_variants=config.num_variants,
-      curriculum=config.curriculum,
-      warmup_fraction=config.warmup_fraction,
-      total_steps=total_steps,
-      num_stages=config.num_stages,
-      held_out=tuple(int(r) for r in config.held_out),
-      seed=seed,
-    )
-  raise ValueError(f"ranks.kind must be 'fixed' or 'anchor_variants', got {kind!r}.")
+def rank_source_from_config(config: ml_collections.ConfigDict) -> RankSource:
+  """The source a validated config's `ranks` section names (kind fixed or anchor_variants)."""
+  ranks, max_rank = config.ranks, config.model.max_rank
+  if ranks.kind == "fixed":
+    return FixedRanks(config_lib.fixed_ranks(config), max_rank)
+  return AnchorAndVariants(
+    max_rank=max_rank,
+    min_rank=ranks.min_rank,
+    num_variants=ranks.num_variants,
+    curriculum=ranks.curriculum,
+    warmup_fraction=ranks.warmup_fraction,
+    total_steps=config.train.steps,
+    num_stages=ranks.num_stages,
+    held_out=tuple(int(r) for r in ranks.held_out),
+    seed=config.seed,
+  )

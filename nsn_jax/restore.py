@@ -65,7 +65,7 @@ def restore_model(
   try:
     metadata = checkpoints.metadata(step)
     config = config_lib.from_json(metadata["config"])
-    config_lib.validate(config)
+    config_lib.validate(config, restoring=True)
     deployed = [DeployedLayer(**entry) for entry in metadata.get("deployed", [])]
     model = nnx.eval_shape(
       lambda: empty_like(build_model(config, seed=config.seed, pretrained=False), deployed)

@@ -25,7 +25,9 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
-AXES = ("data", "fsdp", "tensor")
+from nsn_jax.config import MESH_AXES
+
+AXES = MESH_AXES
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
 # (path regex, spec). Paths end with the parameter name; optimizer moments share the same path

@@ -12,20 +12,23 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 import csv
 import dataclasses
+import io
 import json
 import math
-import os
 
+from etils import epath
 from flax import nnx
 import jax
 
+from nsn_jax import config as config_lib
 from nsn_jax import flops
 from nsn_jax import profiles as flexrank_profiles
 from nsn_jax.build import mismatches, text_encoder
+from nsn_jax.config import ConfigError
 from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.layers import nsn_layers
-from nsn_jax.restore import Restored, restore_model
+from nsn_jax.restore import Restored, checkpoint_directory, restore_model
 from nsn_jax.tasks import get_task
 
 
@@ -53,45 +56,50 @@ class SweepRow:
 
   @property
   def key(self) -> tuple:
-    """What a row is of: a later sweep's row with the same key replaces it."""
-    return (self.model, self.rank, self.profile_ranks)
+    """What a row is of: a later sweep's row with the same key replaces it (a profile is known
+    by its budget: two budgets' profiles may share a rank summary)."""
+    return (self.model, self.rank, self.budget if self.profile_ranks else None)
 
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(SweepRow))
 
 
-def parse_ranks(spec: str, max_rank: int) -> list[int]:
+def parse_ranks(spec: str, max_rank: int | None) -> list[int]:
   """'all' → 1..R; 'every:N' → N, 2N, … plus 1 and R; '1,2,4' → those; 'none' → [] (e.g. only
-  profiles). Raises on bad ranks."""
+  profiles). Raises ConfigError on a bad spec or ranks outside 1..R. `max_rank` None checks the
+  syntax alone, before R is known (and returns [])."""
   spec = spec.strip()
-  if spec == "none":
-    return []
-  if spec == "all":
-    return list(range(1, max_rank + 1))
+  syntax = "all | every:N | none | a list like 1,2,4"
   try:
+    if spec in ("all", "none"):
+      return list(range(1, max_rank + 1)) if spec == "all" and max_rank else []
     if spec.startswith("every:"):
       step = int(spec.split(":", 1)[1])
       if step < 1:
         raise ValueError
-      return sorted({1, max_rank, *range(step, max_rank + 1, step)})
+      return [] if max_rank is None else sorted({1, max_rank, *range(step, max_rank + 1, step)})
     ranks = sorted({int(r) for r in spec.split(",") if r.strip()})
   except ValueError:
-    raise ValueError(
-      f"--ranks={spec!r} is not 'all', 'every:N', 'none' or a list like '1,2,4'."
-    ) from None
-  bad = [r for r in ranks if not 1 <= r <= max_rank]
-  if bad or not ranks:
-    raise ValueError(f"--ranks={spec!r}: ranks {bad} are outside this model's range 1..{max_rank}.")
-  return ranks
+    raise ConfigError("--ranks", spec, syntax) from None
+  if not ranks:
+    raise ConfigError("--ranks", spec, syntax)
+  bad = [r for r in ranks if max_rank is not None and not 1 <= r <= max_rank]
+  if bad:
+    raise ConfigError(
+      "--ranks", spec, f"ranks in this model's range 1..{max_rank}", f"ranks {bad} are outside"
+    )
+  return [] if max_rank is None else ranks
 
 
-def check_budgets(budgets: Sequence[float]) -> None:
-  """Raises ValueError unless every budget is a fraction in (0, 1]."""
+def check_budgets(budgets: Sequence[float], flag: str = "--budgets") -> None:
+  """Raises ConfigError naming `flag` unless every budget is a fraction in (0, 1]."""
   bad = [b for b in budgets if not 0 < b <= 1]
   if bad:
-    raise ValueError(
-      f"--budgets={','.join(map(str, budgets))}: {bad} are not fractions; valid: "
-      "numbers in (0, 1], e.g. 0.25,0.5"
+    raise ConfigError(
+      flag,
+      ",".join(f"{b:g}" for b in budgets),
+      "numbers in (0, 1], e.g. 0.25,0.5",
+      f"{bad} are not fractions",
     )
 
 
@@ -108,7 +116,7 @@ class _Rows:
   ):
     self.model, self.arrays, self.budgets = restored.model, arrays, budgets
     self.config = restored.config
-    self.seq_len = self.config.data.seq_len if self.config.task != "image_classification" else None
+    self.seq_len = config_lib.seq_len(self.config)
     self.task = get_task(self.config.task)
     self.trained = set(restored.metadata.get("trained_ranks", []))
     self.evaluator = RankEvaluator(nnx.graphdef(self.model), batch_size, self.task)
@@ -191,7 +199,10 @@ def run_sweep(
   """
   check_budgets(budgets)
   if batch_size is not None and batch_size < 1:
-    raise ValueError(f"--batch_size={batch_size}: valid: an integer ≥ 1 (or unset: the config's)")
+    raise ConfigError("--batch_size", batch_size, "an integer ≥ 1 (or unset: the config's)")
+  parse_ranks(ranks_spec, max_rank=None)  # the syntax, before anything is read
+  for reference in references:  # a missing reference fails now, not after the sweep
+    checkpoint_directory(reference)
   restored = restore_model(workdir, step=step)
   model, config = restored.model, restored.config
   ranks, budget_of = _requested_ranks(restored, ranks_spec, budgets, budget_reference)
@@ -213,7 +224,7 @@ def run_sweep(
   rows += own.profile_rows("flexrank", saved, _distilled(restored.metadata), verbose)
   for reference in references:
     rows += _reference_rows(reference, restored, arrays, batch_size, verbose)
-  out = out or os.path.join(workdir, "eval", f"step_{restored.step}")
+  out = out or str(epath.Path(workdir) / "eval" / f"step_{restored.step}")
   merged = write_outputs(rows, out, f"{workdir} (step {restored.step})", budget_reference)
   if verbose:
     print(format_table(merged))
@@ -237,7 +248,7 @@ def _requested_ranks(restored: Restored, spec: str, budgets, reference: str):
         "(the model as it is) and no --budgets"
       )
     return ([None] if spec == "all" else []), {}
-  seq_len = config.data.seq_len if config.task != "image_classification" else None
+  seq_len = config_lib.seq_len(config)
   ranks = parse_ranks(spec, flops.max_rank(model))
   budget_of = {}
   for budget in budgets:
@@ -320,8 +331,9 @@ def write_outputs(
   """Merges `rows` into `directory`'s sweep (a row of the same model and rank is replaced) and
   writes sweep.json, sweep.csv and frontier.png there (process 0 only); returns the merged rows,
   ordered by model then FLOPs."""
-  path = os.path.join(directory, "sweep.json")
-  merged = {row.key: row for row in read_rows(path)} if os.path.exists(path) else {}
+  directory = epath.Path(directory)  # local or gs://
+  path = directory / "sweep.json"
+  merged = {row.key: row for row in read_rows(path)} if path.exists() else {}
   merged.update({row.key: row for row in rows})
   order = list(dict.fromkeys(row.model for row in rows))  # this sweep's models first
   merged = sorted(
@@ -330,81 +342,91 @@ def write_outputs(
   )
   if jax.process_index() != 0:
     return merged
-  os.makedirs(directory, exist_ok=True)
+  directory.mkdir(parents=True, exist_ok=True)
   records = [dataclasses.asdict(row) for row in merged]
-  with open(path + ".tmp", "w") as f:
-    json.dump(records, f, indent=1)
-  os.replace(path + ".tmp", path)  # a reader never sees half a file
-  with open(os.path.join(directory, "sweep.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(records)
-  plot_frontier(merged, os.path.join(directory, "frontier.png"), title, budget_reference)
+  table = io.StringIO()
+  writer = csv.DictWriter(table, fieldnames=COLUMNS)
+  writer.writeheader()
+  writer.writerows(records)
+  (directory / "sweep.csv").write_text(table.getvalue())
+  (directory / "frontier.png").write_bytes(plot_frontier(merged, title, budget_reference))
+  (directory / "sweep.json").write_text(json.dumps(records, indent=1))  # last: the merge source
   return merged
 
 
-def read_rows(path: str) -> list[SweepRow]:
-  """The rows of a sweep.json."""
-  with open(path) as f:
-    return [SweepRow(**record) for record in json.load(f)]
+def read_rows(path: str | epath.Path) -> list[SweepRow]:
+  """The rows of a sweep.json. Raises ValueError naming the file if it is not one."""
+  try:
+    return [SweepRow(**record) for record in json.loads(epath.Path(path).read_text())]
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+      f"{path} is not a sweep.json this version reads ({e}); use another --out"
+    ) from None
 
 
-def plot_frontier(rows: Sequence[SweepRow], path: str, title: str, budget_reference: str) -> None:
-  """Accuracy against FLOPs (fraction of the dense model); trained ranks filled, held-out hollow."""
+def plot_frontier(rows: Sequence[SweepRow], title: str, budget_reference: str) -> bytes:
+  """Accuracy against FLOPs (fraction of the dense model) as PNG bytes: references as lines,
+  FlexRank profiles as diamonds, NSN ranks as points (trained filled, held-out hollow)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
+  _plot_references(ax, rows)
+  _plot_nsn(ax, [r for r in rows if r.model == "nsn"], budget_reference)
+  ax.set_xlabel("forward FLOPs, fraction of the dense model")
+  ax.set_ylabel("accuracy")
+  ax.set_title(f"compute–accuracy frontier: {title}", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower right")
+  fig.tight_layout()
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=120)
+  plt.close(fig)
+  return png.getvalue()
+
+
+def _plot_references(ax, rows: Sequence[SweepRow]) -> None:
+  """Dense models and exports as horizontal lines; each FlexRank run's profiles as a line."""
   for i, r in enumerate(r for r in rows if r.model.startswith(("dense", "export"))):
-    ax.axhline(
-      r.accuracy,
-      color=f"C{i + 3}",
-      linestyle="--",
-      linewidth=1,
-      label=f"{r.model} ({r.accuracy:.3f})",
-    )
+    label = f"{r.model} ({r.accuracy:.3f})"
+    ax.axhline(r.accuracy, color=f"C{i + 3}", linestyle="--", linewidth=1, label=label)
   runs = dict.fromkeys(r.model for r in rows if r.model.startswith("flexrank"))
   for color, run in zip(("C2", "C5", "C6", "C7"), runs):
     flex = [r for r in rows if r.model == run]
     distilled = flex[0].trained
-    label = (
-      "FlexRank profile" + run.removeprefix("flexrank") + ("" if distilled else " (not distilled)")
+    label = f"FlexRank profile{run.removeprefix('flexrank')}" + (
+      "" if distilled else " (not distilled)"
     )
-    ax.plot(
-      [r.flops_frac_dense for r in flex],
-      [r.accuracy for r in flex],
-      "D-" if distilled else "D--",
-      color=color,
-      mfc=None if distilled else "none",
-      zorder=2,
-      label=label,
-    )
-  rows = [r for r in rows if r.model == "nsn"]
-  x = [r.flops_frac_dense for r in rows]
-  ax.plot(x, [r.accuracy for r in rows], "-", color="0.7", zorder=1)
+    x, y = [r.flops_frac_dense for r in flex], [r.accuracy for r in flex]
+    style = dict(color=color, mfc=None if distilled else "none", zorder=2, label=label)
+    ax.plot(x, y, "D-" if distilled else "D--", **style)
+
+
+def _plot_nsn(ax, rows: Sequence[SweepRow], budget_reference: str) -> None:
+  """The nested model's ranks, the budgets they serve marked, the end ranks labelled."""
+  ax.plot([r.flops_frac_dense for r in rows], [r.accuracy for r in rows], "-", color="0.7")
   for trained, style in (
     (True, dict(color="C0", label="trained rank")),
     (False, dict(facecolors="none", edgecolors="C1", label="held-out rank (never trained)")),
   ):
     points = [r for r in rows if r.trained == trained]
     if points:
-      ax.scatter(
-        [r.flops_frac_dense for r in points], [r.accuracy for r in points], zorder=2, **style
-      )
-  for r in rows:
-    if r.budget is not None:
-      ax.axvline(r.flops_frac_dense, color="0.5", linestyle=":", linewidth=1)
-      ax.annotate(
-        f"budget {r.budget:g} of {budget_reference} → r={r.rank}",
-        (r.flops_frac_dense, 0.25),
-        xycoords=("data", "axes fraction"),
-        rotation=90,
-        fontsize=7,
-        xytext=(-9, 0),
-        textcoords="offset points",
-      )
+      x, y = [r.flops_frac_dense for r in points], [r.accuracy for r in points]
+      ax.scatter(x, y, zorder=2, **style)
+  for r in (r for r in rows if r.budget is not None):
+    ax.axvline(r.flops_frac_dense, color="0.5", linestyle=":", linewidth=1)
+    label = f"budget {r.budget:g} of {budget_reference} → r={r.rank}"
+    ax.annotate(
+      label,
+      (r.flops_frac_dense, 0.25),
+      xycoords=("data", "axes fraction"),
+      rotation=90,
+      fontsize=7,
+      xytext=(-9, 0),
+      textcoords="offset points",
+    )
   for r in rows[:1] + rows[-1:]:
     ax.annotate(
       f"r={r.rank}",
@@ -413,11 +435,3 @@ def plot_frontier(rows: Sequence[SweepRow], path: str, title: str, budget_refere
       xytext=(4, -10),
       fontsize=8,
     )
-  ax.set_xlabel("forward FLOPs, fraction of the dense model")
-  ax.set_ylabel("accuracy")
-  ax.set_title(f"compute–accuracy frontier: {title}", fontsize=9)
-  ax.grid(alpha=0.3)
-  ax.legend(loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)

@@ -12,16 +12,20 @@ import contextlib
 import json
 import logging
 import signal
+import threading
+from typing import Any
 
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 import nsn_jax
 from nsn_jax import config as config_lib
 from nsn_jax import profiles, sharding
-from nsn_jax.build import build_pretrained, check_rank_fits, text_encoder
+from nsn_jax.build import build_pretrained, check_model_fits, text_encoder
 from nsn_jax.checkpoint import Checkpoints, abstract_tree, param_shapes
 from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
@@ -47,7 +51,8 @@ def train_and_evaluate(
 
   Writes workdir/checkpoints (orbax; local or gs://) and metrics_dir/metrics.jsonl and
   metrics_dir/tensorboard (metrics_dir defaults to the workdir and must be local). The config
-  is validated before any data or weights are read; one run at a time holds the metrics_dir.
+  is validated before any data or weights are read; one run at a time holds the workdir.
+  Raises StoppedEarly after saving when a stop was requested (SIGTERM, Ctrl-C).
   """
   metrics_dir = metrics_dir or workdir
   if "://" in metrics_dir:
@@ -58,31 +63,26 @@ def train_and_evaluate(
       "metrics are local files",
     )
   config_lib.validate(config, jax.device_count())
-  check_rank_fits(config)
-  lock = WorkdirLock(metrics_dir) if jax.process_index() == 0 else contextlib.nullcontext()
-  with lock:
+  check_model_fits(config)
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:  # only process 0 writes metrics and decides quarantine
+      for directory in dict.fromkeys(d for d in (workdir, metrics_dir) if "://" not in d):
+        stack.enter_context(WorkdirLock(directory))
     # ----- Mesh, then input: this process's slice of each global batch (replays on resume).
     mesh = sharding.make_mesh(config.mesh)
-    task = get_task(config.task)
-    encoder = text_encoder(config)
-    train_batches = pipeline.train_batches(
-      config.data,
-      config.train.batch_size,
-      config.seed,
-      jax.process_index(),
-      jax.process_count(),
-      encoder,
-    )
-    eval_arrays = pipeline.load_split(config.data, config.data.eval_split, encoder)
+    task, train_batches, eval_arrays = _input(config)
 
     # ----- Model (pretrained + surgery, or from scratch), method, and the sharded state.
     pretrained_model, method = _model_and_method(config, task, train_batches)
+    if line := method.start_line():
+      say(line)
     graphdef, state, state_sharding = create_train_state(config, mesh, pretrained_model)
     model = nnx.merge(graphdef, state).model
 
     # ----- Resume order: the workdir's newest good checkpoint (bad ones are moved aside to
     # workdir/quarantine), else from scratch (or the pretrained weights just loaded).
     checkpoints = Checkpoints(f"{workdir}/checkpoints", config.train.max_to_keep, writable=True)
+    stack.callback(checkpoints.close)
     start_step = _resume(checkpoints, state, method)
 
     # ----- The update step: jitted once, state donated, shardings bound here.
@@ -102,17 +102,23 @@ def train_and_evaluate(
       }
 
     def save(step: int, state) -> None:
-      metadata = checkpoint_metadata(config, model, method, step)
-      checkpoints.save(step, *split_for_checkpoint(state), metadata)
+      checkpoints.save(
+        step, *split_for_checkpoint(state), checkpoint_metadata(config, model, method, step)
+      )
 
-    writer = MetricWriter(metrics_dir, start_step)
-    try:
-      batches = pipeline.iterate(train_batches, start_step)
-      inputs = (step_fn, batches, batch_sharding, extra)
-      return _loop(config, method, state, start_step, inputs, evaluate, save, writer)
-    finally:
-      writer.close()
-      checkpoints.close()
+    writer = stack.enter_context(contextlib.closing(MetricWriter(metrics_dir, start_step)))
+    inputs = (step_fn, pipeline.iterate(train_batches, start_step), batch_sharding, extra)
+    return _loop(config, method, state, start_step, inputs, evaluate, save, writer)
+
+
+def _input(config) -> tuple[Task, Any, dict]:
+  """(task, this process's training batches by step, the eval split's arrays)."""
+  task, encoder = get_task(config.task), text_encoder(config)
+  process, processes = jax.process_index(), jax.process_count()
+  batches = pipeline.train_batches(
+    config.data, config.train.batch_size, config.seed, process, processes, encoder
+  )
+  return task, batches, pipeline.load_split(config.data, config.data.eval_split, encoder)
 
 
 def _model_and_method(config, task: Task, train_batches) -> tuple[nnx.Module | None, Method]:
@@ -187,15 +193,21 @@ def checkpoint_metadata(config, model: nnx.Module, method: Method, step: int) ->
   }
 
 
+class StoppedEarly(Exception):
+  """A run stopped on request (SIGTERM, Ctrl-C) after saving; re-running resumes it."""
+
+
 class _StopFlag:
-  """Set by SIGTERM (preemption) or a first Ctrl-C: the loop saves and returns at the next step.
-  A second Ctrl-C interrupts at once."""
+  """Set by SIGTERM (preemption) or a first Ctrl-C: the loop saves and stops. A second Ctrl-C
+  interrupts at once."""
 
   def __init__(self):
     self.requested = False
-    self._previous = {
-      sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
-    }
+    # Signal handlers can only be installed from the main thread; elsewhere (a notebook's
+    # worker thread) the caller keeps its own handling.
+    main = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGTERM, signal.SIGINT) if main else ()
+    self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
   def _handle(self, signum, frame):
     del frame
@@ -205,6 +217,16 @@ class _StopFlag:
       "%s: saving a checkpoint and stopping (Ctrl-C again to abort).", signal.Signals(signum).name
     )
     self.requested = True
+
+  def agreed(self, step: int, every: int) -> bool:
+    """Whether every process stops after `step`. A signal reaches hosts at different steps and a
+    save is collective, so several processes compare flags every `every` steps and all stop at
+    the first such step where any was signalled."""
+    if jax.process_count() == 1:
+      return self.requested
+    if step % every:
+      return False
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
   def restore(self):
     for sig, handler in self._previous.items():
@@ -219,18 +241,24 @@ def _loop(
   Step t is dispatched before step t−1's metrics are fetched, so the host never stalls the
   device; the fetched `finite` flag stops a diverged run before anything non-finite is saved.
   """
+  if start_step >= config.train.steps:  # already trained: evaluate, log nothing twice
+    say(f"step {start_step} reached train.steps={config.train.steps}: nothing to train")
+    return evaluate(state)
   step_fn, batches, batch_sharding, extra = inputs
   progress = Progress(config.train.steps, start_step)
   stop = _StopFlag()
-  pending, step, saved_step = None, start_step, start_step
+  pending, saved_step = None, start_step
 
-  def settle(pending, force=False) -> None:
-    done, step_inputs, metrics = pending
+  def settle(force=False) -> None:
+    """Fetches the pending step's metrics: refuses non-finite ones, logs on log steps."""
+    nonlocal pending
+    (done, step_inputs, metrics), pending = pending, None
     metrics = jax.device_get(metrics)
     if not metrics["finite"]:
+      last = f"is step {saved_step}" if saved_step else "does not exist yet"
       raise FloatingPointError(
-        f"step {done}: the loss or the parameters are NaN/inf; the last checkpoint is step "
-        f"{saved_step} and nothing later was saved. Lower optimizer.learning_rate or raise "
+        f"step {done}: the loss or the parameters are NaN/inf; the last checkpoint {last} and "
+        "nothing later was saved. Lower optimizer.learning_rate or raise "
         "optimizer.warmup_steps, then re-run (it resumes from that checkpoint)."
       )
     if force or done % config.train.log_every == 0:
@@ -240,30 +268,26 @@ def _loop(
 
   try:
     for step in range(start_step + 1, config.train.steps + 1):
-      batch = {
-        k: jax.make_array_from_process_local_data(batch_sharding, v)
-        for k, v in next(batches).items()
-      }
+      local = next(batches)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k]) for k in local}
       step_inputs = method.step_inputs(step)
       state, metrics = step_fn(state, batch, jnp.asarray(step_inputs), extra)
       if pending is not None:
-        settle(pending)
+        settle()
       pending = (step, step_inputs, metrics)
-      if stop.requested or step % config.train.checkpoint_every == 0:
-        settle(pending, force=stop.requested)  # a save waits for this step: check it first
-        pending = None
+      stopping = stop.agreed(step, config.train.log_every)
+      if stopping or step % config.train.checkpoint_every == 0 or step == config.train.steps:
+        settle(force=stopping or step == config.train.steps)  # check it before it is saved
         save(step, state)
         saved_step = step
-      if stop.requested:
-        return {}
+      if stopping:
+        raise StoppedEarly(f"stopped at step {step} on request, saved; re-run to resume.")
       if step % config.eval.every == 0 and step != config.train.steps:
+        if pending is not None:
+          settle()  # a NaN here is reported as divergence, naming the last checkpoint
         writer.write(step, evaluate(state))
-    if pending is not None:
-      settle(pending, force=True)
-    if step != saved_step:
-      save(step, state)
     final = evaluate(state)
-    writer.write(step, final)
+    writer.write(config.train.steps, final)
     return final
   finally:
     stop.restore()

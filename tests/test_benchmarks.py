@@ -104,26 +104,24 @@ def test_model_rows_per_rank_and_batch(report):
     _assert_flops_explained(row, 16, 16 * elements, 16 * 8 * elements)
 
 
-def test_train_rows_per_model_strategy_and_rank_count(report):
+def test_train_rows_per_model_strategy_and_rank_set(report):
   rows = report["suites"]["train"]["rows"]
-  assert {(row["model"], row["strategy"], row["k"]) for row in rows} == {
-    (model, strategy, k)
-    for model in ("mlp", "mlp_wide")
-    for strategy, k in (
-      ("vmap_masked", 1),
-      ("vmap_masked", 2),
-      ("vmap_masked", 4),
-      ("loop_static", 1),
-      ("loop_static", 2),
-      ("loop_static", 4),
-      ("single_static", 1),
-    )
-  }
+  multi = ("vmap_masked", "loop_static", "bucketed")
+  halvings = {"mlp": 8, "mlp_wide": 32}  # the anchor R leads, then R/2, R/4
+  assert sorted((row["model"], row["strategy"], tuple(row["ranks"])) for row in rows) == sorted(
+    [(model, "single_static", (r,)) for model, r in halvings.items()]
+    + [
+      (model, strategy, tuple(r // 2**i for i in range(k)))
+      for model, r in halvings.items()
+      for strategy in multi
+      for k in (1, 2, 4)
+    ]
+    + [("mlp", strategy, (8, 4, 2)) for strategy in multi]  # the smoke config's own set
+  )
   for row in rows:
     assert _positive(row["steps_per_s"]) and _positive(row["program_bytes"]), row
-    anchor = {"mlp": 8, "mlp_wide": 32}[row["model"]]
-    assert row["ranks"] == [anchor // 2**i for i in range(row["k"])]  # the anchor leads
-    assert row["memory_source"]
+    assert row["batch"] == 32 and row["memory_source"]
+    assert (row["buckets"] is None) == (row["strategy"] != "bucketed"), row
 
 
 def test_compile_warm_run_reads_every_rank_from_disk(report):

@@ -228,7 +228,7 @@ def test_wrong_model_raises_and_moves_nothing(tmp_path):
   with pytest.raises(
     CheckpointError,
     match=r"(?s)another model.*hidden/0/a: checkpoint "
-    r"\[32, 32\] vs model \[16, 32\]",
+    r"\[32, 32\] vs now \[16, 32\]",
   ):
     _restore(directory, writable=True, params_like=_trees(0, width=16)[0])
   # An exported checkpoint (no training state) asked for one: also not a corrupt step.

@@ -9,7 +9,7 @@ import pytest
 
 from configs import cifar10_mlp, default, minilm_genre, smollm2_genre, smollm2_lm
 from nsn_jax import config as config_lib
-from nsn_jax.build import check_rank_fits
+from nsn_jax.build import check_model_fits
 from nsn_jax.config import ConfigError, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,12 +20,28 @@ MLP_CASES = [
   ({"model.max_rank": 0}, r"model.max_rank=0: valid: 1..32"),
   ({"model.max_rank": 4}, r"ranks.fixed=\(8, 4, 2\): \[8\] out of range; valid: .*1..4"),
   ({"model.max_rank": 4, "ranks.fixed": (4, 2)}, r"eval.ranks=\(8, 2\): \[8\] out of range"),
-  ({"ranks.fixed": ()}, r"ranks.fixed=\(\): valid: a tuple of distinct integers in 1..8"),
+  ({"model.max_rank": 4, "ranks.fixed": ()}, r"eval.ranks=\(8, 2\): \[8\] out of range"),
+  ({"ranks.kind": "anchor_variants", "ranks.min_rank": 8}, r"ranks.min_rank=8: valid: 1..7"),
+  (
+    {"ranks.kind": "anchor_variants", "ranks.min_rank": 4, "ranks.held_out": (2, 5)},
+    r"ranks.held_out=\(2, 5\): \[2\] are below ranks.min_rank: never drawn anyway",
+  ),
+  ({"model.dense": True}, r"eval.ranks=\(8, 2\): a dense model is evaluated as itself"),
+  (
+    {"model.dense": True, "eval.ranks": (), "train.multi_rank": "bogus"},
+    r"train.multi_rank='bogus'",
+  ),
+  ({"data.train_split": ""}, r"data.train_split='': valid: a TFDS name"),
+  ({"data.eval_split": ""}, r"data.eval_split='': valid: a TFDS name"),
+  ({"seed": 2**63}, r"seed=9223372036854775808: valid: 0..2147483647"),
+  ({"sharding.rules": (("a$", ("fsdp", "model")),)}, r"unknown axes \['model'\]"),
+  ({"sharding.rules": (("a$",),)}, r"sharding.rules=.*valid: \(path regex, \(axis"),
+  ({"flexrank.probabilities": (1.0,)}, r"flexrank.probabilities=\(1.0,\): only distillation"),
   ({"ranks.fixed": (8, 8)}, r"ranks.fixed=\(8, 8\): repeated ranks"),
   ({"ranks.fixed": (8, 2.5)}, r"ranks.fixed=\(8, 2.5\): \[2.5\] out of range"),
   ({"ranks.held_out": (3,)}, r"ranks.held_out=\(3,\): with fixed ranks every rank not in "),
   ({"ranks.kind": "sampled"}, r"ranks.kind='sampled': valid: fixed \| anchor_variants"),
-  ({"ranks.kind": "anchor_variants", "ranks.min_rank": 9}, r"ranks.min_rank=9: valid: 1..8"),
+  ({"ranks.kind": "anchor_variants", "ranks.min_rank": 9}, r"ranks.min_rank=9: valid: 1..7"),
   (
     {"ranks.kind": "anchor_variants", "ranks.held_out": (8,)},
     r"ranks.held_out=\(8,\): \[8\] out of range; valid: .*1..7 \(R=8 is the anchor\)",
@@ -44,6 +60,10 @@ MLP_CASES = [
     {"ranks.kind": "anchor_variants", "train.multi_rank": "loop_static"},
     r"train.multi_rank='loop_static'.*anchor_variants",
   ),
+  (
+    {"ranks.kind": "anchor_variants", "train.multi_rank": "bucketed"},
+    r"train.multi_rank='bucketed': drawn ranks are data.*valid: vmap_masked with ranks.kind=anch",
+  ),
   ({"eval.ranks": (64, 16)}, r"eval.ranks=\(64, 16\): \[64, 16\] out of range; valid: .*1..8"),
   ({"eval.batch_size": 0}, r"eval.batch_size=0: valid: an integer ≥ 1"),
   ({"eval.every": 0}, r"eval.every=0: valid: an integer ≥ 1"),
@@ -54,7 +74,10 @@ MLP_CASES = [
   ({"train.batch_size": 0}, r"train.batch_size=0: valid: an integer ≥ 1"),
   ({"train.trainable": ()}, r"train.trainable=\(\): valid: a tuple of path regexes"),
   ({"train.trainable": ("(",)}, r"train.trainable='\(': .*valid: Python regular expressions"),
-  ({"train.multi_rank": "fused"}, r"train.multi_rank='fused': valid: vmap_masked \| loop_static"),
+  (
+    {"train.multi_rank": "fused"},
+    r"train.multi_rank='fused': valid: vmap_masked \| loop_static \| bucketed",
+  ),
   ({"optimizer.learning_rate": -1e-3}, r"optimizer.learning_rate=-0.001: valid: a number in \(0"),
   ({"optimizer.learning_rate": float("nan")}, r"optimizer.learning_rate=nan"),
   ({"optimizer.weight_decay": -0.1}, r"optimizer.weight_decay=-0.1: valid: a number in \[0"),
@@ -73,10 +96,10 @@ MLP_CASES = [
   ({"model.init_from": "runs/x"}, r"model.init_from='runs/x': only pretrained models read"),
   ({"task": "segmentation"}, r"task='segmentation': valid: image_classification"),
   ({"task": "text_classification"}, r"task='text_classification': valid: image_classif"),
-  ({"data.name": ""}, r"data.name='': valid: a TFDS dataset name"),
+  ({"data.name": ""}, r"data.name='': valid: a TFDS name, e.g. mnist5k"),
   ({"data.image_shape": (28, 0, 1)}, r"data.image_shape=\(28, 0, 1\): valid: positive sizes"),
   ({"data.num_classes": 1}, r"data.num_classes=1: valid: 2..inf|data.num_classes=1: valid: an"),
-  ({"seed": -1}, r"seed=-1: valid: an integer ≥ 0"),
+  ({"seed": -1}, r"seed=-1: valid: 0..2147483647"),
   ({"mesh.data": 3}, r"mesh=.*'data': 3.*product divides the 8 devices"),
   ({"mesh.data": 0}, r"mesh.data=0: valid: a positive device count, or -1"),
   ({"mesh.data": -1, "mesh.fsdp": -1}, r"mesh=.*at most one axis of -1"),
@@ -150,16 +173,23 @@ PRETRAINED_CASES = [
     r"model.init_from='': distilling a classifier needs a fine-tuned teacher",
   ),
   (
-    {"flexrank.budgets": (0.5, 0.6), "flexrank.probabilities": (1.0,)},
+    {
+      "objective.name": "flexrank_distill",
+      "flexrank.budgets": (0.5, 0.6),
+      "flexrank.probabilities": (1.0,),
+      "eval.ranks": (),
+      "model.init_from": REPO,
+    },
     r"flexrank.probabilities=\(1.0,\): valid: 2 non-negative numbers summing to 1",
   ),
-  ({"model.dense": True, "flexrank.budgets": (0.5,)}, r"flexrank.budgets=\(0.5,\)"),
+  ({"train.trainable": ("nothing",)}, r"train.trainable=\('nothing',\): matches no parameter"),
+  ({"model.dense": True, "eval.ranks": (), "flexrank.budgets": (0.5,)}, r"flexrank.budgets="),
   (
     {"objective.name": "flexrank_distill", "flexrank.budgets": (0.5,), "model.init_from": REPO},
     r"eval.ranks=\(8, 2\): distillation evaluates its profiles",
   ),
   (
-    {"model.dense": True, "objective.name": "uncertainty_ortho"},
+    {"model.dense": True, "eval.ranks": (), "objective.name": "uncertainty_ortho"},
     r"objective.name='uncertainty_ortho': a dense model trains one plain loss",
   ),
 ]
@@ -174,7 +204,7 @@ def test_bad_pretrained_config_is_one_clear_line(overrides, message, tiny_gguf):
   config = _set(smollm2_genre.get_config("smoke"), {"model.path": tiny_gguf, **overrides})
   with pytest.raises(ConfigError, match=message) as error:
     validate(config, num_devices=8)
-    check_rank_fits(config)  # the widths of the layers surgery chooses, from shapes only
+    check_model_fits(config)  # the widths of the layers surgery chooses, from shapes only
   assert "\n" not in str(error.value)
 
 
@@ -194,9 +224,11 @@ def test_old_checkpoint_configs_upgrade():
   """A config saved before R had one name (surgery.max_rank; 0 = dense) still restores."""
   saved = smollm2_genre.get_config("smoke").to_dict()
   saved["surgery"]["max_rank"] = 0
+  saved["surgery"]["rules"] = "mlp"  # a string before rules became a tuple
   del saved["model"]["dense"], saved["model"]["max_rank"]
   upgraded = config_lib.from_json(saved)
   assert upgraded.model.dense and "max_rank" not in upgraded.surgery
+  assert upgraded.surgery.rules == ("mlp",)
   saved["surgery"]["max_rank"] = 16
   upgraded = config_lib.from_json(saved)
   assert upgraded.model.max_rank == 16 and not upgraded.model.dense
@@ -259,7 +291,7 @@ def test_clis_print_one_line_and_exit_2_before_any_work(tmp_path):
     (["eval.py", f"--workdir={tmp_path}/e", "--batch_size=0"], "batch_size"),
     (
       ["-m", "nsn_jax.export", f"--workdir={tmp_path}/e", "--budget=2", f"--out={tmp_path}/x"],
-      "--budgets=2.0: [2.0] are not fractions",
+      "--budget='2': [2.0] are not fractions",
     ),
   ]
   for args, message in cases:

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from nsn_jax.checkpoint import Checkpoints
+from nsn_jax.checkpoint import CheckpointError, Checkpoints
 from nsn_jax.train_lib import train_and_evaluate
 from nsn_jax.workdir import WorkdirLockedError
 
@@ -188,3 +188,12 @@ def test_kill_9_mid_run_then_resume_finishes(data_dir, tmp_path):
   assert resumed.returncode == 0, out[-3000:]
   assert Checkpoints(str(workdir / "checkpoints")).steps()[-1] == 400
   assert _logged_steps(workdir) == list(range(1, 401))  # each step once, killed or not
+
+
+def test_resume_with_another_training_setup_is_refused_not_quarantined(trained_20, smoke_config):
+  """A changed train.trainable changes the optimizer state: refused by name, nothing moved."""
+  smoke_config.train.trainable = ("hidden",)
+  with pytest.raises(CheckpointError, match="another training state"):
+    train_and_evaluate(smoke_config, str(trained_20))
+  assert not (trained_20 / "quarantine").exists()
+  assert Checkpoints(str(trained_20 / "checkpoints")).steps() == [10, 20]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsn_jax.layers import NSNDense, NSNFactor, name_nsn_layers, svd_factors
+from nsn_jax.layers import NSNDense, NSNFactor, WidthRank, name_nsn_layers, svd_factors
 from nsn_jax.models.mlp import NSNMLP
 
 D_IN, D_OUT, R = 12, 10, 8
@@ -27,6 +27,20 @@ def test_static_and_masked_paths_agree_at_every_rank():
   x = jax.random.normal(jax.random.key(1), (5, D_IN))
   for r in range(1, R + 1):
     assert _rel_err(layer(x, rank=jnp.int32(r)), layer(x, rank=r)) <= 1e-5, r
+
+
+def test_width_rank_slices_to_its_width_then_masks():
+  """WidthRank(w, r) (a bucket's rank): the static rank r for every r ≤ w, clamped to [1, w]."""
+  layer = _layer()
+  x = jax.random.normal(jax.random.key(1), (5, D_IN))
+  for width in (3, R):
+    for r in range(1, width + 1):
+      assert _rel_err(layer(x, rank=WidthRank(width, jnp.int32(r))), layer(x, rank=r)) <= 1e-5
+  assert _rel_err(layer(x, rank=WidthRank(3, jnp.int32(7))), layer(x, rank=3)) <= 1e-5
+  with pytest.raises(ValueError, match=rf"R={R}"):
+    layer(x, rank=WidthRank(R + 1, jnp.int32(1)))
+  with pytest.raises(ValueError, match="integer"):
+    layer(x, rank=WidthRank(3, jnp.float32(2)))
 
 
 def test_static_slice_matches_materialised_kernel():

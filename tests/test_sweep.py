@@ -38,10 +38,13 @@ def test_parse_ranks():
     ("9", r"\[9\]"),
     ("every:0", "every:N"),
     ("two", "every:N"),
-    ("", "outside"),
+    ("", "every:N"),
   ):
     with pytest.raises(ValueError, match=match):
       parse_ranks(bad, 8)
+  assert parse_ranks("all", None) == [] and parse_ranks("9,10", None) == []  # syntax only
+  with pytest.raises(ValueError, match="every:N"):
+    parse_ranks("1;2", None)
 
 
 def test_fresh_process_restore_reproduces_training_outputs_at_every_rank(trained):
@@ -85,7 +88,7 @@ def test_sweep_rows_and_budgets(trained):
 def test_bad_ranks_and_budgets_are_clear_cli_errors(trained):
   workdir, _ = trained
   for args, message in (
-    (["--ranks=0,9"], "outside this model's range 1..8"),
+    (["--ranks=0,9"], "ranks [0, 9] are outside; valid: ranks in this model's range 1..8"),
     (["--budgets=0.01"], "below the cost of rank 1"),
   ):
     proc = subprocess.run(

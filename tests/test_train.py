@@ -65,7 +65,7 @@ def test_checkpoint_of_another_model_is_refused_and_kept(smoke_config, tmp_path)
   smoke_config.eval.ranks = (4,)
   with pytest.raises(
     CheckpointError,
-    match=r"(?s)another model.*hidden/0/a: checkpoint \[784, 8\] vs model \[784, 4\]",
+    match=r"(?s)another model.*hidden/0/a: checkpoint \[784, 8\] vs now \[784, 4\]",
   ):
     train_and_evaluate(smoke_config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
