@@ -420,24 +420,37 @@ def _rank_list(field: str, ranks: Any, max_rank: int, valid: str, empty_ok: bool
 
 
 def _check_objective(config) -> None:
-  name, flex = config.objective.name, config.flexrank
+  name = config.objective.name
   _one_of("objective.name", name, OBJECTIVES)
   _number("objective.logits_weight", config.objective.logits_weight, 0.0)
   _number("objective.ortho_weight", config.objective.ortho_weight, 0.0)
+  _check_flexrank(config)
+  if name == DISTILL:
+    _check_distill(config)
+  elif config.model.dense and name not in ("uncertainty", "uniform", "anchor_only"):
+    raise ConfigError(
+      "objective.name",
+      name,
+      "the default (ignored) in dense mode",
+      "a dense model trains one plain loss",
+    )
+
+
+def _check_flexrank(config) -> None:
+  flex, distill = config.flexrank, config.objective.name == DISTILL
   _one_of("flexrank.budget_unit", flex.budget_unit, ("flops", "params"))
   for budget in flex.budgets:
     _number("flexrank.budgets", budget, 0.0, 1.0, low_open=True)
   if len(set(flex.budgets)) != len(flex.budgets):
     raise ConfigError("flexrank.budgets", flex.budgets, "distinct fractions", "repeated budget")
-  nested = config.model.name in PRETRAINED and not config.model.dense
-  if flex.budgets and not nested:
+  if flex.budgets and (config.model.name not in PRETRAINED or config.model.dense):
     raise ConfigError(
       "flexrank.budgets",
       flex.budgets,
-      "() unless a pretrained model gets "
-      "surgery (model.name llama_gguf / bert_hf, model.dense=False)",
+      "() unless a pretrained model gets surgery "
+      "(model.name llama_gguf / bert_hf, model.dense=False)",
     )
-  if flex.probabilities and name != DISTILL:
+  if flex.probabilities and not distill:
     raise ConfigError(
       "flexrank.probabilities",
       flex.probabilities,
@@ -456,33 +469,29 @@ def _check_objective(config) -> None:
       flex.probabilities,
       f"{len(flex.budgets)} non-negative numbers summing to 1, or () = uniform",
     )
-  if name == DISTILL:
-    if not flex.budgets:
-      raise ConfigError(
-        "flexrank.budgets",
-        flex.budgets,
-        f"one or more fractions in (0, 1] for objective.name={DISTILL}, e.g. (0.3, 0.5, 0.7, 0.9)",
-      )
-    if config.eval.ranks:
-      raise ConfigError(
-        "eval.ranks",
-        config.eval.ranks,
-        f"() with objective.name={DISTILL}",
-        "distillation evaluates its profiles, not global ranks",
-      )
-    if config.task == "text_classification" and not config.model.init_from:
-      raise ConfigError(
-        "model.init_from",
-        "",
-        "the workdir of the dense twin fine-tuned on this task",
-        "distilling a classifier needs a fine-tuned teacher",
-      )
-  elif config.model.dense and name not in ("uncertainty", "uniform", "anchor_only"):
+
+
+def _check_distill(config) -> None:
+  """What FlexRank's distillation needs: budgets, no global eval ranks, a teacher."""
+  if not config.flexrank.budgets:
     raise ConfigError(
-      "objective.name",
-      name,
-      "the default (ignored) in dense mode",
-      "a dense model trains one plain loss",
+      "flexrank.budgets",
+      config.flexrank.budgets,
+      f"one or more fractions in (0, 1] for objective.name={DISTILL}, e.g. (0.3, 0.5, 0.7, 0.9)",
+    )
+  if config.eval.ranks:
+    raise ConfigError(
+      "eval.ranks",
+      config.eval.ranks,
+      f"() with objective.name={DISTILL}",
+      "distillation evaluates its profiles, not global ranks",
+    )
+  if config.task == "text_classification" and not config.model.init_from:
+    raise ConfigError(
+      "model.init_from",
+      "",
+      "the workdir of the dense twin fine-tuned on this task",
+      "distilling a classifier needs a fine-tuned teacher",
     )
 
 

@@ -24,7 +24,7 @@ from nsn_jax import cli, flops, profiles
 from nsn_jax import config as config_lib
 from nsn_jax.checkpoint import Checkpoints, param_shapes
 from nsn_jax.deploy import FORMS, POLICIES, DeployedLayer, deploy, format_report
-from nsn_jax.restore import restore_model
+from nsn_jax.restore import Restored, restore_model
 from nsn_jax.sweep import check_budgets
 
 
@@ -53,31 +53,20 @@ def export(
   if budget is not None:
     check_budgets([budget], "--budget")
   restored = restore_model(workdir)
-  model, metadata, step = restored
-  if "export" in metadata:
+  if "export" in restored.metadata:
     raise ValueError(f"--workdir={workdir} is an export already; export from the training run.")
+  rank = _chosen_rank(restored, rank, budget, budget_reference, profile_budget)
+  deployed, report = deploy(restored.model, rank, form)
+  params = nnx.to_pure_dict(nnx.state(deployed))
+  seq_len = config_lib.seq_len(restored.config)
   # A sequence model's FLOPs include attention over its context: per token at data.seq_len, and
   # per example (seq_len tokens) in the metadata, as eval.py reports them.
-  config = restored.config
-  seq_len = config_lib.seq_len(config)
-  if budget is not None:
-    rank = flops.rank_for_budget(model, budget, budget_reference, seq_len)
-  if profile_budget is not None:
-    saved = profiles.saved_profiles(metadata)
-    if profile_budget not in saved:
-      raise ValueError(
-        f"no saved profile for budget {profile_budget:g}; the checkpoint has "
-        f"{', '.join(f'{b:g}' for b in saved)}."
-      )
-    rank = saved[profile_budget]
-  deployed, report = deploy(model, rank, form)
-  params = nnx.to_pure_dict(nnx.state(deployed))
   metadata = {
-    **metadata,
+    **restored.metadata,
     "deployed": [dataclasses.asdict(entry) for entry in report],
     "export": {
       "source": workdir if "://" in workdir else os.path.abspath(workdir),
-      "source_step": step,
+      "source_step": restored.step,
       "rank": dict(rank) if isinstance(rank, Mapping) else rank,
       "budget": budget,
       "profile_budget": profile_budget,
@@ -86,17 +75,34 @@ def export(
       "flops": (seq_len or 1) * flops.model_flops(deployed, None, seq_len),
       "dense_flops": (seq_len or 1) * flops.dense_model_flops(deployed, seq_len),
       "params": flops.total_params(deployed),
-      "source_params": flops.total_params(model),
+      "source_params": flops.total_params(restored.model),
     },
     "param_shapes": param_shapes(params),
   }
   checkpoints = Checkpoints(out, max_to_keep=1)
   try:
-    checkpoints.save(step, params, None, metadata)
+    checkpoints.save(restored.step, params, None, metadata)
     checkpoints.wait()
   finally:
     checkpoints.close()
   return metadata
+
+
+def _chosen_rank(restored: Restored, rank, budget, budget_reference: str, profile_budget):
+  """The global rank or profile to export: `rank` itself, the largest rank within `budget`, or
+  the saved profile of `profile_budget`."""
+  if budget is not None:
+    seq_len = config_lib.seq_len(restored.config)
+    return flops.rank_for_budget(restored.model, budget, budget_reference, seq_len)
+  if profile_budget is not None:
+    saved = profiles.saved_profiles(restored.metadata)
+    if profile_budget not in saved:
+      raise ValueError(
+        f"--profile_budget={profile_budget:g}: no saved profile for it; the checkpoint has "
+        f"{', '.join(f'{b:g}' for b in saved)}."
+      )
+    return saved[profile_budget]
+  return rank
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")

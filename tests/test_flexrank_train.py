@@ -227,7 +227,7 @@ def test_export_at_a_profile_reloads_smaller_and_reproduces_it(flex_run, tmp_pat
   assert info["params"] == flops.total_params(reloaded) < flops.total_params(model)
   seq_len = metadata["config"]["data"]["seq_len"]
   assert info["flops"] == seq_len * flops.model_flops(reloaded, None, seq_len)
-  with pytest.raises(ValueError, match="no saved profile for budget 0.4.*0.55, 0.6, 0.65"):
+  with pytest.raises(ValueError, match="profile_budget=0.4: no saved profile.*0.55, 0.6, 0.65"):
     export(workdir, str(tmp_path / "x"), profile_budget=0.4)
 
 
