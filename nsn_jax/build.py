@@ -19,7 +19,6 @@ import pathlib
 import re
 
 from flax import nnx
-import gguf
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -35,6 +34,7 @@ from nsn_jax.llm import (
   load_gguf,
   load_hf_bert,
   minilm_path,
+  open_gguf,
   smollm2_path,
 )
 from nsn_jax.models.bert import BertModel
@@ -77,7 +77,7 @@ def _backbone(config: ml_collections.ConfigDict, pretrained: bool, seed: int) ->
   if config.model.name == "llama_gguf":
     if pretrained:
       return load_gguf(path, dtype)[1]
-    return LlamaModel(config_from_gguf(gguf.GGUFReader(path)), dtype=dtype, rngs=nnx.Rngs(seed))
+    return LlamaModel(config_from_gguf(open_gguf(path)), dtype=dtype, rngs=nnx.Rngs(seed))
   if pretrained:
     return load_hf_bert(path, dtype)[1]
   return BertModel(
@@ -239,7 +239,7 @@ def _task_model(config: ml_collections.ConfigDict, *, pretrained: bool, seed: in
 def text_encoder(config: ml_collections.ConfigDict) -> TextEncoder | None:
   """The tokenizer of a pretrained text model as a TextEncoder; None for image models."""
   if config.model.name == "llama_gguf":
-    tokenizer = GGUFTokenizer.from_reader(gguf.GGUFReader(model_path(config)))
+    tokenizer = GGUFTokenizer.from_reader(open_gguf(model_path(config)))
     return TextEncoder(tokenizer.encode, tokenizer.eos_id or 0)
   if config.model.name == "bert_hf":
     tokenizer = tokenizers.Tokenizer.from_file(str(model_path(config) / "tokenizer.json"))

@@ -14,8 +14,6 @@ import sys
 from absl import app, flags, logging
 
 from nsn_jax.checkpoint import CheckpointError
-from nsn_jax.config import ConfigError
-from nsn_jax.data.pipeline import DatasetNotFoundError
 from nsn_jax.train_lib import StoppedEarly
 from nsn_jax.workdir import WorkdirLockedError
 
@@ -33,14 +31,12 @@ USER_ERRORS = (
   IsADirectoryError,
   PermissionError,
 )
-_NAMED = (ConfigError, CheckpointError, WorkdirLockedError, DatasetNotFoundError, StoppedEarly)
 
 
 def _fail(error: BaseException, code: int) -> None:
   if _VERBOSE.value:
     raise error
-  hint = "" if isinstance(error, _NAMED) else " (--verbose for the traceback)"
-  print(f"{os.path.basename(sys.argv[0])}: error: {_one_line(error)}{hint}", file=sys.stderr)
+  print(f"{os.path.basename(sys.argv[0])}: error: {_one_line(error)}", file=sys.stderr)
   sys.exit(code)
 
 
@@ -63,7 +59,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def _one_line(error: BaseException) -> str:
   """ml_collections' override errors nest quoted reprs ("'\\'x\\'\\nDid you mean...'")."""
-  text = str(error.args[0] if error.args else error)
+  # A KeyError's str() is the repr of its key; other errors' str() is their message.
+  text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
   if "Traceback (most recent call last)" in text:  # a config file's own error, with its trace
     text = text.strip().splitlines()[-1]
   while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
@@ -76,7 +73,7 @@ def run(main: Callable[[], None]) -> None:
 
   def _main(argv):
     if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}", exitcode=2)
+      _fail(ValueError(f"unexpected arguments {argv[1:]}: every option is --name=value"), 2)
     logging.set_verbosity(logging.WARNING)
     try:
       main()

@@ -37,7 +37,7 @@ DISTILL = "flexrank_distill"
 DTYPES = ("float32", "bfloat16")
 SURGERY_PRESETS = ("mlp", "attention", "mlp_and_attention")
 MESH_AXES = ("data", "fsdp", "tensor")  # nsn_jax.sharding.AXES, kept here without importing jax
-MULTI_RANK = ("vmap_masked", "loop_static", "bucketed")
+MULTI_RANK = ("auto", "bucketed", "loop_static", "vmap_masked")
 
 
 class ConfigError(ValueError):
@@ -129,7 +129,10 @@ def _training(c: ml_collections.ConfigDict) -> None:
   c.train.checkpoint_every = 1000
   c.train.max_to_keep = 3
   c.train.trainable = ("",)  # path regexes of the parameters that train; "" = all
-  c.train.multi_rank = "vmap_masked"  # | loop_static (fixed ranks as static slices)
+  # How the step runs its ranks (`multi_rank`): auto = bucketed for fixed ranks, vmap_masked for
+  # drawn ones | bucketed (buckets of similar ranks, each vmapped at its widest rank's width) |
+  # loop_static (one static slice per rank) | vmap_masked (every rank masked at full width R)
+  c.train.multi_rank = "auto"
 
   c.optimizer = ml_collections.ConfigDict()  # AdamW, linear warm-up then cosine decay
   c.optimizer.learning_rate = 3e-3
@@ -195,6 +198,14 @@ def fixed_ranks(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   r = config.model.max_rank
   default = [*(2**i for i in range(r.bit_length()) if 8 < 2**i < r), *range(min(r, 8), 0, -1)]
   return tuple(config.ranks.fixed) or tuple(dict.fromkeys([r, *sorted(default, reverse=True)]))
+
+
+def multi_rank(config: ml_collections.ConfigDict) -> str:
+  """How a multi-rank step runs its ranks: `train.multi_rank`, where auto is bucketed for a fixed
+  set (as fast as vmap_masked or faster, docs/benchmarks.md) and vmap_masked for drawn ranks."""
+  if config.train.multi_rank != "auto":
+    return config.train.multi_rank
+  return "bucketed" if config.ranks.kind == "fixed" else "vmap_masked"
 
 
 def eval_ranks(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -404,7 +415,7 @@ def _check_ranks(config) -> None:
     raise ConfigError(
       "train.multi_rank",
       config.train.multi_rank,
-      "vmap_masked with ranks.kind=anchor_variants",
+      "auto | vmap_masked with ranks.kind=anchor_variants",
       "drawn ranks are data, not static slices",
     )
 

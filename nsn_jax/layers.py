@@ -199,9 +199,7 @@ class NSNDense(nnx.Module):
     width, traced = self._width_and_mask_rank(rank)
     h = x @ a[:, :width]
     if traced is not None:
-      r = jnp.clip(traced, 1, width)
-      r = r.reshape(r.shape + (1,) * (h.ndim - r.ndim))  # a rank per row: over x's leading axes
-      h = h * (jnp.arange(width) < r).astype(h.dtype)
+      h = h * (jnp.arange(width) < jnp.clip(traced, 1, width)).astype(h.dtype)
     y = h @ b[:width]
     return y if bias is None else y + bias
 

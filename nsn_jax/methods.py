@@ -224,7 +224,7 @@ def build_method(
     return Distill(task, found, sampler, teacher)
   source = rank_source_from_config(config)
   plans = {"loop_static": BucketPlan.singletons, "bucketed": BucketPlan.auto}
-  mode = config.train.multi_rank
+  mode = config_lib.multi_rank(config)
   plan = plans[mode](source.ranks) if mode in plans else None  # validated: fixed ranks
   objective = Objective.named(
     config.objective.name, config.objective.logits_weight, config.objective.ortho_weight

@@ -62,7 +62,7 @@ MLP_CASES = [
   ),
   (
     {"ranks.kind": "anchor_variants", "train.multi_rank": "bucketed"},
-    r"train.multi_rank='bucketed': drawn ranks are data.*valid: vmap_masked with ranks.kind=anch",
+    r"train.multi_rank='bucketed': drawn ranks are data.*valid: auto \| vmap_masked with ranks",
   ),
   ({"eval.ranks": (64, 16)}, r"eval.ranks=\(64, 16\): \[64, 16\] out of range; valid: .*1..8"),
   ({"eval.batch_size": 0}, r"eval.batch_size=0: valid: an integer ≥ 1"),
@@ -76,7 +76,7 @@ MLP_CASES = [
   ({"train.trainable": ("(",)}, r"train.trainable='\(': .*valid: Python regular expressions"),
   (
     {"train.multi_rank": "fused"},
-    r"train.multi_rank='fused': valid: vmap_masked \| loop_static \| bucketed",
+    r"train.multi_rank='fused': valid: auto \| bucketed \| loop_static \| vmap_masked",
   ),
   ({"optimizer.learning_rate": -1e-3}, r"optimizer.learning_rate=-0.001: valid: a number in \(0"),
   ({"optimizer.learning_rate": float("nan")}, r"optimizer.learning_rate=nan"),
@@ -206,6 +206,17 @@ def test_bad_pretrained_config_is_one_clear_line(overrides, message, tiny_gguf):
     validate(config, num_devices=8)
     check_model_fits(config)  # the widths of the layers surgery chooses, from shapes only
   assert "\n" not in str(error.value)
+
+
+def test_multi_rank_auto_buckets_a_fixed_set_and_masks_drawn_ranks():
+  config = default.get_config("smoke")
+  assert config.train.multi_rank == "auto" and config_lib.multi_rank(config) == "bucketed"
+  config.ranks.kind = "anchor_variants"
+  validate(config, num_devices=8)
+  assert config_lib.multi_rank(config) == "vmap_masked"
+  config.train.multi_rank = "vmap_masked"
+  config.ranks.kind = "fixed"
+  assert config_lib.multi_rank(config) == "vmap_masked"
 
 
 def test_a_typo_in_a_config_file_is_named():

@@ -1,6 +1,12 @@
 """Pretrained language models from offline checkpoints into nsn_jax models."""
 
-from nsn_jax.llm.gguf import GGUFTokenizer, config_from_gguf, load_gguf, smollm2_path
+from nsn_jax.llm.gguf import (
+  GGUFTokenizer,
+  config_from_gguf,
+  load_gguf,
+  open_gguf,
+  smollm2_path,
+)
 from nsn_jax.llm.hf import config_from_hf, load_hf_bert, minilm_path
 
 __all__ = [
@@ -9,6 +15,7 @@ __all__ = [
   "config_from_hf",
   "load_gguf",
   "load_hf_bert",
+  "open_gguf",
   "minilm_path",
   "smollm2_path",
 ]

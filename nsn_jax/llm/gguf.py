@@ -103,6 +103,17 @@ def _dequantize(tensor) -> np.ndarray:
   )
 
 
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+  """A reader of the GGUF file at `path`. Raises FileNotFoundError or ValueError naming the
+  path when it is missing or not a GGUF file (instead of gguf's bare "GGUF magic invalid")."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no GGUF file at {path}")
+  with open(path, "rb") as f:
+    if f.read(4) != b"GGUF":
+      raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+  return gguf.GGUFReader(path)
+
+
 def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[LlamaConfig, LlamaModel, GGUFTokenizer]:
   """Reads a llama-architecture GGUF file into a LlamaModel with float32 parameters computing in
   `dtype` (None: float32; e.g. jnp.bfloat16), with its config and tokenizer.
@@ -113,7 +124,7 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[LlamaConfig, LlamaMo
   permuted HF-rotated q, k, and as q and k share the permutation within each head, q·k and thus
   attention are unchanged (v and o are not permuted).
   """
-  reader = gguf.GGUFReader(path)
+  reader = open_gguf(path)
   config = config_from_gguf(reader)
   tensors = {t.name: t for t in reader.tensors}
   names = _tensor_names(config)
