@@ -272,6 +272,11 @@ def test_gguf_errors_name_the_key_or_tensor(tmp_path):
   extra = {**weights, "blk.0.attn_q.bias": np.zeros(32, np.float32)}
   with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.bias"):
     load_gguf(write_gguf(tmp_path / "extra.gguf", TINY, extra))
+  with pytest.raises(FileNotFoundError, match="no GGUF file at .*nowhere.gguf"):
+    load_gguf(tmp_path / "nowhere.gguf")
+  (tmp_path / "text.gguf").write_text("not a model")
+  with pytest.raises(ValueError, match="text.gguf is not a GGUF file"):
+    load_gguf(tmp_path / "text.gguf")
 
 
 # ---- real weights: SmolLM2-135M-Instruct (GGUF Q4_1) ----
