@@ -152,7 +152,6 @@ def _model_rows(model_name: str, size: str, policy: Policy) -> list[dict]:
         jax.block_until_ready((state, metrics))
 
       timing = time_fn(one_step, policy)
-      plan = method.plan if strategy == "bucketed" else None
       rows.append(
         {
           "model": model_name,
@@ -161,9 +160,7 @@ def _model_rows(model_name: str, size: str, policy: Policy) -> list[dict]:
           "strategy": strategy,
           "k": len(ranks),
           "ranks": list(ranks),
-          "buckets": None
-          if plan is None
-          else "|".join(",".join(map(str, b)) for b in plan.buckets),
+          "buckets": str(method.plan) if strategy == "bucketed" else None,
           "batch": batch_size,
           "step_s": timing.median_s,
           "step_min_s": timing.min_s,

@@ -170,12 +170,15 @@ class BucketPlan:
     row = {r: i for i, r in enumerate(r for bucket in self.buckets for r in bucket)}
     return tuple(row[r] for r in self.ranks)
 
+  def __str__(self) -> str:
+    """The buckets, e.g. "[64] [32] [16] [8,7,6,5] [4,3,2,1]"."""
+    return " ".join(f"[{','.join(map(str, bucket))}]" for bucket in self.buckets)
+
   def describe(self, max_rank: int) -> str:
     """One line: the buckets and their work against Σ r, beside the masked vmap's k · R."""
-    shown = " ".join(f"[{','.join(map(str, bucket))}]" for bucket in self.buckets)
     total = sum(self.ranks)
     return (
-      f"multi-rank buckets: {shown} — {self.width_units() / total:.2f}× Σr rank-width units "
+      f"multi-rank buckets: {self} — {self.width_units() / total:.2f}× Σr rank-width units "
       f"vs {len(self.ranks) * max_rank / total:.2f}× for vmap_masked"
     )
 
