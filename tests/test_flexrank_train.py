@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_llm_train import _config
+from test_llm_train import _config, _svd_smoke
 
 from configs import smollm2_genre, smollm2_lm
 from nsn_jax import config as config_lib
@@ -92,7 +92,10 @@ def test_profiles_in_metadata_are_nested_within_budget_and_reload(flex_run):
 
 
 def test_parameter_budgets_give_nested_profiles_within_the_parameter_count(tiny_gguf, data_dir):
-  config = _config(smollm2_genre, "smoke", tiny_gguf, data_dir, surgery__init="svd")
+  config = _svd_smoke(
+    tiny_gguf,
+    data_dir,
+  )
   dense, model, _ = build_pretrained(config, seed=config.seed)
   batch = _batch(config)
   calibration = capture_inputs(dense, lambda m: TASK.logits(m, batch, None))
@@ -246,12 +249,9 @@ def test_an_nsn_run_saves_untrained_profiles_and_keeps_its_objective(tiny_gguf, 
 
 
 def test_surgery_starts_from_the_dense_twin(tiny_gguf, data_dir, dense_twin):
-  config = _config(
-    smollm2_genre,
-    "smoke",
+  config = _svd_smoke(
     tiny_gguf,
     data_dir,
-    surgery__init="svd",
     model__max_rank=32,
     model__init_from=dense_twin,
   )  # full rank: d_model

@@ -40,6 +40,11 @@ def _config(module, variant, path, data_dir, **overrides):
   return config
 
 
+def _svd_smoke(path, data_dir, **overrides):
+  """The genre smoke config on the GGUF at `path`, with plain SVD surgery."""
+  return _config(smollm2_genre, "smoke", path, data_dir, surgery__init="svd", **overrides)
+
+
 @pytest.fixture(scope="module")
 def genre_runs(tiny_gguf, data_dir, tmp_path_factory):
   """(nsn workdir, dense workdir, final metrics) of the genre smoke config on the tiny GGUF."""
@@ -169,12 +174,9 @@ def test_minilm_comparison_ranks_cost_the_comparison_budgets():
 
 
 def test_model_dtype_is_the_pretrained_models_computation_dtype(tiny_gguf, data_dir, tmp_path):
-  config = _config(
-    smollm2_genre,
-    "smoke",
+  config = _svd_smoke(
     tiny_gguf,
     data_dir,
-    surgery__init="svd",
     train__steps=2,
     model__dtype="bfloat16",
   )
