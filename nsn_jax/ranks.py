@@ -102,9 +102,9 @@ class AnchorAndVariants:
 
 RankSource = FixedRanks | AnchorAndVariants
 
-# The automatic plan's price of one more bucket, in rank-width units (|b| · max b). On the demo
-# MLP (2-core CPU, batches 128 and 1024) prices 2 and 8 (6 and 5 buckets) ran alike and 16 (3
-# buckets) 3–13% slower; the smaller plan of the two equals ones is kept.
+# The automatic plan's price of one more bucket, in rank-width units (|b| · max b): one more
+# program step against the FLOPs it saves. Chosen by measurement (docs/benchmarks.md, "Multi-rank
+# strategies").
 BUCKET_OVERHEAD = 8
 MAX_BUCKETS = 6
 

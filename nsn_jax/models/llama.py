@@ -226,7 +226,7 @@ def _greedy_step(graphdef, treedef, leaves, tokens, cache, rank):
   """The greedy next token (B,) after tokens (B, T), and the cache with those tokens written.
 
   The weights come as a flat list of arrays (`leaves` of the state's `treedef`): JAX flattens an
-  nnx.State argument in Python on every call, ~260 µs for SmolLM2 on a CPU, once per token."""
+  nnx.State argument in Python on every call, once per token (docs/benchmarks.md)."""
   model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
   logits, cache = model(tokens, rank=dict(rank) if isinstance(rank, tuple) else rank, cache=cache)
   return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
