@@ -237,6 +237,12 @@ def test_safetensors_round_trip(tmp_path):
   assert tokenizer.encode("hello world").ids == [1, 2]
 
 
+def test_tokenizer_truncates_where_sentence_transformers_does():
+  """all-MiniLM-L6-v2's tokenizer.json truncates at 128; sentence-transformers at 256."""
+  _, _, tokenizer = load_hf_bert(minilm_path())
+  assert len(tokenizer.encode("word " * 400).ids) == 256
+
+
 def test_loader_errors_name_the_key_or_tensor(tmp_path):
   weights = hf_weights(tiny_model())
   cases = [

@@ -69,6 +69,14 @@ def test_attention_rules_select_attention_only():
   assert {r.path.split("/")[-1] for r in report} == {"q", "k", "v", "o"} and len(report) == 8
 
 
+def test_a_rule_given_as_a_string_is_one_rule():
+  """Not a sequence of one-character regexes (which would match every layer)."""
+  _, report = decompose_and_replace(Toy(), MLP_RULES[0], max_rank=8)
+  assert sorted(r.path for r in report) == sorted(
+    f"layers/{i}/mlp/{p}" for i in range(2) for p in ("gate", "up", "down")
+  )
+
+
 def test_full_rank_reproduces_the_dense_model():
   model = Toy()
   x = jax.random.normal(jax.random.key(1), (3, 7, 16))

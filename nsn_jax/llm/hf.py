@@ -111,7 +111,9 @@ def load_hf_bert(
   """Reads a Hugging Face BERT directory into a BertModel with float32 parameters computing in
   `dtype` (None: float32; e.g. jnp.bfloat16), with its config and tokenizer.
 
-  The tokenizer is tokenizer.json as saved, with its own truncation and padding settings.
+  The tokenizer is tokenizer.json as saved, with its padding settings; it truncates where
+  sentence-transformers does (`max_seq_length` of sentence_bert_config.json when the directory
+  has one, e.g. all-MiniLM-L6-v2's 256, whose tokenizer.json alone says 128).
   """
   directory = pathlib.Path(directory)
   config = config_from_hf(json.loads((directory / "config.json").read_text()))
@@ -144,6 +146,11 @@ def load_hf_bert(
       )
     variable.set_value(jnp.asarray((array.T if transpose else array).astype(np.float32)))
   tokenizer = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+  sentence_config = directory / "sentence_bert_config.json"
+  if sentence_config.exists():
+    length = json.loads(sentence_config.read_text()).get("max_seq_length")
+    if length:
+      tokenizer.enable_truncation(max_length=min(int(length), config.max_positions))
   return config, nnx.merge(graphdef, state), tokenizer
 
 
