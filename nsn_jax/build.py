@@ -148,7 +148,9 @@ def check_model_fits(config: ml_collections.ConfigDict) -> None:
   paths = _param_paths(model)
   if not config.model.dense:
     chosen = _chosen_layers(config, model)
-    _check_model_fits(config, chosen)
+    _check_rank_fits(config, chosen)
+    replaced = {f"{path}/kernel" for path, _, _ in chosen}  # becomes the factors a and b
+    paths = [p for p in paths if p not in replaced]
     paths += [f"{path}/{factor}" for path, _, _ in chosen for factor in ("a", "b")]
   _check_trainable(config, paths)
 
@@ -158,31 +160,34 @@ def _param_paths(model: nnx.Module) -> list[str]:
 
 
 def _check_trainable(config: ml_collections.ConfigDict, paths: list[str]) -> None:
-  if not any(re.search(rule, path) for rule in config.train.trainable for path in paths):
-    raise ConfigError(
-      "train.trainable",
-      config.train.trainable,
-      f"regexes matching parameter paths such as {', '.join(paths[:3])}",
-      "matches no parameter",
-    )
+  """Each regex of `train.trainable` must select some parameter (a typo would freeze it)."""
+  for rule in config.train.trainable:
+    if not any(re.search(rule, path) for path in paths):
+      raise ConfigError(
+        "train.trainable",
+        config.train.trainable,
+        f"regexes matching parameter paths such as {', '.join(paths[:3])}",
+        f"{rule!r} matches no parameter",
+      )
 
 
 def _chosen_layers(config: ml_collections.ConfigDict, model: nnx.Module) -> list:
-  """`surgery.chosen_linears` of the rules, or a ConfigError naming a few layers there are."""
-  try:
-    return surgery.chosen_linears(model, surgery_rules(config))
-  except ValueError:
-    linears = [path for path, _, _ in surgery.chosen_linears(model, ("",))]
-    raise ConfigError(
-      "surgery.rules",
-      config.surgery.rules,
-      f"presets ({', '.join(RULES)}) "
-      f"or regexes matching layer paths such as {', '.join(linears[:4])}",
-      "matches no dense layer",
-    ) from None
+  """`surgery.chosen_linears` of the rules; a ConfigError naming the first entry of
+  `surgery.rules` (a preset or a regex) that matches no layer, and a few layers there are."""
+  linears = [path for path, _, _ in surgery.chosen_linears(model, ("",))]
+  for entry in config.surgery.rules:
+    if not any(re.search(rule, path) for rule in RULES.get(entry, (entry,)) for path in linears):
+      raise ConfigError(
+        "surgery.rules",
+        config.surgery.rules,
+        f"presets ({', '.join(RULES)}) or regexes matching layer paths such as "
+        f"{', '.join(linears[:4])}",
+        f"{entry!r} matches no dense layer",
+      )
+  return surgery.chosen_linears(model, surgery_rules(config))
 
 
-def _check_model_fits(config: ml_collections.ConfigDict, chosen: list) -> None:
+def _check_rank_fits(config: ml_collections.ConfigDict, chosen: list) -> None:
   widths = {path: min(layer.in_features, layer.out_features) for path, _, layer in chosen}
   narrowest = min(widths, key=widths.get)
   if config.model.max_rank > widths[narrowest]:

@@ -17,8 +17,6 @@ from nsn_jax.checkpoint import CheckpointError
 from nsn_jax.train_lib import StoppedEarly
 from nsn_jax.workdir import WorkdirLockedError
 
-_VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, show the full traceback too.")
-
 # Every check of user input in nsn_jax raises ValueError (ConfigError and DatasetNotFoundError
 # among them) or one of these. An unexpected ValueError is shown the same way, with a pointer to
 # --verbose, since it too is most often a value the user gave.
@@ -34,7 +32,7 @@ USER_ERRORS = (
 
 
 def _fail(error: BaseException, code: int) -> None:
-  if _VERBOSE.value:
+  if flags.FLAGS.verbose:
     raise error
   print(f"{os.path.basename(sys.argv[0])}: error: {_one_line(error)}", file=sys.stderr)
   sys.exit(code)
@@ -51,7 +49,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         value.keys()
     return rest
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    if any(arg in ("--verbose", "--verbose=true", "--verbose=1") for arg in argv):
+    if any(arg.lstrip("-").lower() in ("verbose", "verbose=true", "verbose=1") for arg in argv):
       raise
     print(f"{os.path.basename(argv[0])}: error: {_one_line(e)}", file=sys.stderr)
     sys.exit(2)
@@ -62,14 +60,17 @@ def _one_line(error: BaseException) -> str:
   # A KeyError's str() is the repr of its key; other errors' str() is their message.
   text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
   if "Traceback (most recent call last)" in text:  # a config file's own error, with its trace
-    text = text.strip().splitlines()[-1]
+    text = text.strip().splitlines()[-1].split(": ", 1)[-1]  # without "ValueError: "
   while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
     text = text[1:-1].encode().decode("unicode_escape")
   return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def run(main: Callable[[], None]) -> None:
-  """Runs `main()` under absl (orbax's per-file INFO logs silenced) with one-line errors."""
+  """Runs `main()` under absl (orbax's per-file INFO logs silenced) with one-line errors.
+  Defines --verbose here, not at import, so importing a CLI module adds no flags."""
+  if "verbose" not in flags.FLAGS:
+    flags.DEFINE_bool("verbose", False, "On an error, show the full traceback too.")
 
   def _main(argv):
     if len(argv) > 1:

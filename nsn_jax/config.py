@@ -72,7 +72,7 @@ def _data_and_model(c: ml_collections.ConfigDict) -> None:
   c.data.cache = True  # hold this process's shard of the train split in memory
   c.data.text_feature = ()  # text tasks: the feature(s) tokenised, e.g. ("text",)
   c.data.seq_len = config_dict.placeholder(int)  # text tasks: tokens per example
-  c.data.eval_examples = 0  # text tasks: a fixed random cap on the eval split; 0 = all
+  c.data.eval_examples = 0  # a fixed random cap on the eval split; 0 = all
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "nsn_mlp"  # | llama_gguf (GGUF file) | bert_hf (Hugging Face directory)
@@ -104,7 +104,7 @@ def _method(c: ml_collections.ConfigDict) -> None:
 
   c.ranks = ml_collections.ConfigDict()  # which ranks each step trains (not in dense mode)
   c.ranks.kind = "fixed"  # fixed (ranks.fixed every step) | anchor_variants (paper)
-  c.ranks.fixed = ()  # () = R, the powers of two below it down to 16, then 8, 7, ..., 1
+  c.ranks.fixed = ()  # kind fixed: () = R, the powers of two below it down to 16, 8, 7, ..., 1
   c.ranks.min_rank = 1  # anchor_variants: smallest rank drawn after warm-up
   c.ranks.num_variants = 1  # anchor_variants: ranks drawn per step besides R
   c.ranks.curriculum = "linear"  # anchor_variants: linear | step | none
@@ -261,8 +261,12 @@ def _one_of(field: str, value: Any, choices: tuple) -> None:
     raise ConfigError(field, value, " | ".join(map(str, choices)))
 
 
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _integer(field: str, value: Any, low: int, high: float = math.inf) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+  if not _is_int(value) or not low <= value <= high:
     span = f"{low}..{high}" if high != math.inf else f"an integer ≥ {low}"
     raise ConfigError(field, value, span)
 
@@ -272,6 +276,8 @@ def _number(
 ) -> None:
   ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
   if not ok or value > high or value < low or (low_open and value == low):
+    if high == math.inf:
+      raise ConfigError(field, value, f"a finite number {'>' if low_open else '≥'} {low:g}")
     left = "(" if low_open else "["
     raise ConfigError(field, value, f"a number in {left}{low:g}, {high:g}]")
 
@@ -298,14 +304,18 @@ def _check_data(config) -> None:
   for field, example in (("name", "mnist5k"), ("train_split", "train"), ("eval_split", "test")):
     if not isinstance(data[field], str) or not data[field]:
       raise ConfigError(f"data.{field}", data[field], f"a TFDS name, e.g. {example}")
+  _integer("data.eval_examples", data.eval_examples, 0)
   if config.task == "image_classification":
-    if not data.image_shape or any(not isinstance(d, int) or d < 1 for d in data.image_shape):
+    if not data.image_shape or any(not _is_int(d) or d < 1 for d in data.image_shape):
       raise ConfigError("data.image_shape", data.image_shape, "positive sizes, e.g. (28, 28, 1)")
+    if data.text_feature or data.seq_len is not None:  # they would switch the input to text
+      raise ConfigError(
+        "data.text_feature", data.text_feature, "() and data.seq_len None for image_classification"
+      )
   else:
     if not data.text_feature:
       raise ConfigError("data.text_feature", data.text_feature, "one or more feature names")
     _integer("data.seq_len", data.seq_len, 2)
-    _integer("data.eval_examples", data.eval_examples, 0)
   if config.task == "language_modelling":
     if data.num_classes is not None:
       raise ConfigError(
@@ -325,7 +335,7 @@ def _check_model(config, check_init_from: bool = True) -> None:
     raise ConfigError("model.dense", model.dense, "True | False")
   pretrained = model.name in PRETRAINED
   if model.name == "nsn_mlp":
-    if not model.hidden or any(not isinstance(h, int) or h < 1 for h in model.hidden):
+    if not model.hidden or any(not _is_int(h) or h < 1 for h in model.hidden):
       raise ConfigError("model.hidden", model.hidden, "one or more positive widths")
     for field in ("path", "init_from"):
       if model[field]:
@@ -380,6 +390,10 @@ def _check_ranks(config) -> None:
   valid = f"distinct integers in 1..{max_rank} (model.max_rank)"
   if ranks.kind == "fixed":
     _rank_list("ranks.fixed", fixed_ranks(config), max_rank, valid, empty_ok=False)
+    if max_rank not in fixed_ranks(config):  # the anchor; evaluation and budgets start from R
+      raise ConfigError(
+        "ranks.fixed", ranks.fixed, f"a set including R={max_rank} (model.max_rank), the anchor"
+      )
     if ranks.held_out:
       raise ConfigError(
         "ranks.held_out",
@@ -388,6 +402,13 @@ def _check_ranks(config) -> None:
         "with fixed ranks every rank not in ranks.fixed is held out",
       )
   else:
+    if max_rank < 2:
+      raise ConfigError(
+        "ranks.kind",
+        ranks.kind,
+        f"fixed with model.max_rank={max_rank}",
+        "anchor_variants draws ranks below R",
+      )
     _integer("ranks.min_rank", ranks.min_rank, 1, max_rank - 1)  # R is the anchor already
     _integer("ranks.num_variants", ranks.num_variants, 1)
     _one_of("ranks.curriculum", ranks.curriculum, ("linear", "step", "none"))
@@ -518,7 +539,12 @@ def _check_train(config) -> None:
     _regex("train.trainable", rule)
   _number("optimizer.learning_rate", opt.learning_rate, 0.0, low_open=True)
   _number("optimizer.weight_decay", opt.weight_decay, 0.0)
-  _integer("optimizer.warmup_steps", opt.warmup_steps, 0, train.steps - 1)
+  if not _is_int(opt.warmup_steps) or not 0 <= opt.warmup_steps < train.steps:
+    raise ConfigError(
+      "optimizer.warmup_steps",
+      opt.warmup_steps,
+      f"0..{train.steps - 1} (fewer than train.steps={train.steps})",
+    )
   _integer("eval.every", ev.every, 1)
   _integer("eval.batch_size", ev.batch_size, 1)
 

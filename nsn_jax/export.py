@@ -105,36 +105,35 @@ def _chosen_rank(restored: Restored, rank, budget, budget_reference: str, profil
   return rank
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-_OUT = flags.DEFINE_string("out", None, "New directory for the exported checkpoint.")
-_RANK = flags.DEFINE_integer("rank", None, "Global rank to export.")
-_BUDGET = flags.DEFINE_float("budget", None, "FLOPs fraction; exports the largest rank that fits.")
-_REFERENCE = flags.DEFINE_enum(
-  "budget_reference", "max_rank", ["max_rank", "dense"], "What --budget is a fraction of."
-)
-_PROFILE_BUDGET = flags.DEFINE_float(
-  "profile_budget",
-  None,
-  "Exports the FlexRank profile the checkpoint saved for this budget (config.flexrank.budgets).",
-)
-_FORM = flags.DEFINE_enum(
-  "form",
-  "cheapest",
-  [*POLICIES, *FORMS],
-  "Per-layer form: the cheapest in FLOPs, 'matmul' (dense or "
-  "factorised, faster on CPU), or one form for every layer.",
-)
+def _define_flags() -> None:
+  """The CLI's flags, defined only when this module runs as a program, so importing `export`
+  (e.g. through `nsn.export_model`) adds no flags to the importer's."""
+  flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+  flags.DEFINE_string("out", None, "New directory for the exported checkpoint.")
+  flags.DEFINE_integer("rank", None, "Global rank to export.")
+  flags.DEFINE_float("budget", None, "FLOPs fraction; exports the largest rank that fits.")
+  flags.DEFINE_enum(
+    "budget_reference", "max_rank", ["max_rank", "dense"], "What --budget is a fraction of."
+  )
+  flags.DEFINE_float(
+    "profile_budget",
+    None,
+    "Exports the FlexRank profile the checkpoint saved for this budget (config.flexrank.budgets).",
+  )
+  flags.DEFINE_enum(
+    "form",
+    "cheapest",
+    [*POLICIES, *FORMS],
+    "Per-layer form: the cheapest in FLOPs, 'matmul' "
+    "(dense or factorised, faster on CPU), or one form for every layer.",
+  )
+  flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main():
+  f = flags.FLAGS
   metadata = export(
-    _WORKDIR.value,
-    _OUT.value,
-    _RANK.value,
-    _BUDGET.value,
-    _REFERENCE.value,
-    _FORM.value,
-    _PROFILE_BUDGET.value,
+    f.workdir, f.out, f.rank, f.budget, f.budget_reference, f.form, f.profile_budget
   )
   info = metadata["export"]
   print(format_report([DeployedLayer(**entry) for entry in metadata["deployed"]]))
@@ -146,12 +145,12 @@ def main():
   kept = 100 * info["params"] / info["source_params"]
   print(
     f"exported {what} of {info['source']} (step {info['source_step']}) to "
-    f"{_OUT.value}: {info['params']:,} parameters ({kept:.1f}% "
+    f"{f.out}: {info['params']:,} parameters ({kept:.1f}% "
     f"of the nested model's {info['source_params']:,}), {info['flops']:,} FLOPs per example "
     f"({100 * info['flops'] / info['dense_flops']:.1f}% of dense)"
   )
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "out"])
+  _define_flags()
   cli.run(main)

@@ -39,6 +39,14 @@ class MetricWriter:
       self._jsonl = open(path, "a")  # noqa: SIM115 - open for the writer's lifetime, see close()
       self._tb = SummaryWriter(os.path.join(directory, "tensorboard"), purge_step=start_step + 1)
 
+  def logged(self, step: int) -> set[str]:
+    """The names already written for `step` (what a resumed run need not write again)."""
+    if not self.enabled:
+      return set()
+    self._jsonl.flush()
+    with open(self._jsonl.name) as f:
+      return {k for line in f if _step_of(line) == step for k in json.loads(line)} - {"step"}
+
   def write(self, step: int, scalars: dict[str, float]) -> None:
     """Writes finite scalars; raises FloatingPointError on NaN/inf so a diverged run stops."""
     bad = [k for k, v in scalars.items() if not math.isfinite(v)]

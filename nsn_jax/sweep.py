@@ -239,6 +239,7 @@ def _max_rank(model: nnx.Module) -> int | None:
 def _requested_ranks(restored: Restored, spec: str, budgets, reference: str):
   """(sorted ranks to evaluate, {rank: the budget it serves}); [None] for a model without
   ranks (evaluated as it is)."""
+  spec = spec.strip()
   model, config = restored.model, restored.config
   if not nsn_layers(model):
     if spec not in ("all", "none") or budgets:

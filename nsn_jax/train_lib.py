@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -66,7 +67,8 @@ def train_and_evaluate(
   check_model_fits(config)
   with contextlib.ExitStack() as stack:
     if jax.process_index() == 0:  # only process 0 writes metrics and decides quarantine
-      for directory in dict.fromkeys(d for d in (workdir, metrics_dir) if "://" not in d):
+      local = (os.path.realpath(d) for d in (workdir, metrics_dir) if "://" not in d)
+      for directory in dict.fromkeys(local):
         stack.enter_context(WorkdirLock(directory))
     # ----- Mesh, then input: this process's slice of each global batch (replays on resume).
     mesh = sharding.make_mesh(config.mesh)
@@ -242,8 +244,12 @@ def _loop(
   device; the fetched `finite` flag stops a diverged run before anything non-finite is saved.
   """
   if start_step >= config.train.steps:  # already trained: evaluate, log nothing twice
-    say(f"step {start_step} reached train.steps={config.train.steps}: nothing to train")
-    return evaluate(state)
+    past = f", past train.steps={config.train.steps}" if start_step > config.train.steps else ""
+    say(f"the checkpoint is at step {start_step}{past}: nothing to train, evaluating it")
+    final = evaluate(state)
+    if not any(k.startswith("eval/") for k in writer.logged(start_step)):  # a run cut short
+      writer.write(start_step, final)
+    return final
   step_fn, batches, batch_sharding, extra = inputs
   progress = Progress(config.train.steps, start_step)
   stop = _StopFlag()
@@ -280,7 +286,7 @@ def _loop(
         settle(force=stopping or step == config.train.steps)  # check it before it is saved
         save(step, state)
         saved_step = step
-      if stopping:
+      if stopping and step < config.train.steps:
         raise StoppedEarly(f"stopped at step {step} on request, saved; re-run to resume.")
       if step % config.eval.every == 0 and step != config.train.steps:
         if pending is not None:

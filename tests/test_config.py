@@ -78,10 +78,22 @@ MLP_CASES = [
     {"train.multi_rank": "fused"},
     r"train.multi_rank='fused': valid: auto \| bucketed \| loop_static \| vmap_masked",
   ),
-  ({"optimizer.learning_rate": -1e-3}, r"optimizer.learning_rate=-0.001: valid: a number in \(0"),
+  (
+    {"optimizer.learning_rate": -1e-3},
+    r"optimizer.learning_rate=-0.001: valid: a finite number > 0",
+  ),
+  ({"optimizer.learning_rate": float("inf")}, r"learning_rate=inf: valid: a finite number > 0"),
   ({"optimizer.learning_rate": float("nan")}, r"optimizer.learning_rate=nan"),
-  ({"optimizer.weight_decay": -0.1}, r"optimizer.weight_decay=-0.1: valid: a number in \[0"),
-  ({"optimizer.warmup_steps": 20}, r"optimizer.warmup_steps=20: valid: 0..19"),
+  ({"optimizer.weight_decay": -0.1}, r"optimizer.weight_decay=-0.1: valid: a finite number ≥ 0"),
+  ({"optimizer.warmup_steps": 20}, r"warmup_steps=20: valid: 0..19 \(fewer than train.steps=20"),
+  ({"model.hidden": (32, True)}, r"model.hidden=\(32, True\): valid: one or more positive"),
+  ({"data.eval_examples": -3}, r"data.eval_examples=-3: valid: an integer ≥ 0"),
+  ({"data.text_feature": ("text",)}, r"data.text_feature=\('text',\): valid: \(\) and data.seq"),
+  ({"ranks.fixed": (4, 2)}, r"ranks.fixed=\(4, 2\): valid: a set including R=8"),
+  (
+    {"model.max_rank": 1, "ranks.fixed": (1,), "eval.ranks": (), "ranks.kind": "anchor_variants"},
+    r"ranks.kind='anchor_variants': anchor_variants draws ranks below R",
+  ),
   ({"optimizer.warmup_steps": -1}, r"optimizer.warmup_steps=-1: valid: 0..19"),
   ({"objective.name": "focal"}, r"objective.name='focal': valid: anchor_only \| uniform"),
   ({"objective.logits_weight": -1.0}, r"objective.logits_weight=-1.0"),
@@ -144,10 +156,13 @@ def test_bad_mlp_config_is_one_clear_line(overrides, message):
 
 
 PRETRAINED_CASES = [
-  ({"model.max_rank": 4096}, r"model.max_rank=4096: valid: 1..32 \(min\(d_in, d_out\) of "),
+  (
+    {"model.max_rank": 4096, "ranks.fixed": (4096, 8)},
+    r"model.max_rank=4096: valid: 1..32 \(min\(d_in, d_out\) of ",
+  ),
   (
     {"surgery.rules": ("ffn",)},
-    r"surgery.rules=\('ffn',\): matches no dense layer; valid: "
+    r"surgery.rules=\('ffn',\): 'ffn' matches no dense layer; valid: "
     r"presets \(mlp, attention, mlp_and_attention\) or regexes matching layer paths such as ",
   ),
   ({"surgery.rules": ()}, r"surgery.rules=\(\): valid: a tuple of presets \(mlp \| attention"),
@@ -182,7 +197,10 @@ PRETRAINED_CASES = [
     },
     r"flexrank.probabilities=\(1.0,\): valid: 2 non-negative numbers summing to 1",
   ),
-  ({"train.trainable": ("nothing",)}, r"train.trainable=\('nothing',\): matches no parameter"),
+  ({"train.trainable": ("nothing",)}, r"train.trainable=\('nothing',\): 'nothing' matches no"),
+  ({"train.trainable": ("mlp/", "haed")}, r"'haed' matches no parameter"),
+  ({"surgery.rules": ("mlp", "atention")}, r"'atention' matches no dense layer"),
+  ({"train.trainable": ("mlp/.*/kernel",)}, r"'mlp/.\*/kernel' matches no parameter"),
   ({"model.dense": True, "eval.ranks": (), "flexrank.budgets": (0.5,)}, r"flexrank.budgets="),
   (
     {"objective.name": "flexrank_distill", "flexrank.budgets": (0.5,), "model.init_from": REPO},
@@ -243,7 +261,7 @@ def test_old_checkpoint_configs_upgrade():
   saved["surgery"]["max_rank"] = 16
   upgraded = config_lib.from_json(saved)
   assert upgraded.model.max_rank == 16 and not upgraded.model.dense
-  validate(upgraded)
+  validate(upgraded, restoring=True)
 
 
 def _cli(*args):

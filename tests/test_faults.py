@@ -197,3 +197,15 @@ def test_resume_with_another_training_setup_is_refused_not_quarantined(trained_2
     train_and_evaluate(smoke_config, str(trained_20))
   assert not (trained_20 / "quarantine").exists()
   assert Checkpoints(str(trained_20 / "checkpoints")).steps() == [10, 20]
+
+
+def test_a_finished_run_rerun_evaluates_and_logs_nothing_twice(smoke_config, tmp_path):
+  """The same folder given twice (workdir and metrics_dir, spelled differently) is one lock;
+  re-running a finished run evaluates its checkpoint and writes no second final line."""
+  workdir = tmp_path / "run"
+  first = train_and_evaluate(smoke_config, f"{workdir}/", metrics_dir=str(workdir))
+  again = train_and_evaluate(smoke_config, str(workdir))
+  assert again == pytest.approx(first)
+  with open(workdir / "metrics.jsonl") as f:
+    finals = [line for line in f if '"step": 20' in line and "eval/" in line]
+  assert len(finals) == 1

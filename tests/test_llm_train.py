@@ -204,7 +204,7 @@ def test_bad_llm_configs_are_refused(tiny_gguf, data_dir, tmp_path):
       _config(smollm2_genre, "smoke", tiny_gguf, data_dir, ranks__kind="anchor_variants"),
       str(tmp_path / "a"),
     )
-  with pytest.raises(ValueError, match=r"surgery.rules=\('ffn',\): matches no dense layer"):
+  with pytest.raises(ValueError, match=r"surgery.rules=\('ffn',\): 'ffn' matches no dense layer"):
     train_and_evaluate(
       _config(smollm2_genre, "smoke", tiny_gguf, data_dir, surgery__rules=("ffn",)),
       str(tmp_path / "b"),
