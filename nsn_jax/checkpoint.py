@@ -168,12 +168,13 @@ class Checkpoints:
 
     `train` None saves no training state (an exported, inference-only checkpoint). The saved
     metadata gains "checksums": each array's fingerprint, computed now (it waits for the arrays
-    and fetches 8 bytes per array), committed atomically with the arrays. `metadata` itself is
-    not modified.
+    and fetches 8 bytes per array), committed atomically with the arrays; and the shapes
+    `check_same_model` compares ("param_shapes", "train_shapes"), so a checkpoint of another
+    model or training set-up is refused by name. `metadata` itself is not modified.
     """
     trees = {"params": params} if train is None else {"params": params, "train": train}
-    metadata = {**metadata, "checksums": fingerprints(trees)}
-    if train is not None:  # so a resume with another training set-up is refused by name
+    metadata = {**metadata, "checksums": fingerprints(trees), "param_shapes": param_shapes(params)}
+    if train is not None:
       metadata["train_shapes"] = param_shapes(train)
     items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
     items["metadata"] = ocp.args.JsonSave(metadata)

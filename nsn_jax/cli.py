@@ -18,8 +18,8 @@ from nsn_jax.train_lib import StoppedEarly
 from nsn_jax.workdir import WorkdirLockedError
 
 # Every check of user input in nsn_jax raises ValueError (ConfigError and DatasetNotFoundError
-# among them) or one of these. An unexpected ValueError is shown the same way, with a pointer to
-# --verbose, since it too is most often a value the user gave.
+# among them) or one of these. An unexpected ValueError is shown the same way (most often it too
+# is a value the user gave); --verbose shows where it came from.
 USER_ERRORS = (
   ValueError,
   CheckpointError,

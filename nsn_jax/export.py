@@ -22,7 +22,7 @@ from flax import nnx
 
 from nsn_jax import cli, flops, profiles
 from nsn_jax import config as config_lib
-from nsn_jax.checkpoint import Checkpoints, param_shapes
+from nsn_jax.checkpoint import Checkpoints
 from nsn_jax.deploy import FORMS, POLICIES, DeployedLayer, deploy, format_report
 from nsn_jax.restore import Restored, restore_model
 from nsn_jax.sweep import check_budgets
@@ -77,7 +77,6 @@ def export(
       "params": flops.total_params(deployed),
       "source_params": flops.total_params(restored.model),
     },
-    "param_shapes": param_shapes(params),
   }
   checkpoints = Checkpoints(out, max_to_keep=1)
   try:

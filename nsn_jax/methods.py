@@ -57,13 +57,15 @@ class Method:
 
   def metadata(self) -> dict:
     """What a checkpoint records about the method (trained / held-out ranks, profiles)."""
-    if not self.found:
-      return {}
+    return self._flexrank_record((), trained=False) if self.found else {}
+
+  def _flexrank_record(self, probabilities, trained: bool) -> dict:
+    """The profiles as saved: `eval.py --profiles` and the export read them back."""
     return {
       "flexrank": {
         "profiles": [p.to_json() for p in self.found],
-        "probabilities": [],
-        "trained": False,
+        "probabilities": list(probabilities),
+        "trained": trained,
       }
     }
 
@@ -171,11 +173,7 @@ class Distill(Method):
     return {
       "trained_ranks": [],
       "held_out_ranks": list(range(1, self.sampler.max_rank + 1)),
-      "flexrank": {
-        "profiles": [p.to_json() for p in self.found],
-        "probabilities": list(self.sampler.probabilities),
-        "trained": True,
-      },
+      **self._flexrank_record(self.sampler.probabilities, trained=True),
     }
 
 

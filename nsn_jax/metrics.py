@@ -45,7 +45,8 @@ class MetricWriter:
       return set()
     self._jsonl.flush()
     with open(self._jsonl.name) as f:
-      return {k for line in f if _step_of(line) == step for k in json.loads(line)} - {"step"}
+      records = (json.loads(line) for line in f if _step_of(line) == step)
+      return {k for record in records for k in record} - {"step"}
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     """Writes finite scalars; raises FloatingPointError on NaN/inf so a diverged run stops."""
@@ -71,7 +72,7 @@ def _truncate_after(path: str, step: int) -> None:
     return
   with open(path) as f:
     lines = f.readlines()
-  kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+  kept = [line for line in lines if (logged := _step_of(line)) is not None and logged <= step]
   if len(kept) != len(lines):
     with open(path + ".tmp", "w") as f:
       f.writelines(kept)

@@ -27,7 +27,7 @@ import nsn_jax
 from nsn_jax import config as config_lib
 from nsn_jax import profiles, sharding
 from nsn_jax.build import build_pretrained, check_model_fits, text_encoder
-from nsn_jax.checkpoint import Checkpoints, abstract_tree, param_shapes
+from nsn_jax.checkpoint import Checkpoints, abstract_tree
 from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.layers import nsn_layers
@@ -188,7 +188,6 @@ def checkpoint_metadata(config, model: nnx.Module, method: Method, step: int) ->
       for path, l in nsn_layers(model).items()
     },
     "max_rank": None if config.model.dense else config.model.max_rank,
-    "param_shapes": param_shapes(nnx.to_pure_dict(nnx.state(model))),
     "library_version": nsn_jax.__version__,
     "step": step,
     **method.metadata(),
