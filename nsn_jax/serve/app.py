@@ -1,0 +1,246 @@
+"""The HTTP API: a Starlette app over one engine, its batcher, rank policy and metrics.
+
+  POST /v1/classify   {"inputs" | "texts", "rank"?, "budget"?}  → labels, probabilities, rank, FLOPs
+  POST /v1/generate   {"prompt", "max_new_tokens"?, sampling, "stop"?, "rank"?, "budget"?} → text
+  GET  /v1/model      what is served: kind, ranks and their FLOPs, policy, measured latencies
+  GET  /healthz       200 while the process serves HTTP
+  GET  /readyz        200 once every program is compiled and measured, else 503
+  GET  /metrics       Prometheus text format
+
+Every refusal is JSON {"error": one line} with a 4xx status (503 + Retry-After when overloaded or
+not yet ready); a request never takes the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import threading
+import time
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from nsn_jax.serve.batcher import Batcher, BatchInfo, Overloaded
+from nsn_jax.serve.engine import Engine, RequestError
+from nsn_jax.serve.metrics import ServerMetrics, cache_counts, log_event
+from nsn_jax.serve.options import ServeOptions
+from nsn_jax.serve.policy import FixedPolicy, LatencyModel, SloPolicy
+
+MAX_BODY_BYTES = 64 << 20
+WARM_UP_RUNS = 3  # per program at start-up: the latency model's first samples
+
+
+def _error(status: int, message: str, retry_after_s: float | None = None) -> JSONResponse:
+  headers = {} if retry_after_s is None else {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+  return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class Server:
+  """One engine served: start-up (compile, measure), then admission and responses."""
+
+  def __init__(self, engine: Engine, options: ServeOptions):
+    self.engine, self.options = engine, options
+    self.metrics = ServerMetrics()
+    self.latency = LatencyModel(options.slo_percentile)
+    fixed_rank = options.rank or engine.ranks[-1]
+    self.policy = (
+      SloPolicy(engine.ranks, self.latency, options.slo_ms / 1e3, options.max_batch, engine.bucket)
+      if options.policy == "slo"
+      else FixedPolicy(fixed_rank)
+    )
+    self.batcher: Batcher | None = None
+    self.ready = False
+    self.progress = (0, len(engine.programs()))
+    self.startup: dict[str, float] = {}
+
+  def prepare(self) -> None:
+    """Compiles every program (persistent cache permitting, loads it), measures each, then
+    marks the server ready. Runs on a thread so /healthz and /readyz answer meanwhile; a
+    failure ends the process (exit 1): a server that cannot run its model must not linger."""
+    try:
+      self._prepare()
+    except Exception as e:
+      log_event("failed", error=f"{type(e).__name__}: {e}")
+      os._exit(1)
+
+  def _prepare(self) -> None:
+    start = time.perf_counter()
+    programs = self.engine.programs()
+    for i, (rank, size) in enumerate(programs):
+      self.engine.compile(rank, size)
+      self.progress = (i + 1, len(programs))
+    compiled = time.perf_counter()
+    for rank, size in programs:
+      requests = self.engine.warm_up_request(size)
+      for _ in range(WARM_UP_RUNS):
+        t0 = time.perf_counter()
+        _, units = self.engine.run(rank, size, requests)
+        self.latency.observe(rank, size, (time.perf_counter() - t0) / units)
+    self.startup = {
+      "compile_s": compiled - start,
+      "measure_s": time.perf_counter() - compiled,
+      **cache_counts(),
+    }
+    self.ready = True
+    self.metrics.ready.set(1)
+    log_event("ready", programs=len(programs), **self.startup)
+
+  def describe(self) -> dict:
+    """GET /v1/model."""
+    e = self.engine
+    return {
+      "kind": e.kind,
+      "task": e.config.task,
+      "step": e.step,
+      "max_rank": e.max_rank,
+      "ranks": [
+        {"rank": r, "flops": e.flops(r), "flops_frac_dense": e.flops_frac_dense(r)} for r in e.ranks
+      ],
+      "batch_sizes": list(e.batch_sizes),
+      "policy": self.policy.name,
+      "fixed_rank": getattr(self.policy, "rank", None),
+      "slo_ms": self.options.slo_ms,
+      "budget_reference": self.options.budget_reference,
+      "latency_ms_per_unit": self.latency.table(),
+      "ready": self.ready,
+      "startup": self.startup,
+    }
+
+  async def infer(self, request: Request) -> Response:
+    """POST /v1/classify or /v1/generate."""
+    endpoint = request.url.path.rsplit("/", 1)[-1]
+    arrival = time.monotonic()
+    response, rank = await self._answer(request, endpoint)
+    self.metrics.requests.labels(endpoint, str(rank), str(response.status_code)).inc()
+    if response.status_code == 200:
+      self.metrics.latency.labels(endpoint, str(rank)).observe(time.monotonic() - arrival)
+    self.metrics.queue_rows.set(self.batcher.queued_rows)
+    return response
+
+  async def _answer(self, request: Request, endpoint: str) -> tuple[Response, int | None]:
+    if endpoint != self.engine.kind:
+      return _error(
+        404, f"this server holds a {self.engine.kind} model: POST /v1/{self.engine.kind}"
+      ), None
+    if not self.ready:
+      done, total = self.progress
+      return _error(503, f"not ready: compiling ({done} of {total} programs)", 5), None
+    try:
+      parsed = self.engine.parse(await _json_body(request), self.options.max_batch)
+      done = self.batcher.submit(parsed)
+    except RequestError as e:
+      return _error(e.status, str(e)), None
+    except Overloaded as e:
+      log_event("refused", reason=str(e), retry_after_s=round(e.retry_after_s, 3))
+      return _error(503, f"overloaded: {e}", e.retry_after_s), None
+    self.metrics.queue_rows.set(self.batcher.queued_rows)
+    try:
+      result, info = await done
+    except Exception as e:  # a failed batch: this request fails, the server stays up
+      log_event("batch_failed", error=f"{type(e).__name__}: {e}")
+      return _error(500, f"inference failed: {type(e).__name__}: {e}"), None
+    return JSONResponse({**result, **self._costs(info, parsed.budget)}), info.rank
+
+  def _costs(self, info: BatchInfo, budget: float | None) -> dict:
+    e = self.engine
+    return {
+      "rank": info.rank,
+      "budget": budget,
+      "flops": e.flops(info.rank),
+      "flops_frac_dense": e.flops_frac_dense(info.rank),
+      "chosen_by": info.chosen_by,
+      "batch_size": info.batch_size,
+      "queue_ms": 1e3 * info.queue_s,
+      "compute_ms": 1e3 * info.compute_s,
+    }
+
+  def on_batch(self, info: BatchInfo, rows: int) -> None:
+    self.metrics.batch_rows.observe(rows)
+    self.metrics.batches.labels(str(info.rank), info.chosen_by).inc()
+    log_event(
+      "batch",
+      rank=info.rank,
+      rows=rows,
+      batch_size=info.batch_size,
+      chosen_by=info.chosen_by,
+      compute_ms=round(1e3 * info.compute_s, 3),
+      queued_rows=self.batcher.queued_rows,
+    )
+
+  @contextlib.asynccontextmanager
+  async def lifespan(self, app: Starlette):
+    """Starts the batching loop and the compile thread; on shutdown (after uvicorn has let
+    in-flight requests finish) serves what is still queued, then stops."""
+    o = self.options
+    self.batcher = Batcher(
+      self.engine,
+      self.policy,
+      self.latency,
+      o.max_batch,
+      o.max_wait_ms / 1e3,
+      o.max_queue,
+      self.on_batch,
+    )
+    loop_task = asyncio.create_task(self.batcher.run())
+    threading.Thread(target=self.prepare, name="compile", daemon=True).start()
+    yield
+    self.batcher.stop()
+    await loop_task
+    log_event("stopped")
+
+
+async def _json_body(request: Request):
+  """The request's JSON; RequestError 413 over MAX_BODY_BYTES, 400 when it is not JSON."""
+  length = request.headers.get("content-length")
+  if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+    raise RequestError(413, f"body of {length} bytes: valid: at most {MAX_BODY_BYTES}")
+  body = bytearray()
+  async for chunk in request.stream():
+    body += chunk
+    if len(body) > MAX_BODY_BYTES:
+      raise RequestError(413, f"body over {MAX_BODY_BYTES} bytes")
+  try:
+    return json.loads(body)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise RequestError(400, f"body is not valid JSON: {e}") from None
+
+
+def create_app(server: Server) -> Starlette:
+  """The ASGI app of `server`."""
+
+  async def model(request: Request) -> Response:
+    return JSONResponse(server.describe())
+
+  async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+  async def readyz(request: Request) -> Response:
+    if server.ready:
+      return JSONResponse({"ready": True})
+    done, total = server.progress
+    return JSONResponse({"ready": False, "compiled": done, "programs": total}, status_code=503)
+
+  async def metrics(request: Request) -> Response:
+    return Response(server.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+  async def http_error(request: Request, exc: HTTPException) -> Response:
+    return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+  routes = [
+    Route("/v1/classify", server.infer, methods=["POST"]),
+    Route("/v1/generate", server.infer, methods=["POST"]),
+    Route("/v1/model", model),
+    Route("/healthz", healthz),
+    Route("/readyz", readyz),
+    Route("/metrics", metrics),
+  ]
+  return Starlette(
+    routes=routes, lifespan=server.lifespan, exception_handlers={HTTPException: http_error}
+  )

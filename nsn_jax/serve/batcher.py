@@ -1,0 +1,201 @@
+"""Dynamic batching: requests wait in one bounded queue and run in batches on one device thread.
+
+A batch is the oldest waiting request plus the requests behind it that ask for the same rank
+(or, like it, leave the rank to the policy), up to `max_batch` rows; it waits at most `max_wait_s`
+from its oldest request's arrival for more to come. The policy then picks the rank of a batch
+that left it open. Batches run one at a time on a single worker thread (one accelerator; the
+event loop stays free to accept, refuse and report), and each run updates the latency model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from concurrent.futures import ThreadPoolExecutor
+import dataclasses
+import math
+import time
+from typing import Any
+
+from nsn_jax.serve.engine import Engine, Parsed
+from nsn_jax.serve.policy import Backlog, LatencyModel
+
+
+class Overloaded(Exception):
+  """The request is refused now (HTTP 503); retry after `retry_after_s` seconds."""
+
+  def __init__(self, reason: str, retry_after_s: float):
+    super().__init__(reason)
+    self.retry_after_s = retry_after_s
+
+
+@dataclasses.dataclass
+class Pending:
+  """A parsed request waiting for its batch; `done` resolves to (result, BatchInfo)."""
+
+  request: Parsed
+  arrival: float
+  done: asyncio.Future
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchInfo:
+  """How a request was served: the rank, the compiled batch size it ran in, who chose the rank
+  ("request" or the policy's name), and its time in the queue and on the device (s)."""
+
+  rank: int | None
+  batch_size: int
+  rows: int
+  chosen_by: str
+  queue_s: float
+  compute_s: float
+
+
+class Batcher:
+  """The queue, the batching loop and admission control of one engine."""
+
+  def __init__(
+    self,
+    engine: Engine,
+    policy,
+    latency: LatencyModel,
+    max_batch: int,
+    max_wait_s: float,
+    max_queue: int,
+    on_batch=lambda info, rows: None,
+  ):
+    self.engine, self.policy, self.latency = engine, policy, latency
+    self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
+    self.on_batch = on_batch  # metrics hook: (BatchInfo, rows in the batch)
+    self.queue: collections.deque[Pending] = collections.deque()
+    self.queued_rows = 0
+    self._arrived = asyncio.Event()
+    self._device = ThreadPoolExecutor(1, thread_name_prefix="device")
+    self._running: tuple[float, float] | None = None  # (start, predicted seconds) of the batch
+    self._stopping = False
+
+  # --- admission -------------------------------------------------------------------------
+  def submit(self, request: Parsed) -> asyncio.Future:
+    """Queues `request`; its future resolves to (result, BatchInfo). Raises Overloaded when
+    the queue is full or the policy predicts even its fastest rank would miss the SLO."""
+    now = time.monotonic()
+    if self.queued_rows + request.rows > self.max_queue:
+      raise Overloaded(
+        f"queue full ({self.queued_rows} of {self.max_queue} rows waiting)", self._drain_s()
+      )
+    late = self.policy.overloaded(self._admission_backlog(request, now))
+    if late is not None:
+      raise Overloaded("even the smallest rank cannot serve the queue within the SLO", late)
+    pending = Pending(request, now, asyncio.get_running_loop().create_future())
+    self.queue.append(pending)
+    self.queued_rows += request.rows
+    self._arrived.set()
+    return pending.done
+
+  def _admission_backlog(self, request: Parsed, now: float) -> Backlog:
+    busy = 0.0
+    if self._running is not None:
+      start, predicted = self._running
+      busy = max(0.0, predicted - (now - start))
+    return Backlog(
+      batch_rows=0,
+      batch_units=0.0,
+      batch_age=0.0,
+      queued_rows=self.queued_rows + request.rows,
+      queued_units=max([request.units, *(p.request.units for p in self.queue)]),
+      queued_age=now - self.queue[0].arrival if self.queue else 0.0,
+      busy_s=busy,
+    )
+
+  def _drain_s(self) -> float:
+    """Predicted seconds until the queue empties at the fastest rank (a Retry-After)."""
+    fastest = min(self.engine.ranks, key=lambda r: r or 0)
+    batches = math.ceil(self.queued_rows / self.max_batch)
+    per_batch = self.latency.seconds(fastest, self.engine.bucket(self.max_batch))
+    return batches * per_batch if math.isfinite(per_batch) else 1.0
+
+  # --- the batching loop -----------------------------------------------------------------
+  async def run(self) -> None:
+    """Forms and runs batches until `stop()` and the queue is empty."""
+    while True:
+      if not self.queue:
+        if self._stopping:
+          return
+        self._arrived.clear()
+        await self._arrived.wait()
+        continue
+      await self._fill(self.queue[0])
+      await self._run_batch(self._take())
+
+  async def _fill(self, head: Pending) -> None:
+    """Waits (at most until head.arrival + max_wait_s) while the batch could still grow."""
+    while not self._stopping and self._rows_like(head) < self.max_batch:
+      left = head.arrival + self.max_wait_s - time.monotonic()
+      if left <= 0:
+        return
+      self._arrived.clear()
+      try:
+        await asyncio.wait_for(self._arrived.wait(), left)
+      except TimeoutError:
+        return
+
+  def _rows_like(self, head: Pending) -> int:
+    return sum(p.request.rows for p in self.queue if p.request.rank == head.request.rank)
+
+  def _take(self) -> list[Pending]:
+    """The head and the requests behind it with the same rank key, up to max_batch rows."""
+    rank, batch, rows, rest = self.queue[0].request.rank, [], 0, collections.deque()
+    while self.queue:
+      p = self.queue.popleft()
+      if p.request.rank == rank and rows + p.request.rows <= self.max_batch:
+        batch.append(p)
+        rows += p.request.rows
+      else:
+        rest.append(p)
+    self.queue = rest
+    self.queued_rows -= rows
+    return batch
+
+  def _choose(self, batch: list[Pending], rows: int, units: float) -> tuple[Any, str]:
+    if batch[0].request.rank is not None:
+      return batch[0].request.rank, "request"
+    now = time.monotonic()
+    backlog = Backlog(
+      batch_rows=rows,
+      batch_units=units,
+      batch_age=now - batch[0].arrival,
+      queued_rows=self.queued_rows,
+      queued_units=max((p.request.units for p in self.queue), default=0.0),
+      queued_age=now - self.queue[0].arrival if self.queue else 0.0,
+    )
+    return self.policy.choose(backlog), self.policy.name
+
+  async def _run_batch(self, batch: list[Pending]) -> None:
+    rows = sum(p.request.rows for p in batch)
+    units = max(p.request.units for p in batch)
+    rank, chosen_by = self._choose(batch, rows, units)
+    size = self.engine.bucket(rows)
+    start = time.monotonic()
+    self._running = (start, self.latency.seconds(rank, size, units))
+    try:
+      results, units_run = await asyncio.get_running_loop().run_in_executor(
+        self._device, self.engine.run, rank, size, [p.request for p in batch]
+      )
+    except Exception as error:  # a failed batch fails its requests, never the server
+      for p in batch:
+        p.done.set_exception(error)
+      return
+    finally:
+      self._running = None
+    seconds = time.monotonic() - start
+    self.latency.observe(rank, size, seconds / units_run)
+    for p, result in zip(batch, results):
+      info = BatchInfo(rank, size, rows, chosen_by, start - p.arrival, seconds)
+      if not p.done.done():  # the client may have gone
+        p.done.set_result((result, info))
+    self.on_batch(BatchInfo(rank, size, rows, chosen_by, 0.0, seconds), rows)
+
+  def stop(self) -> None:
+    """Stops taking batches once the queue is empty (requests already queued are served)."""
+    self._stopping = True
+    self._arrived.set()
