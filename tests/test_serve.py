@@ -168,8 +168,11 @@ class StubEngine:
   def flops(self, rank):
     return 10 * rank
 
-  def flops_frac_dense(self, rank):
-    return rank / 10
+  def label(self, rank):
+    return str(rank)
+
+  def describe_point(self, rank):
+    return {"rank": rank, "flops": 10 * rank}
 
   def warm_up_request(self, size):
     return [Parsed(None, size, 1.0, None, None)]
@@ -327,7 +330,7 @@ BAD_REQUESTS = [
   ({"inputs": [[0] * 784], "rank": True}, 422, "rank=True"),
   ({"inputs": [[0] * 784], "rank": "8"}, 422, "rank='8'"),
   ({"inputs": [[0] * 784], "budget": 1.5}, 422, "budget=1.5"),
-  ({"inputs": [[0] * 784], "budget": 0.001}, 422, "the smallest served rank, 2"),
+  ({"inputs": [[0] * 784], "budget": 0.001}, 422, "the cheapest served, 2, costs"),
   ({"inputs": [[0] * 784], "rank": 2, "budget": 0.5}, 422, "not both"),
   ({"inputs": [[0] * 784] * 9}, 413, "9 examples: valid: at most 8"),
 ]
@@ -421,3 +424,26 @@ def test_parse_keeps_what_eval_reads(workdir):
     model, np.ones((1, 784), np.float32)
   )
   np.testing.assert_allclose(results[0]["probabilities"], expected, rtol=1e-5)
+
+
+def test_flexrank_profiles_are_served_by_budget(workdir):
+  """A profile server's points are the profiles, cheapest first; a budget picks the most
+  expensive that fits, and a profile's outputs are the model's at that profile."""
+  from flax.core import FrozenDict
+
+  from nsn_jax.serve.engine import Classifier
+
+  restored = restore_model(workdir)
+  cheap, rich = FrozenDict({"hidden/0": 2}), FrozenDict({"hidden/0": 6})
+  engine = Classifier(restored, (), (1,), profiles={0.9: rich, 0.3: cheap})
+  assert engine.ranks == (cheap, rich) and engine.label(rich) == "profile@0.9"
+  between = (engine.flops(cheap) + engine.flops(rich)) / 2 / engine.flops(None)
+  assert engine.resolve(None, between) == cheap and engine.resolve(None, 1.0) == rich
+  with pytest.raises(RequestError, match="serves FlexRank profiles"):
+    engine.resolve(4, None)
+  assert engine.describe_point(rich)["profile"] == {"budget": 0.9, "ranks": "6–6 (mean 6.0)"}
+  parsed = engine.parse({"inputs": [[7] * 784], "budget": 1.0}, 8)
+  (result,), _ = engine.run(parsed.rank, 1, [parsed])
+  x = np.full((1, 784), 7 / 255, np.float32)
+  expected = jax.nn.softmax(restored.model(x, rank=dict(rich)))
+  np.testing.assert_allclose(result["probabilities"], expected, rtol=1e-5)

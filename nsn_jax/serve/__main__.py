@@ -32,6 +32,9 @@ _STEP = flags.DEFINE_integer("step", None, "A checkpoint step (default: the newe
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every one).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port, logged).")
 _POLICY = flags.DEFINE_enum("policy", "fixed", POLICIES, "How a batch's rank is chosen.")
+_PROFILES = flags.DEFINE_bool(
+  "profiles", False, "Serve the checkpoint's FlexRank profiles (budgets) instead of ranks."
+)
 _RANK = flags.DEFINE_integer("rank", None, "The fixed policy's rank (default: R).")
 _RANKS = flags.DEFINE_string(
   "ranks", "", "Ranks to compile and serve, eval.py's syntax (default: powers of two and R)."
@@ -67,6 +70,7 @@ def _options() -> ServeOptions:
     host=_HOST.value,
     port=_PORT.value,
     policy=_POLICY.value,
+    profiles=_PROFILES.value,
     rank=_RANK.value,
     ranks=_RANKS.value,
     budget_reference=_BUDGET_REFERENCE.value,

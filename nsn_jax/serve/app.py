@@ -49,7 +49,7 @@ class Server:
     self.engine, self.options = engine, options
     self.metrics = ServerMetrics()
     self.latency = LatencyModel(options.slo_percentile)
-    fixed_rank = options.rank or engine.ranks[-1]
+    fixed_rank = options.rank or engine.ranks[-1]  # default: the most expensive point
     self.policy = (
       SloPolicy(engine.ranks, self.latency, options.slo_ms / 1e3, options.max_batch, engine.bucket)
       if options.policy == "slo"
@@ -105,10 +105,10 @@ class Server:
       ],
       "batch_sizes": list(e.batch_sizes),
       "policy": self.policy.name,
-      "fixed_rank": getattr(self.policy, "rank", None),
+      "fixed": e.label(self.policy.rank) if self.policy.name == "fixed" else None,
       "slo_ms": self.options.slo_ms,
       "budget_reference": self.options.budget_reference,
-      "latency_ms_per_unit": self.latency.table(),
+      "latency_ms_per_unit": self.latency.table(e.label),
       "ready": self.ready,
       "startup": self.startup,
     }
@@ -118,9 +118,10 @@ class Server:
     endpoint = request.url.path.rsplit("/", 1)[-1]
     arrival = time.monotonic()
     response, rank = await self._answer(request, endpoint)
-    self.metrics.requests.labels(endpoint, str(rank), str(response.status_code)).inc()
+    label = self.engine.label(rank)
+    self.metrics.requests.labels(endpoint, label, str(response.status_code)).inc()
     if response.status_code == 200:
-      self.metrics.latency.labels(endpoint, str(rank)).observe(time.monotonic() - arrival)
+      self.metrics.latency.labels(endpoint, label).observe(time.monotonic() - arrival)
     self.metrics.queue_rows.set(self.batcher.queued_rows)
     return response
 
@@ -149,12 +150,9 @@ class Server:
     return JSONResponse({**result, **self._costs(info, parsed.budget)}), info.rank
 
   def _costs(self, info: BatchInfo, budget: float | None) -> dict:
-    e = self.engine
     return {
-      "rank": info.rank,
+      **self.engine.describe_point(info.rank),
       "budget": budget,
-      "flops": e.flops(info.rank),
-      "flops_frac_dense": e.flops_frac_dense(info.rank),
       "chosen_by": info.chosen_by,
       "batch_size": info.batch_size,
       "queue_ms": 1e3 * info.queue_s,
@@ -163,10 +161,10 @@ class Server:
 
   def on_batch(self, info: BatchInfo, rows: int) -> None:
     self.metrics.batch_rows.observe(rows)
-    self.metrics.batches.labels(str(info.rank), info.chosen_by).inc()
+    self.metrics.batches.labels(self.engine.label(info.rank), info.chosen_by).inc()
     log_event(
       "batch",
-      rank=info.rank,
+      rank=self.engine.label(info.rank),
       rows=rows,
       batch_size=info.batch_size,
       chosen_by=info.chosen_by,

@@ -109,7 +109,7 @@ class Batcher:
 
   def _drain_s(self) -> float:
     """Predicted seconds until the queue empties at the fastest rank (a Retry-After)."""
-    fastest = min(self.engine.ranks, key=lambda r: r or 0)
+    fastest = self.engine.ranks[0]  # cheapest first
     batches = math.ceil(self.queued_rows / self.max_batch)
     per_batch = self.latency.seconds(fastest, self.engine.bucket(self.max_batch))
     return batches * per_batch if math.isfinite(per_batch) else 1.0

@@ -9,7 +9,7 @@ and `Generator` (a language model: prompt → text with the KV cache).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import math
 from typing import Any
@@ -26,6 +26,7 @@ from nsn_jax.config import ConfigError
 from nsn_jax.data.pipeline import preprocess
 from nsn_jax.data.text import encode_texts
 from nsn_jax.layers import nsn_layers
+from nsn_jax.profiles import saved_profiles, summarise
 from nsn_jax.restore import Restored
 from nsn_jax.tasks import get_task
 
@@ -78,21 +79,38 @@ class Engine:
   def __init__(
     self,
     restored: Restored,
-    ranks: Sequence[int],
+    ranks: Sequence,
     batch_sizes: Sequence[int],
     seq_len: int | None,
     budget_reference: str,
+    profiles: Mapping[float, Mapping] | None = None,
   ):
     self.model, self.config, self.step = restored.model, restored.config, restored.step
+    self.seq_len, self.budget_reference = seq_len, budget_reference
     self.nested = bool(nsn_layers(self.model))
     self.max_rank = flops.max_rank(self.model) if self.nested else None
-    self.ranks = tuple(sorted(ranks)) if self.nested else (None,)
+    # What a batch can run at ("points"), cheapest first: ints, FlexRank profiles (hashable
+    # {layer path: rank} mappings, one budget each) or None for a model without ranks.
+    self.profile_budget = {ranks: budget for budget, ranks in (profiles or {}).items()}
+    points = (list(self.profile_budget) or list(ranks)) if self.nested else [None]
+    self.ranks = tuple(sorted(points, key=self.flops))
     self.batch_sizes = tuple(sorted(batch_sizes))
-    self.seq_len, self.budget_reference = seq_len, budget_reference
     self.graphdef, state = nnx.split(self.model)
     # Weights as a flat list: flattening an nnx.State on every call costs more than a small batch.
     self.leaves, self.treedef = jax.tree.flatten(state)
     self._programs: dict[tuple, Any] = {}
+
+  def label(self, point) -> str:
+    """A point's name in metrics and logs: the rank, or "profile@<budget>"."""
+    return f"profile@{self.profile_budget[point]:g}" if isinstance(point, Mapping) else str(point)
+
+  def describe_point(self, point) -> dict:
+    """A point in JSON: its rank (None for a profile or a model without ranks), the profile's
+    budget and per-layer rank range, and its FLOPs."""
+    record = {"rank": None if isinstance(point, Mapping) else point}
+    if isinstance(point, Mapping):
+      record["profile"] = {"budget": self.profile_budget[point], "ranks": summarise(point)}
+    return {**record, "flops": self.flops(point), "flops_frac_dense": self.flops_frac_dense(point)}
 
   def flops(self, rank: int | None) -> int:
     """FLOPs of the unit a response reports (an example, or a generated token)."""
@@ -107,7 +125,7 @@ class Engine:
 
   def programs(self) -> list[tuple[int | None, int]]:
     """Every (rank, batch size) to compile before traffic, largest rank first."""
-    return [(r, b) for r in sorted(self.ranks, key=lambda r: -(r or 0)) for b in self.batch_sizes]
+    return [(r, b) for r in reversed(self.ranks) for b in self.batch_sizes]
 
   def resolve(self, rank, budget) -> int | None:
     """The rank a request runs at: its own `rank` (a served one), the largest served rank within
@@ -117,6 +135,10 @@ class Engine:
     if not self.nested and (rank is not None or budget is not None):
       raise RequestError(422, "rank/budget: this model has no ranks (a dense model or an export)")
     if rank is not None:
+      if self.profile_budget:
+        raise RequestError(
+          422, f"rank={rank}: this server serves FlexRank profiles; valid: a budget"
+        )
       if rank not in self.ranks:
         raise RequestError(422, f"rank={rank}: valid: a served rank, one of {list(self.ranks)}")
       return rank
@@ -133,7 +155,8 @@ class Engine:
       raise RequestError(
         422,
         f"budget={budget:g}: valid: a fraction of the {self.budget_reference} model's FLOPs "
-        f"in [{cheapest:.4f}, 1] (the smallest served rank, {self.ranks[0]}, costs {cheapest:.4f})",
+        f"in [{cheapest:.4f}, 1] (the cheapest served, {self.label(self.ranks[0])}, costs "
+        f"{cheapest:.4f})",
       )
     return fitting[-1]
 
@@ -161,9 +184,13 @@ class Classifier(Engine):
 
   kind = "classify"
 
-  def __init__(self, restored: Restored, ranks, batch_sizes, budget_reference="max_rank"):
+  def __init__(
+    self, restored: Restored, ranks, batch_sizes, budget_reference="max_rank", profiles=None
+  ):
     config = restored.config
-    super().__init__(restored, ranks, batch_sizes, config_lib.seq_len(config), budget_reference)
+    super().__init__(
+      restored, ranks, batch_sizes, config_lib.seq_len(config), budget_reference, profiles
+    )
     self.task = get_task(config.task)
     self.text = config.task == "text_classification"
     self.encoder = text_encoder(config) if self.text else None
@@ -272,7 +299,15 @@ class Generator(Engine):
   keys = frozenset({*_GENERATE_KEYS, "rank", "budget"})
 
   def __init__(
-    self, restored: Restored, ranks, batch_sizes, budget_reference, context, max_new_tokens
+    self,
+    restored: Restored,
+    ranks,
+    batch_sizes,
+    *,
+    context: int,
+    max_new_tokens: int,
+    budget_reference: str = "max_rank",
+    profiles=None,
   ):
     from nsn_jax.llm.decode import Decoder
     from nsn_jax.llm.gguf import GGUFTokenizer, open_gguf
@@ -284,7 +319,7 @@ class Generator(Engine):
         f"at most the model's max_seq_len, {restored.model.config.max_seq_len}",
       )
     # FLOPs per generated token are counted at a full context: attention over every slot.
-    super().__init__(restored, ranks, batch_sizes, context, budget_reference)
+    super().__init__(restored, ranks, batch_sizes, context, budget_reference, profiles)
     self.tokenizer = GGUFTokenizer.from_reader(open_gguf(model_path(restored.config)))
     self.decoder = Decoder(self.model, context)
     self.max_new_tokens = max_new_tokens
@@ -389,9 +424,16 @@ def load_engine(options) -> Engine:
   restored = restore_model(options.path, step=options.step)
   model = restored.model
   ranks = options.ladder(flops.max_rank(model) if nsn_layers(model) else None)
+  profiles = saved_profiles(restored.metadata) if options.profiles else None
+  common = dict(budget_reference=options.budget_reference, profiles=profiles)
   sizes = options.compiled_batch_sizes()
   if restored.config.task == "language_modelling":
     return Generator(
-      restored, ranks, sizes, options.budget_reference, options.context, options.max_new_tokens
+      restored,
+      ranks,
+      sizes,
+      context=options.context,
+      max_new_tokens=options.max_new_tokens,
+      **common,
     )
-  return Classifier(restored, ranks, sizes, options.budget_reference)
+  return Classifier(restored, ranks, sizes, **common)

@@ -22,6 +22,7 @@ class ServeOptions:
   port: int = 8000
   policy: str = "fixed"  # fixed: every open batch at `rank`; slo: the largest rank within slo_ms
   rank: int | None = None  # the fixed policy's rank (default R)
+  profiles: bool = False  # serve the checkpoint's FlexRank profiles instead of a rank ladder
   ranks: str = ""  # the rank ladder compiled and served, eval.py's syntax ("" = powers of 2 and R)
   budget_reference: str = "max_rank"  # what a request's budget is a fraction of
   max_batch: int = 32
@@ -71,6 +72,10 @@ class ServeOptions:
       _check("--rank", self.rank, self.rank >= 1, "an integer ≥ 1")
     if self.ranks:
       parse_ranks(self.ranks, max_rank=None)  # the syntax; the range once R is known
+    if self.profiles and (self.ranks or self.rank is not None):
+      raise ConfigError(
+        "--profiles", True, "alone: a profile server has no rank ladder", "--ranks/--rank given"
+      )
     return self
 
   def compiled_batch_sizes(self) -> tuple[int, ...]:

@@ -40,9 +40,9 @@ class LatencyModel:
       return math.inf
     return units * float(np.percentile(samples, self.percentile))
 
-  def table(self) -> dict[str, float]:
-    """{"rank/batch": ms per unit} at the percentile: what /v1/model reports."""
-    return {f"{r}/{b}": 1e3 * self.seconds(r, b) for r, b in sorted(self._samples)}
+  def table(self, label=str) -> dict[str, float]:
+    """{"<label(rank)>/<batch>": ms per unit} at the percentile: what /v1/model reports."""
+    return {f"{label(r)}/{b}": 1e3 * self.seconds(r, b) for r, b in self._samples}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,7 @@ class FixedPolicy:
 
 
 class SloPolicy:
-  """The largest rank whose predicted completion keeps every queued request within the SLO.
+  """The most expensive rank whose predicted completion keeps every queued request within the SLO.
 
   For each rank, largest first, it predicts at the latency model's percentile (so p99 targets
   the 99th percentile of recent batches): the batch about to run finishes at its age plus its
@@ -97,7 +97,7 @@ class SloPolicy:
     max_batch: int,
     bucket_of,
   ):
-    self.ranks = sorted(ranks, reverse=True)
+    self.ranks = list(reversed(ranks))  # given cheapest first; tried most expensive first
     self.latency, self.slo_s, self.max_batch = latency, slo_s, max_batch
     self.bucket_of = bucket_of  # rows -> the compiled batch size they run at
 
