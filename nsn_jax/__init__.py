@@ -26,7 +26,9 @@ _API = {
   "ATTENTION_RULES": "nsn_jax.surgery",
   "load_gguf": "nsn_jax.llm",
   "load_hf_bert": "nsn_jax.llm",
-  "generate": "nsn_jax.models.llama",
+  "generate": "nsn_jax.llm.decode",
+  "Decoder": "nsn_jax.llm.decode",
+  "Sampling": "nsn_jax.llm.decode",
   # budgets and FLOPs
   "model_flops": "nsn_jax.flops",
   "dense_model_flops": "nsn_jax.flops",

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from nsn_jax.llm import load_gguf, smollm2_path
-from nsn_jax.models.llama import KVCache, LlamaConfig, LlamaModel, generate
+from nsn_jax.llm.decode import generate
+from nsn_jax.models.llama import KVCache, LlamaConfig, LlamaModel
 from nsn_jax.surgery import decompose_and_replace
 
 TINY = LlamaConfig(

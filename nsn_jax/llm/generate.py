@@ -1,8 +1,13 @@
-"""Greedy generation (KV cache) from a GGUF model or a fine-tuned nested decoder, at a chosen rank.
+"""Generation (KV cache) from a GGUF model or a fine-tuned nested decoder, at a chosen rank.
 
   python -m nsn_jax.llm.generate --prompt="The capital of France is"            # SmolLM2, dense
   python -m nsn_jax.llm.generate --prompt="..." --nsn_max_rank=576 --rank=288   # NSN MLPs at r=288
   python -m nsn_jax.llm.generate --workdir=runs/smollm2_lm --rank=136 --prompt="To be, or"
+  python -m nsn_jax.llm.generate --prompt="Once upon" --prompt="The sea" --temperature=0.8 \
+      --top_p=0.9 --stop=.                                                      # a sampled batch
+
+Each `--prompt` is one row of a single batch (`nsn_jax.llm.decode.Decoder`); greedy unless
+`--temperature` > 0. Row i samples with seed `--seed` + i.
 
 `--nsn_max_rank` applies `decompose_and_replace` (SVD, MLP projections only) before generating;
 `--rank` then picks the budget. Without multi-rank fine-tuning, low ranks degrade quickly: that
@@ -20,14 +25,21 @@ from absl import flags
 from nsn_jax import cli, flops
 from nsn_jax.build import model_path
 from nsn_jax.layers import nsn_layers
+from nsn_jax.llm.decode import Decoder, Sampling
 from nsn_jax.llm.gguf import GGUFTokenizer, load_gguf, open_gguf, smollm2_path
-from nsn_jax.models.llama import generate
 from nsn_jax.restore import restore_model
 from nsn_jax.surgery import decompose_and_replace, format_report
 
 _GGUF = flags.DEFINE_string("gguf", None, "GGUF file (default: SmolLM2-135M-Instruct, offline).")
-_PROMPT = flags.DEFINE_string("prompt", "The capital of France is", "Text to continue.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 20, "Tokens to generate.")
+_PROMPT = flags.DEFINE_multi_string(
+  "prompt", ["The capital of France is"], "Text to continue; repeat for a batch."
+)
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 20, "Tokens to generate (at most) per prompt.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0 = off.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the top tokens of this mass; 1 = off.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed of the first prompt (row i: seed + i).")
+_STOP = flags.DEFINE_multi_string("stop", [], "End a row's text before this string (repeatable).")
 _NSN_MAX_RANK = flags.DEFINE_integer(
   "nsn_max_rank", None, "Replace the MLP projections by NSN layers of this R."
 )
@@ -70,7 +82,7 @@ def main():
   rank = None
   if nsn_layers(model):
     rank = _RANK.value or flops.max_rank(model)
-    context = len(tokenizer.encode(_PROMPT.value)) + _MAX_NEW.value
+    context = max(len(tokenizer.encode(p)) for p in _PROMPT.value) + _MAX_NEW.value
     # model_flops checks the rank against every NSN layer before anything compiles.
     fraction = flops.model_flops(model, rank, seq_len=context) / flops.dense_model_flops(
       model, seq_len=context
@@ -81,12 +93,26 @@ def main():
       file=sys.stderr,
     )
   start = time.perf_counter()
-  tokens = generate(
-    model, tokenizer.encode(_PROMPT.value), _MAX_NEW.value, rank, eos_id=tokenizer.eos_id
+  prompts = [tokenizer.encode(p) for p in _PROMPT.value]
+  sampling = [
+    Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value + i)
+    for i in range(len(prompts))
+  ]
+  decoder = Decoder(model, slots=max(map(len, prompts)) + _MAX_NEW.value)
+  completions = decoder.generate(
+    prompts,
+    _MAX_NEW.value,
+    rank,
+    sampling=sampling,
+    eos_id=tokenizer.eos_id,
+    stop=_STOP.value,
+    tokenizer=tokenizer,
   )
   seconds = time.perf_counter() - start
-  print(f"{len(tokens)} tokens in {seconds:.1f} s (compile included)", file=sys.stderr)
-  print(_PROMPT.value + tokenizer.decode(tokens))
+  count = sum(len(c.tokens) for c in completions)
+  print(f"{count} tokens in {seconds:.1f} s (compile included)", file=sys.stderr)
+  for prompt, completion in zip(_PROMPT.value, completions):
+    print(prompt + completion.text)
 
 
 if __name__ == "__main__":

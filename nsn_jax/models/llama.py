@@ -11,7 +11,6 @@ the Hugging Face layout (rotating the two halves of a head) must have those rows
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import dataclasses
 import functools
 from typing import NamedTuple
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nsn_jax.layers import Rank, is_static_rank, project
+from nsn_jax.layers import Rank, project
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +102,9 @@ class Attention(nnx.Module):
     self.o = linear(c.n_heads * c.head_dim, c.dim)
 
   def __call__(self, x, positions, mask, kv, index, rank: Rank = None):
-    """x: (B, T, dim), positions: (B, T), mask: (T, S) → (B, T, dim) and the keys/values
-    (B, S, n_kv_heads, hd) attended to: x's own (S = T) if kv is None, else kv with x's written
-    at slot `index`."""
+    """x: (B, T, dim), positions: (B, T), mask: (T, S) or per row (B, T, S) → (B, T, dim) and
+    the keys/values (B, S, n_kv_heads, hd) attended to: x's own (S = T) if kv is None, else kv
+    with x's written at slot `index`."""
     c, (b, t, _) = self.config, x.shape
     q = rope(project(self.q, x, rank).reshape(b, t, c.n_heads, c.head_dim), positions, c.rope_theta)
     k = rope(
@@ -118,6 +117,7 @@ class Attention(nnx.Module):
     # Query head h reads KV head h // group, the grouping of llama.cpp and HF's repeat_kv.
     q = q.reshape(b, t, c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / np.sqrt(c.head_dim)
+    mask = mask[:, None, None] if mask.ndim == 3 else mask  # against scores (b, k, g, t, s)
     probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.n_heads * c.head_dim)
     return project(self.o, out, rank), (k, v)
@@ -172,18 +172,31 @@ class LlamaModel(nnx.Module):
     rank: Rank = None,
     cache: KVCache | None = None,
     positions: jax.Array | None = None,
+    starts: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """tokens: int32 (B, T) → (logits float32 (B, T, vocab), the updated cache or None).
 
     With a cache the tokens continue its sequence: they fill slots index..index+T-1 (the cache
     must have room; under jit an overflow cannot be detected) and attend to all filled slots.
-    `positions` (B, T) or (T,) sets only the RoPE angles; it defaults to index + arange(T).
+    `starts` (B,) int32 left-pads the rows: row b's slots below starts[b] are padding, never
+    attended to, and its RoPE positions count from its first real slot. `positions` (B, T) or
+    (T,) sets only the RoPE angles; it defaults to index + arange(T) (− starts).
     """
     b, t = tokens.shape
     start = 0 if cache is None else cache.index
-    positions = jnp.broadcast_to(start + jnp.arange(t) if positions is None else positions, (b, t))
     slots = t if cache is None else cache.keys[0].shape[1]
-    mask = jnp.arange(slots)[None, :] <= start + jnp.arange(t)[:, None]  # (T, S): causal
+    query_slots = start + jnp.arange(t)
+    mask = jnp.arange(slots)[None, :] <= query_slots[:, None]  # (T, S): causal
+    if starts is not None:
+      default_positions = query_slots[None, :] - starts[:, None]
+      # A padding query also sees its own slot: with no visible key its softmax row would be NaN,
+      # and 0 · NaN (its keys and values, masked out) would still reach the real rows' sums.
+      key_slots = jnp.arange(slots)
+      real = (key_slots >= starts[:, None, None]) | (key_slots == query_slots[:, None])
+      mask = mask & real  # (B, T, S)
+    else:
+      default_positions = query_slots
+    positions = jnp.broadcast_to(default_positions if positions is None else positions, (b, t))
     x = self.embed(tokens)
     keys, values = [], []
     for i, layer in enumerate(self.layers):
@@ -219,49 +232,3 @@ class LlamaModel(nnx.Module):
     head when it is the tied embedding (an untied `lm_head` is an nnx.Linear, counted there)."""
     tied = 2 * self.config.dim * self.config.vocab_size if self.lm_head is None else 0
     return self.attention_flops(seq_len) + tied
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "treedef", "rank"))
-def _greedy_step(graphdef, treedef, leaves, tokens, cache, rank):
-  """The greedy next token (B,) after tokens (B, T), and the cache with those tokens written.
-
-  The weights come as a flat list of arrays (`leaves` of the state's `treedef`): JAX flattens an
-  nnx.State argument in Python on every call, once per token (docs/benchmarks.md)."""
-  model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-  logits, cache = model(tokens, rank=dict(rank) if isinstance(rank, tuple) else rank, cache=cache)
-  return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-
-def generate(
-  model: LlamaModel,
-  prompt_tokens,
-  max_new_tokens: int,
-  rank: Rank = None,
-  *,
-  eos_id: int | None = None,
-) -> list[int]:
-  """Greedy decoding: up to max_new_tokens ids continuing prompt_tokens (ids), stopping at eos_id.
-
-  One call prefills the KV cache with the prompt, then each new token is one call. Both are jitted
-  with `rank` static (None, an int or a profile {path: int}), so each rank compiles its own small
-  programs; masked (array) ranks belong to training, not here.
-  """
-  if not (rank is None or is_static_rank(rank) or isinstance(rank, Mapping)):
-    raise ValueError(f"generate takes rank None, an int or a profile of ints; got {rank!r}.")
-  prompt = jnp.asarray(prompt_tokens, jnp.int32)[None]
-  slots = prompt.shape[1] + max_new_tokens
-  if slots > model.config.max_seq_len:
-    raise ValueError(
-      f"prompt + max_new_tokens = {slots} exceeds max_seq_len {model.config.max_seq_len}."
-    )
-  static_rank = tuple(sorted(rank.items())) if isinstance(rank, Mapping) else rank  # hashable
-  graphdef, state = nnx.split(model)
-  leaves, treedef = jax.tree.flatten(state)
-  token, cache = _greedy_step(
-    graphdef, treedef, leaves, prompt, KVCache.init(model.config, 1, slots), static_rank
-  )
-  out = [int(token[0])]
-  while len(out) < max_new_tokens and out[-1] != eos_id:
-    token, cache = _greedy_step(graphdef, treedef, leaves, token[:, None], cache, static_rank)
-    out.append(int(token[0]))
-  return out[:max_new_tokens]

@@ -19,6 +19,7 @@ from absl import flags
 import jax
 
 from nsn_jax import cli
+from nsn_jax.serve.engine import load_engine
 from nsn_jax.serve.metrics import log_event
 from nsn_jax.serve.options import DEFAULT_CACHE, POLICIES, ServeOptions
 
@@ -89,12 +90,13 @@ def _options() -> ServeOptions:
 
 
 def main():
-  import uvicorn
-
-  from nsn_jax.serve.app import Server, create_app
-  from nsn_jax.serve.engine import load_engine
-
   options = _options()
+  try:  # the serve extra; `make setup` installs it
+    import uvicorn
+
+    from nsn_jax.serve.app import Server, create_app
+  except ImportError as e:
+    raise ValueError(f"{e}: the server needs its extra, pip install -e '.[serve]'") from None
   start = time.perf_counter()
   if options.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", options.compilation_cache)

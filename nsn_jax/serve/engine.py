@@ -26,8 +26,10 @@ from nsn_jax.config import ConfigError
 from nsn_jax.data.pipeline import preprocess
 from nsn_jax.data.text import encode_texts
 from nsn_jax.layers import nsn_layers
+from nsn_jax.llm.decode import Decoder, Sampling, default_prompt_buckets
+from nsn_jax.llm.gguf import GGUFTokenizer, open_gguf
 from nsn_jax.profiles import saved_profiles, summarise
-from nsn_jax.restore import Restored
+from nsn_jax.restore import Restored, restore_model
 from nsn_jax.tasks import get_task
 
 MAX_TEXT_CHARS = 100_000  # per text: longer is refused (413) before it reaches the tokenizer
@@ -309,9 +311,6 @@ class Generator(Engine):
     budget_reference: str = "max_rank",
     profiles=None,
   ):
-    from nsn_jax.llm.decode import Decoder
-    from nsn_jax.llm.gguf import GGUFTokenizer, open_gguf
-
     if context > restored.model.config.max_seq_len:
       raise ConfigError(
         "--context",
@@ -321,8 +320,10 @@ class Generator(Engine):
     # FLOPs per generated token are counted at a full context: attention over every slot.
     super().__init__(restored, ranks, batch_sizes, context, budget_reference, profiles)
     self.tokenizer = GGUFTokenizer.from_reader(open_gguf(model_path(restored.config)))
-    self.decoder = Decoder(self.model, context)
-    self.max_new_tokens = max_new_tokens
+    # Rows of a batch share the cache's write index, so any prompt must fit beside any request's
+    # new tokens: prompts get what --max_new_tokens leaves of the context.
+    self.max_new_tokens, self.max_prompt = max_new_tokens, context - max_new_tokens
+    self.decoder = Decoder(self.model, context, default_prompt_buckets(self.max_prompt + 1))
 
   def compile(self, rank, batch_size: int) -> None:
     self.decoder.compile(rank, batch_size)
@@ -344,15 +345,11 @@ class Generator(Engine):
       body, "max_new_tokens", int, lambda n: 1 <= n <= cap, f"an integer in 1..{cap}", min(32, cap)
     )
     tokens = self.tokenizer.encode(prompt)
-    if len(tokens) > self.decoder.max_prompt_tokens:
-      raise RequestError(
-        413, f"prompt of {len(tokens)} tokens: valid: at most {self.decoder.max_prompt_tokens}"
-      )
-    if len(tokens) + new > self.seq_len:
+    if len(tokens) > self.max_prompt:
       raise RequestError(
         413,
-        f"prompt of {len(tokens)} tokens + max_new_tokens={new}: valid: at most "
-        f"{self.seq_len} tokens in all (the server's --context)",
+        f"prompt of {len(tokens)} tokens: valid: at most {self.max_prompt} (the server's "
+        "--context minus --max_new_tokens)",
       )
     inputs = {
       "tokens": tokens,
@@ -386,15 +383,11 @@ class Generator(Engine):
     return results, 1.0 + max(len(c.tokens) for c in completions)
 
   def warm_up_request(self, batch_size: int) -> list[Parsed]:
-    from nsn_jax.llm.decode import Sampling
-
     inputs = {"tokens": [0] * 8, "max_new_tokens": 4, "sampling": Sampling(), "stop": []}
     return [Parsed(inputs, 1, 5.0, None, None)] * batch_size
 
 
 def _sampling(body: dict):
-  from nsn_jax.llm.decode import Sampling
-
   fields = {k: body[k] for k in ("temperature", "top_k", "top_p", "seed") if k in body}
   for name, value in fields.items():
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -419,8 +412,6 @@ def _stop_strings(body: dict) -> list[str]:
 
 def load_engine(options) -> Engine:
   """The engine for `options.path`'s checkpoint (a ServeOptions): restored, ranks checked."""
-  from nsn_jax.restore import restore_model
-
   restored = restore_model(options.path, step=options.step)
   model = restored.model
   ranks = options.ladder(flops.max_rank(model) if nsn_layers(model) else None)
