@@ -230,3 +230,24 @@ def test_a_prepared_tfds_text_pair_dataset_runs_by_config(tiny_gguf, tmp_path):
   config.data.text_feature = ("premise", "sentence")
   with pytest.raises(ValueError, match="sentence"):
     train_and_evaluate(config, str(tmp_path / "bad"))
+
+
+def test_a_text_classifier_is_served_as_eval_reads_it(genre_runs):
+  """The server's text path tokenises as the eval pipeline does and runs the same model."""
+  from nsn_jax.data.text import encode_texts
+  from nsn_jax.serve.engine import Classifier, RequestError
+
+  restored = restore_model(genre_runs[0])
+  engine = Classifier(restored, (2, 8), (4,))
+  texts = ["To be, or not to be", "hello the abc " * 20]  # the second is cut at data.seq_len
+  parsed = engine.parse({"texts": texts, "rank": 2}, 4)
+  (result,), _ = engine.run(parsed.rank, 4, [parsed])
+  config = restored.config
+  encoder = text_encoder(config)
+  batch = encode_texts(texts, encoder.encode, config.data.seq_len, encoder.pad_id)
+  expected = jax.nn.softmax(restored.model(batch["tokens"], batch["mask"], rank=2))
+  np.testing.assert_allclose(result["probabilities"], expected, rtol=1e-5, atol=1e-7)
+  assert engine.flops(2) == config.data.seq_len * flops.model_flops(restored.model, 2, 16)
+  for bad in ({"texts": "one string"}, {"texts": []}, {"texts": ["ok", 3]}, {"inputs": [[0]]}):
+    with pytest.raises(RequestError):
+      engine.parse(bad, 4)
