@@ -235,7 +235,8 @@ def test_a_prepared_tfds_text_pair_dataset_runs_by_config(tiny_gguf, tmp_path):
 def test_a_text_classifier_is_served_as_eval_reads_it(genre_runs):
   """The server's text path tokenises as the eval pipeline does and runs the same model."""
   from nsn_jax.data.text import encode_texts
-  from nsn_jax.serve.engine import Classifier, RequestError
+  from nsn_jax.serve.classify import Classifier
+  from nsn_jax.serve.engine import RequestError
 
   restored = restore_model(genre_runs[0])
   engine = Classifier(restored, (2, 8), (4,))

@@ -6,6 +6,7 @@ released makes overload deterministic.
 """
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -180,10 +181,12 @@ class StubEngine:
   def parse(self, body, max_rows):
     if "rows" not in body:
       raise RequestError(422, "rows: missing")
-    return Parsed(None, body["rows"], 1.0, body.get("rank"), None)
+    return Parsed(body.get("fail"), body["rows"], 1.0, body.get("rank"), None)
 
   def run(self, rank, size, requests):
     self.release.wait(30)
+    if any(r.inputs for r in requests):
+      raise RuntimeError("device lost")
     self.batches.append((rank, sum(r.rows for r in requests)))
     return [{"rows": r.rows} for r in requests], 1.0
 
@@ -275,6 +278,10 @@ def test_overload_gives_503_with_retry_after_and_the_queue_is_still_served():
       t.join(10)
     assert sorted(r[0] for r in replies) == [200, 200, 503]
     assert call(port, "/v1/classify", {"nope": 1})[:2] == (422, {"error": "rows: missing"})
+    # A batch that fails answers 500 and the next batch is served.
+    failed = call(port, "/v1/classify", {"rows": 1, "fail": True})
+    assert failed[:2] == (500, {"error": "inference failed: RuntimeError: device lost"})
+    assert call(port, "/v1/classify", {"rows": 1})[0] == 200
   finally:
     engine.release.set()
     uv.should_exit = True
@@ -307,6 +314,10 @@ def test_served_ranks_equal_the_restored_model(server, workdir):
     expected = jax.nn.softmax(model(images.astype(np.float32) / 255.0, rank=rank))
     np.testing.assert_allclose(reply["probabilities"], expected, rtol=1e-5, atol=1e-7)
     assert reply["labels"] == np.argmax(expected, -1).tolist()
+  # The same pixels as base64 bytes give the same answer.
+  packed = base64.b64encode(images.astype(np.uint8).tobytes()).decode()
+  status, again, _ = call(port, "/v1/classify", {"inputs_b64": packed, "rank": 8})
+  assert status == 200 and again["probabilities"] == reply["probabilities"]
   # A budget runs at the largest served rank whose FLOPs fit in it (of rank R's FLOPs here).
   fraction = info[4]["flops"] / info[8]["flops"]
   status, reply, _ = call(port, "/v1/classify", {"inputs": images[:1].tolist(), "budget": fraction})
@@ -320,7 +331,10 @@ BAD_REQUESTS = [
   (b"{not json", 400, "not valid JSON"),
   (b"[1, 2]", 422, "a JSON object"),
   ({"inputs": [[0] * 784], "rnak": 2}, 422, "unknown fields ['rnak']"),
-  ({}, 422, "inputs: missing"),
+  ({}, 422, "inputs or inputs_b64: give one"),
+  ({"inputs": [[0] * 784], "inputs_b64": ""}, 422, "inputs or inputs_b64: give one"),
+  ({"inputs_b64": "%%%"}, 422, "inputs_b64: not base64"),
+  ({"inputs_b64": "AAAA"}, 422, "inputs_b64: 3 bytes; valid: base64 of N × 784"),
   ({"inputs": [[0] * 10]}, 422, "shape [1, 10]"),
   ({"inputs": [[0] * 784, [0] * 783]}, 422, "not a rectangular array"),
   ({"inputs": [["a"] * 784]}, 422, "not a rectangular array"),
@@ -413,7 +427,7 @@ def test_cli_refuses_bad_flags_and_paths_in_one_line(tmp_path):
 
 def test_parse_keeps_what_eval_reads(workdir):
   """An image request's values are preprocessed as eval.py's data pipeline does."""
-  from nsn_jax.serve.engine import Classifier
+  from nsn_jax.serve.classify import Classifier
 
   engine = Classifier(restore_model(workdir), (8,), (1,))
   parsed = engine.parse({"inputs": [[[255] * 28] * 28]}, 8)
@@ -431,7 +445,7 @@ def test_flexrank_profiles_are_served_by_budget(workdir):
   expensive that fits, and a profile's outputs are the model's at that profile."""
   from flax.core import FrozenDict
 
-  from nsn_jax.serve.engine import Classifier
+  from nsn_jax.serve.classify import Classifier
 
   restored = restore_model(workdir)
   cheap, rich = FrozenDict({"hidden/0": 2}), FrozenDict({"hidden/0": 6})

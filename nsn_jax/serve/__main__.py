@@ -19,7 +19,6 @@ from absl import flags
 import jax
 
 from nsn_jax import cli
-from nsn_jax.serve.engine import load_engine
 from nsn_jax.serve.metrics import log_event
 from nsn_jax.serve.options import DEFAULT_CACHE, POLICIES, ServeOptions
 
@@ -94,7 +93,7 @@ def main():
   try:  # the serve extra; `make setup` installs it
     import uvicorn
 
-    from nsn_jax.serve.app import Server, create_app
+    from nsn_jax.serve.app import Server, create_app, load_engine
   except ImportError as e:
     raise ValueError(f"{e}: the server needs its extra, pip install -e '.[serve]'") from None
   start = time.perf_counter()

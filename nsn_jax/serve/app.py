@@ -27,8 +27,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from nsn_jax import flops
+from nsn_jax.layers import nsn_layers
+from nsn_jax.profiles import saved_profiles
+from nsn_jax.restore import restore_model
 from nsn_jax.serve.batcher import Batcher, BatchInfo, Overloaded
+from nsn_jax.serve.classify import Classifier
 from nsn_jax.serve.engine import Engine, RequestError
+from nsn_jax.serve.generate import Generator
 from nsn_jax.serve.metrics import ServerMetrics, cache_counts, log_event
 from nsn_jax.serve.options import ServeOptions
 from nsn_jax.serve.policy import FixedPolicy, LatencyModel, SloPolicy
@@ -242,3 +248,23 @@ def create_app(server: Server) -> Starlette:
   return Starlette(
     routes=routes, lifespan=server.lifespan, exception_handlers={HTTPException: http_error}
   )
+
+
+def load_engine(options: ServeOptions) -> Engine:
+  """The engine for `options.path`'s checkpoint (a ServeOptions): restored, ranks checked."""
+  restored = restore_model(options.path, step=options.step)
+  model = restored.model
+  ranks = options.ladder(flops.max_rank(model) if nsn_layers(model) else None)
+  profiles = saved_profiles(restored.metadata) if options.profiles else None
+  common = dict(budget_reference=options.budget_reference, profiles=profiles)
+  sizes = options.compiled_batch_sizes()
+  if restored.config.task == "language_modelling":
+    return Generator(
+      restored,
+      ranks,
+      sizes,
+      context=options.context,
+      max_new_tokens=options.max_new_tokens,
+      **common,
+    )
+  return Classifier(restored, ranks, sizes, **common)

@@ -125,7 +125,13 @@ class Batcher:
         await self._arrived.wait()
         continue
       await self._fill(self.queue[0])
-      await self._run_batch(self._take())
+      batch = self._take()
+      try:
+        await self._run_batch(batch)
+      except Exception as error:  # a failed batch fails its requests, never the loop
+        for p in batch:
+          if not p.done.done():  # its client may have gone
+            p.done.set_exception(error)
 
   async def _fill(self, head: Pending) -> None:
     """Waits (at most until head.arrival + max_wait_s) while the batch could still grow."""
@@ -181,10 +187,6 @@ class Batcher:
       results, units_run = await asyncio.get_running_loop().run_in_executor(
         self._device, self.engine.run, rank, size, [p.request for p in batch]
       )
-    except Exception as error:  # a failed batch fails its requests, never the server
-      for p in batch:
-        p.done.set_exception(error)
-      return
     finally:
       self._running = None
     seconds = time.monotonic() - start

@@ -2,35 +2,24 @@
 
 An engine holds every (rank, batch size) program compiled ahead of traffic, checks a request's
 JSON into model inputs (`parse`, raising `RequestError` with the HTTP status and one line), and
-runs a batch of parsed requests at a rank (`run`, on the server's single device thread). Two
-kinds exist, one per model kind the library trains: `Classifier` (image or text classification)
-and `Generator` (a language model: prompt → text with the KV cache).
+runs a batch of parsed requests at a rank (`run`, on the server's single device thread). One
+kind per model kind the library trains: `classify.Classifier` (image or text classification)
+and `generate.Generator` (a language model: prompt → text with the KV cache).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
-import math
 from typing import Any
 
 from flax import nnx
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from nsn_jax import config as config_lib
 from nsn_jax import flops
-from nsn_jax.build import model_path, text_encoder
-from nsn_jax.config import ConfigError
-from nsn_jax.data.pipeline import preprocess
-from nsn_jax.data.text import encode_texts
 from nsn_jax.layers import nsn_layers
-from nsn_jax.llm.decode import Decoder, Sampling, default_prompt_buckets
-from nsn_jax.llm.gguf import GGUFTokenizer, open_gguf
-from nsn_jax.profiles import saved_profiles, summarise
-from nsn_jax.restore import Restored, restore_model
-from nsn_jax.tasks import get_task
+from nsn_jax.profiles import summarise
+from nsn_jax.restore import Restored
 
 MAX_TEXT_CHARS = 100_000  # per text: longer is refused (413) before it reaches the tokenizer
 
@@ -55,7 +44,7 @@ class Parsed:
   budget: float | None
 
 
-def _field(body: dict, name: str, kind, check: Callable[[Any], bool], valid: str, default=None):
+def field(body: dict, name: str, kind, check: Callable[[Any], bool], valid: str, default=None):
   """body[name] if present, checked: a RequestError(422) naming the field, the value and what is
   valid otherwise. Booleans are not numbers here."""
   if name not in body:
@@ -169,8 +158,8 @@ class Engine:
     unknown = sorted(set(body) - self.keys)
     if unknown:
       raise RequestError(422, f"unknown fields {unknown}: valid fields: {sorted(self.keys)}")
-    rank = _field(body, "rank", int, lambda r: True, "an integer served rank")
-    budget = _field(
+    rank = field(body, "rank", int, lambda r: True, "an integer served rank")
+    budget = field(
       body, "budget", (int, float), lambda b: 0 < b <= 1, "a fraction of FLOPs in (0, 1]"
     )
     return rank, None if budget is None else float(budget)
@@ -179,252 +168,3 @@ class Engine:
     if key not in self._programs:
       self._programs[key] = compile_fn()
     return self._programs[key]
-
-
-class Classifier(Engine):
-  """Images (raw pixel values, as the dataset stores them) or texts → label probabilities."""
-
-  kind = "classify"
-
-  def __init__(
-    self, restored: Restored, ranks, batch_sizes, budget_reference="max_rank", profiles=None
-  ):
-    config = restored.config
-    super().__init__(
-      restored, ranks, batch_sizes, config_lib.seq_len(config), budget_reference, profiles
-    )
-    self.task = get_task(config.task)
-    self.text = config.task == "text_classification"
-    self.encoder = text_encoder(config) if self.text else None
-    self.keys = frozenset({"texts" if self.text else "inputs", "rank", "budget"})
-    # The library's image model (NSNMLP) flattens each image before its first layer.
-    self.input_size = None if self.text else self.model.hidden[0].in_features
-    graphdef, treedef, task = self.graphdef, self.treedef, self.task
-
-    def probabilities(leaves, batch, rank):
-      model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-      return jax.nn.softmax(task.logits(model, batch, rank).astype(jnp.float32), axis=-1)
-
-    self._jit = jax.jit(probabilities, static_argnums=2)
-
-  def flops(self, rank: int | None) -> int:
-    """FLOPs per example: a text model's whole forward pass over data.seq_len tokens."""
-    return (self.seq_len or 1) * super().flops(rank)
-
-  def _example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-    if self.text:
-      return {
-        "tokens": np.zeros((batch_size, self.seq_len), np.int32),
-        "mask": np.ones((batch_size, self.seq_len), bool),
-      }
-    return {"image": np.zeros((batch_size, self.input_size), np.float32)}
-
-  def compile(self, rank, batch_size: int) -> None:
-    example = self._example_batch(batch_size)
-    self._program((rank, batch_size), lambda: self._jit.lower(self.leaves, example, rank).compile())
-
-  def parse(self, body: Any, max_rows: int) -> Parsed:
-    rank, budget = self.parse_common(body)
-    inputs = self._parse_texts(body) if self.text else self._parse_images(body)
-    rows = len(next(iter(inputs.values())))
-    if rows > max_rows:
-      raise RequestError(413, f"{rows} examples: valid: at most {max_rows} per request")
-    return Parsed(inputs, rows, 1.0, self.resolve(rank, budget), budget)
-
-  def _parse_images(self, body: dict) -> dict[str, np.ndarray]:
-    valid = (
-      f"a non-empty list of examples, each {self.input_size} pixel values in [0, 255] "
-      "(nested as the image's shape or flat)"
-    )
-    if "inputs" not in body:
-      raise RequestError(422, f"inputs: missing; valid: {valid}")
-    try:
-      images = np.asarray(body["inputs"], np.float64)
-    except (ValueError, TypeError):
-      raise RequestError(
-        422, f"inputs: not a rectangular array of numbers; valid: {valid}"
-      ) from None
-    if images.ndim < 2 or len(images) == 0 or math.prod(images.shape[1:]) != self.input_size:
-      raise RequestError(422, f"inputs: shape {list(images.shape)}; valid: {valid}")
-    if not np.all(np.isfinite(images)) or images.min() < 0 or images.max() > 255:
-      raise RequestError(422, f"inputs: values outside [0, 255] or not finite; valid: {valid}")
-    # The dataset's uint8 pixels, preprocessed as training and eval.py preprocess them.
-    return preprocess({"image": images.reshape(len(images), -1).astype(np.float32)})
-
-  def _parse_texts(self, body: dict) -> dict[str, np.ndarray]:
-    texts = body.get("texts")
-    valid = "a non-empty list of strings"
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-      raise RequestError(422, f"texts={json_repr(texts)}: valid: {valid}")
-    if max(map(len, texts)) > MAX_TEXT_CHARS:
-      raise RequestError(
-        413, f"texts: a text of {max(map(len, texts))} characters; valid: at most {MAX_TEXT_CHARS}"
-      )
-    # Tokenised and cut to data.seq_len exactly as the training and eval pipelines do.
-    return encode_texts(texts, self.encoder.encode, self.seq_len, self.encoder.pad_id)
-
-  def run(self, rank, batch_size: int, requests: Sequence[Parsed]) -> tuple[list[dict], float]:
-    """Probabilities for each request's rows, one padded batch; (results, units run)."""
-    arrays = {key: np.concatenate([r.inputs[key] for r in requests]) for key in requests[0].inputs}
-    rows = len(next(iter(arrays.values())))
-    padded = {
-      k: np.concatenate([v, np.zeros((batch_size - rows, *v.shape[1:]), v.dtype)])
-      for k, v in arrays.items()
-    }
-    self.compile(rank, batch_size)  # a no-op once compiled at start-up
-    probs = np.asarray(self._programs[(rank, batch_size)](self.leaves, padded))[:rows]
-    results, start = [], 0
-    for request in requests:
-      own = probs[start : start + request.rows]
-      start += request.rows
-      results.append({"labels": own.argmax(-1).tolist(), "probabilities": own.tolist()})
-    return results, 1.0
-
-  def warm_up_request(self, batch_size: int) -> list[Parsed]:
-    """A request filling `batch_size` rows, for start-up latency measurements."""
-    inputs = self._example_batch(batch_size)
-    return [Parsed(inputs, batch_size, 1.0, None, None)]
-
-
-_GENERATE_KEYS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
-
-
-class Generator(Engine):
-  """A language model: a prompt → its continuation at a rank, KV-cached, sampled, stop-aware.
-
-  A request is one prompt (one row); a batch decodes its prompts together, each with its own
-  sampling settings, stop strings and token limit. One unit of work is one decoder call (the
-  prefill or one new token), so latency per unit is per-token latency.
-  """
-
-  kind = "generate"
-  keys = frozenset({*_GENERATE_KEYS, "rank", "budget"})
-
-  def __init__(
-    self,
-    restored: Restored,
-    ranks,
-    batch_sizes,
-    *,
-    context: int,
-    max_new_tokens: int,
-    budget_reference: str = "max_rank",
-    profiles=None,
-  ):
-    if context > restored.model.config.max_seq_len:
-      raise ConfigError(
-        "--context",
-        context,
-        f"at most the model's max_seq_len, {restored.model.config.max_seq_len}",
-      )
-    # FLOPs per generated token are counted at a full context: attention over every slot.
-    super().__init__(restored, ranks, batch_sizes, context, budget_reference, profiles)
-    self.tokenizer = GGUFTokenizer.from_reader(open_gguf(model_path(restored.config)))
-    # Rows of a batch share the cache's write index, so any prompt must fit beside any request's
-    # new tokens: prompts get what --max_new_tokens leaves of the context.
-    self.max_new_tokens, self.max_prompt = max_new_tokens, context - max_new_tokens
-    self.decoder = Decoder(self.model, context, default_prompt_buckets(self.max_prompt + 1))
-
-  def compile(self, rank, batch_size: int) -> None:
-    self.decoder.compile(rank, batch_size)
-
-  def parse(self, body: Any, max_rows: int) -> Parsed:
-    del max_rows  # one prompt per request
-    rank, budget = self.parse_common(body)
-    prompt = _field(
-      body,
-      "prompt",
-      str,
-      lambda p: 0 < len(p) <= MAX_TEXT_CHARS,
-      f"a non-empty string of at most {MAX_TEXT_CHARS} characters",
-    )
-    if prompt is None:
-      raise RequestError(422, "prompt: missing; valid: a non-empty string")
-    cap = self.max_new_tokens
-    new = _field(
-      body, "max_new_tokens", int, lambda n: 1 <= n <= cap, f"an integer in 1..{cap}", min(32, cap)
-    )
-    tokens = self.tokenizer.encode(prompt)
-    if len(tokens) > self.max_prompt:
-      raise RequestError(
-        413,
-        f"prompt of {len(tokens)} tokens: valid: at most {self.max_prompt} (the server's "
-        "--context minus --max_new_tokens)",
-      )
-    inputs = {
-      "tokens": tokens,
-      "max_new_tokens": new,
-      "sampling": _sampling(body),
-      "stop": _stop_strings(body),
-    }
-    return Parsed(inputs, 1, 1.0 + new, self.resolve(rank, budget), budget)
-
-  def run(self, rank, batch_size: int, requests: Sequence[Parsed]) -> tuple[list[dict], float]:
-    inputs = [r.inputs for r in requests]
-    completions = self.decoder.generate(
-      [i["tokens"] for i in inputs],
-      max_new_tokens=[i["max_new_tokens"] for i in inputs],
-      rank=rank,
-      sampling=[i["sampling"] for i in inputs],
-      eos_id=self.tokenizer.eos_id,
-      stop=[i["stop"] for i in inputs],
-      tokenizer=self.tokenizer,
-      batch_size=batch_size,
-    )
-    results = [
-      {
-        "text": c.text,
-        "tokens": c.tokens,
-        "finish_reason": c.finish_reason,
-        "prompt_tokens": len(i["tokens"]),
-      }
-      for c, i in zip(completions, inputs)
-    ]
-    return results, 1.0 + max(len(c.tokens) for c in completions)
-
-  def warm_up_request(self, batch_size: int) -> list[Parsed]:
-    inputs = {"tokens": [0] * 8, "max_new_tokens": 4, "sampling": Sampling(), "stop": []}
-    return [Parsed(inputs, 1, 5.0, None, None)] * batch_size
-
-
-def _sampling(body: dict):
-  fields = {k: body[k] for k in ("temperature", "top_k", "top_p", "seed") if k in body}
-  for name, value in fields.items():
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-      raise RequestError(422, f"{name}={json_repr(value)}: valid: a number")
-  try:
-    return Sampling(**fields)
-  except (TypeError, ValueError) as e:
-    raise RequestError(422, str(e)) from None
-
-
-def _stop_strings(body: dict) -> list[str]:
-  stop = body.get("stop", [])
-  stop = [stop] if isinstance(stop, str) else stop
-  if not isinstance(stop, list) or len(stop) > 8 or not all(isinstance(s, str) and s for s in stop):
-    raise RequestError(
-      422,
-      f"stop={json_repr(body.get('stop'))}: valid: a string or a list of at most 8 "
-      "non-empty strings",
-    )
-  return stop
-
-
-def load_engine(options) -> Engine:
-  """The engine for `options.path`'s checkpoint (a ServeOptions): restored, ranks checked."""
-  restored = restore_model(options.path, step=options.step)
-  model = restored.model
-  ranks = options.ladder(flops.max_rank(model) if nsn_layers(model) else None)
-  profiles = saved_profiles(restored.metadata) if options.profiles else None
-  common = dict(budget_reference=options.budget_reference, profiles=profiles)
-  sizes = options.compiled_batch_sizes()
-  if restored.config.task == "language_modelling":
-    return Generator(
-      restored,
-      ranks,
-      sizes,
-      context=options.context,
-      max_new_tokens=options.max_new_tokens,
-      **common,
-    )
-  return Classifier(restored, ranks, sizes, **common)
