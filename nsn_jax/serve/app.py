@@ -123,7 +123,7 @@ class Server:
     """POST /v1/classify or /v1/generate."""
     endpoint = request.url.path.rsplit("/", 1)[-1]
     arrival = time.monotonic()
-    response, rank = await self._answer(request, endpoint)
+    response, rank = await self._answer(request, endpoint, arrival)
     label = self.engine.label(rank)
     self.metrics.requests.labels(endpoint, label, str(response.status_code)).inc()
     if response.status_code == 200:
@@ -131,7 +131,9 @@ class Server:
     self.metrics.queue_rows.set(self.batcher.queued_rows)
     return response
 
-  async def _answer(self, request: Request, endpoint: str) -> tuple[Response, int | None]:
+  async def _answer(
+    self, request: Request, endpoint: str, arrival: float
+  ) -> tuple[Response, int | None]:
     if endpoint != self.engine.kind:
       return _error(
         404, f"this server holds a {self.engine.kind} model: POST /v1/{self.engine.kind}"
@@ -139,9 +141,12 @@ class Server:
     if not self.ready:
       done, total = self.progress
       return _error(503, f"not ready: compiling ({done} of {total} programs)", 5), None
+    full = self.batcher.full()  # refused before its body is read: overload costs little
+    if full is not None:
+      return _error(503, f"overloaded: {full}", full.retry_after_s), None
     try:
       parsed = self.engine.parse(await _json_body(request), self.options.max_batch)
-      done = self.batcher.submit(parsed)
+      done = self.batcher.submit(parsed, arrival)
     except RequestError as e:
       return _error(e.status, str(e)), None
     except Overloaded as e:

@@ -20,6 +20,8 @@ from typing import Any
 from nsn_jax.serve.engine import Engine, Parsed
 from nsn_jax.serve.policy import Backlog, LatencyModel
 
+ARRIVAL_WINDOW_S = 1.0  # the offered load is measured over this trailing window
+
 
 class Overloaded(Exception):
   """The request is refused now (HTTP 503); retry after `retry_after_s` seconds."""
@@ -72,40 +74,66 @@ class Batcher:
     self._arrived = asyncio.Event()
     self._device = ThreadPoolExecutor(1, thread_name_prefix="device")
     self._running: tuple[float, float] | None = None  # (start, predicted seconds) of the batch
+    self.arrivals: collections.deque[tuple[float, int]] = collections.deque()  # (time, rows)
     self._stopping = False
 
   # --- admission -------------------------------------------------------------------------
-  def submit(self, request: Parsed) -> asyncio.Future:
-    """Queues `request`; its future resolves to (result, BatchInfo). Raises Overloaded when
-    the queue is full or the policy predicts even its fastest rank would miss the SLO."""
-    now = time.monotonic()
-    if self.queued_rows + request.rows > self.max_queue:
-      raise Overloaded(
-        f"queue full ({self.queued_rows} of {self.max_queue} rows waiting)", self._drain_s()
-      )
-    late = self.policy.overloaded(self._admission_backlog(request, now))
+  def full(self, rows: int = 1) -> Overloaded | None:
+    """The refusal for `rows` more rows when the queue cannot take them (checked before a body
+    is even read), else None."""
+    if self.queued_rows + rows <= self.max_queue:
+      return None
+    waiting = f"queue full ({self.queued_rows} of {self.max_queue} rows waiting)"
+    return Overloaded(waiting, self._drain_s())
+
+  def submit(self, request: Parsed, arrival: float) -> asyncio.Future:
+    """Queues `request`, which reached the server at `arrival` (time.monotonic()); its future
+    resolves to (result, BatchInfo). Raises Overloaded when the queue is full or the policy
+    predicts even its fastest rank would miss the SLO."""
+    self.arrivals.append((arrival, request.rows))  # offered load: refused requests count too
+    refusal = self.full(request.rows)
+    if refusal is not None:
+      raise refusal
+    # An idle server always admits: its latency estimates may be stale (a slow spell), and
+    # only a batch that runs refreshes them.
+    idle = not self.queue and self._running is None
+    late = None if idle else self.policy.overloaded(self._backlog(0, 0.0, 0.0, request))
     if late is not None:
       raise Overloaded("even the smallest rank cannot serve the queue within the SLO", late)
-    pending = Pending(request, now, asyncio.get_running_loop().create_future())
+    pending = Pending(request, arrival, asyncio.get_running_loop().create_future())
     self.queue.append(pending)
     self.queued_rows += request.rows
     self._arrived.set()
     return pending.done
 
-  def _admission_backlog(self, request: Parsed, now: float) -> Backlog:
+  def _backlog(
+    self, rows: int, units: float, age: float, admitting: Parsed | None = None
+  ) -> Backlog:
+    """What the policy sees now: a batch of `rows` about to run (0 when admitting), the queue
+    behind it (with the request being admitted), the device's remaining busy time and the
+    offered load."""
+    now = time.monotonic()
+    queued = [p.request for p in self.queue] + ([admitting] if admitting else [])
     busy = 0.0
     if self._running is not None:
       start, predicted = self._running
       busy = max(0.0, predicted - (now - start))
     return Backlog(
-      batch_rows=0,
-      batch_units=0.0,
-      batch_age=0.0,
-      queued_rows=self.queued_rows + request.rows,
-      queued_units=max([request.units, *(p.request.units for p in self.queue)]),
+      batch_rows=rows,
+      batch_units=units,
+      batch_age=age,
+      queued_rows=sum(r.rows for r in queued),
+      queued_units=max((r.units for r in queued), default=0.0),
       queued_age=now - self.queue[0].arrival if self.queue else 0.0,
       busy_s=busy,
+      arrival_rows_per_s=self._arrival_rate(now),
     )
+
+  def _arrival_rate(self, now: float) -> float:
+    """Rows offered per second over the last ARRIVAL_WINDOW_S."""
+    while self.arrivals and self.arrivals[0][0] < now - ARRIVAL_WINDOW_S:
+      self.arrivals.popleft()
+    return sum(rows for _, rows in self.arrivals) / ARRIVAL_WINDOW_S
 
   def _drain_s(self) -> float:
     """Predicted seconds until the queue empties at the fastest rank (a Retry-After)."""
@@ -165,15 +193,7 @@ class Batcher:
   def _choose(self, batch: list[Pending], rows: int, units: float) -> tuple[Any, str]:
     if batch[0].request.rank is not None:
       return batch[0].request.rank, "request"
-    now = time.monotonic()
-    backlog = Backlog(
-      batch_rows=rows,
-      batch_units=units,
-      batch_age=now - batch[0].arrival,
-      queued_rows=self.queued_rows,
-      queued_units=max((p.request.units for p in self.queue), default=0.0),
-      queued_age=now - self.queue[0].arrival if self.queue else 0.0,
-    )
+    backlog = self._backlog(rows, units, time.monotonic() - batch[0].arrival)
     return self.policy.choose(backlog), self.policy.name
 
   async def _run_batch(self, batch: list[Pending]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from flax import nnx
 import jax
@@ -21,6 +21,21 @@ from nsn_jax.serve.engine import MAX_TEXT_CHARS, Engine, Parsed, RequestError, j
 from nsn_jax.tasks import get_task
 
 
+class Weights(NamedTuple):
+  """A model as its graph and a flat list of arrays: flattening an nnx.State on every call
+  costs more than a small batch."""
+
+  graphdef: nnx.GraphDef
+  treedef: Any
+  leaves: list
+
+  @classmethod
+  def of(cls, model: nnx.Module) -> Weights:
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    return cls(graphdef, treedef, leaves)
+
+
 class Classifier(Engine):
   """Images (raw pixel values, as the dataset stores them) or texts → label probabilities."""
 
@@ -29,10 +44,12 @@ class Classifier(Engine):
   def __init__(
     self, restored: Restored, ranks, batch_sizes, budget_reference="max_rank", profiles=None
   ):
-    config = restored.config
+    seq_len = config_lib.seq_len(restored.config)
+    # A text example is a whole forward pass over seq_len tokens: FLOPs per example, not token.
     super().__init__(
-      restored, ranks, batch_sizes, config_lib.seq_len(config), budget_reference, profiles
+      restored, ranks, batch_sizes, seq_len, budget_reference, profiles, rows_per_unit=seq_len or 1
     )
+    config = restored.config
     self.task = get_task(config.task)
     self.text = config.task == "text_classification"
     self.encoder = text_encoder(config) if self.text else None
@@ -40,17 +57,14 @@ class Classifier(Engine):
     self.keys = frozenset({*inputs, "rank", "budget"})
     # The library's image model (NSNMLP) flattens each image before its first layer.
     self.input_size = None if self.text else self.model.hidden[0].in_features
-    graphdef, treedef, task = self.graphdef, self.treedef, self.task
+    self.weights = {point: Weights.of(self.fixed_model(point)) for point in self.ranks}
+    task = self.task
 
-    def probabilities(leaves, batch, rank):
+    def probabilities(leaves, batch, graphdef, treedef):
       model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-      return jax.nn.softmax(task.logits(model, batch, rank).astype(jnp.float32), axis=-1)
+      return jax.nn.softmax(task.logits(model, batch, None).astype(jnp.float32), axis=-1)
 
-    self._jit = jax.jit(probabilities, static_argnums=2)
-
-  def flops(self, rank: int | None) -> int:
-    """FLOPs per example: a text model's whole forward pass over data.seq_len tokens."""
-    return (self.seq_len or 1) * super().flops(rank)
+    self._jit = jax.jit(probabilities, static_argnums=(2, 3))
 
   def _example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
     if self.text:
@@ -62,7 +76,11 @@ class Classifier(Engine):
 
   def compile(self, rank, batch_size: int) -> None:
     example = self._example_batch(batch_size)
-    self._program((rank, batch_size), lambda: self._jit.lower(self.leaves, example, rank).compile())
+    w = self.weights[rank]
+    self._program(
+      (rank, batch_size),
+      lambda: self._jit.lower(w.leaves, example, w.graphdef, w.treedef).compile(),
+    )
 
   def parse(self, body: Any, max_rows: int) -> Parsed:
     rank, budget = self.parse_common(body)
@@ -127,7 +145,8 @@ class Classifier(Engine):
       for k, v in arrays.items()
     }
     self.compile(rank, batch_size)  # a no-op once compiled at start-up
-    probs = np.asarray(self._programs[(rank, batch_size)](self.leaves, padded))[:rows]
+    program = self._programs[(rank, batch_size)]
+    probs = np.asarray(program(self.weights[rank].leaves, padded))[:rows]
     results, start = [], 0
     for request in requests:
       own = probs[start : start + request.rows]

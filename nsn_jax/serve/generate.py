@@ -49,10 +49,11 @@ class Generator(Engine):
     # Rows of a batch share the cache's write index, so any prompt must fit beside any request's
     # new tokens: prompts get what --max_new_tokens leaves of the context.
     self.max_new_tokens, self.max_prompt = max_new_tokens, context - max_new_tokens
-    self.decoder = Decoder(self.model, context, default_prompt_buckets(self.max_prompt + 1))
+    buckets = default_prompt_buckets(self.max_prompt + 1)
+    self.decoders = {p: Decoder(self.fixed_model(p), context, buckets) for p in self.ranks}
 
   def compile(self, rank, batch_size: int) -> None:
-    self.decoder.compile(rank, batch_size)
+    self.decoders[rank].compile(None, batch_size)
 
   def parse(self, body: Any, max_rows: int) -> Parsed:
     del max_rows  # one prompt per request
@@ -87,10 +88,10 @@ class Generator(Engine):
 
   def run(self, rank, batch_size: int, requests: Sequence[Parsed]) -> tuple[list[dict], float]:
     inputs = [r.inputs for r in requests]
-    completions = self.decoder.generate(
+    completions = self.decoders[rank].generate(
       [i["tokens"] for i in inputs],
       max_new_tokens=[i["max_new_tokens"] for i in inputs],
-      rank=rank,
+      rank=None,  # the point's own fixed-rank model
       sampling=[i["sampling"] for i in inputs],
       eos_id=self.tokenizer.eos_id,
       stop=[i["stop"] for i in inputs],

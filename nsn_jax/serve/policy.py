@@ -14,6 +14,10 @@ import math
 
 import numpy as np
 
+# A rank must serve 25% more rows per second than arrive: arrivals are bursty (Poisson) and the
+# server's own HTTP work takes CPU from the device on a host-bound machine.
+HEADROOM = 1.25
+
 
 class LatencyModel:
   """Recent seconds-per-unit samples for each (rank, batch size), and a percentile of them.
@@ -57,6 +61,7 @@ class Backlog:
   queued_units: float  # units per batch of the requests behind it (their largest)
   queued_age: float  # how long the oldest of them has waited (0 when none)
   busy_s: float = 0.0  # until the device finishes the batch it is running now
+  arrival_rows_per_s: float = 0.0  # the offered load, refused requests included
 
 
 class FixedPolicy:
@@ -84,7 +89,8 @@ class SloPolicy:
   For each rank, largest first, it predicts at the latency model's percentile (so p99 targets
   the 99th percentile of recent batches): the batch about to run finishes at its age plus its
   own latency, and the requests behind it finish after ceil(queued / max_batch) more batches.
-  The first rank for which both fit is chosen; when none fits, the smallest rank (fastest).
+  The first rank for which both fit, and whose full batches keep up with the offered load (so
+  the queue does not grow behind it), is chosen; when none does, the smallest rank (fastest).
   """
 
   name = "slo"
@@ -118,9 +124,16 @@ class SloPolicy:
     last = b.queued_age + b.busy_s + own + behind if batches else 0.0
     return first, last
 
+  def sustains(self, rank, backlog: Backlog) -> bool:
+    """Whether full batches at `rank` serve rows faster than they are offered, with HEADROOM: a
+    rank that does not lets the queue grow, and the batches that follow miss the SLO."""
+    seconds = self.latency.seconds(rank, self.bucket_of(self.max_batch), backlog.queued_units or 1)
+    return self.max_batch / seconds >= HEADROOM * backlog.arrival_rows_per_s
+
   def choose(self, backlog: Backlog) -> int:
     for rank in self.ranks:
-      if max(self._finish_times(rank, backlog)) <= self.slo_s:
+      fits = max(self._finish_times(rank, backlog)) <= self.slo_s
+      if fits and self.sustains(rank, backlog):
         return rank
     return self.ranks[-1]
 
