@@ -7,6 +7,7 @@ released makes overload deterministic.
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import signal
@@ -144,6 +145,8 @@ def test_slo_policy_picks_the_largest_rank_that_keeps_the_slo():
   # 800 rows: 100 batches of 1 ms at the fastest rank, 50 ms over the SLO.
   assert policy.overloaded(Backlog(0, 0.0, 0.0, 800, 1.0, 0.0)) == pytest.approx(0.05)
   assert policy.choose(Backlog(8, 1.0, 1.0, 0, 0.0, 0.0)) == 1  # hopeless: the fastest
+  # Rank 16's full batches serve 500 rows/s: offered 1,000 rows/s, the queue would grow.
+  assert policy.choose(dataclasses.replace(idle, arrival_rows_per_s=1000)) == 4
   assert SloPolicy([8], LatencyModel(99), 0.05, 8, lambda r: 8).choose(idle) == 8
   assert FixedPolicy(16).choose(busy) == 16 and FixedPolicy(16).overloaded(busy) is None
 
@@ -196,14 +199,15 @@ def test_batcher_groups_by_rank_and_refuses_a_full_queue():
     engine = StubEngine()
     batcher = Batcher(engine, FixedPolicy(8), LatencyModel(99), 4, 0.01, max_queue=8)
     loop_task = asyncio.create_task(batcher.run())
-    first = batcher.submit(Parsed(None, 4, 1.0, None, None))  # runs at once and blocks
+    now = time.monotonic
+    first = batcher.submit(Parsed(None, 4, 1.0, None, None), now())  # runs at once and blocks
     await asyncio.sleep(0.05)
     queued = [
-      batcher.submit(Parsed(None, rows, 1.0, rank, None))
+      batcher.submit(Parsed(None, rows, 1.0, rank, None), now())
       for rows, rank in ((1, None), (2, 2), (3, None), (2, 2))
     ]
     with pytest.raises(Overloaded, match="queue full") as refused:
-      batcher.submit(Parsed(None, 1, 1.0, None, None))
+      batcher.submit(Parsed(None, 1, 1.0, None, None), now())
     assert refused.value.retry_after_s > 0
     engine.release.set()
     results = await asyncio.gather(first, *queued)
@@ -461,3 +465,34 @@ def test_flexrank_profiles_are_served_by_budget(workdir):
   x = np.full((1, 784), 7 / 255, np.float32)
   expected = jax.nn.softmax(restored.model(x, rank=dict(rich)))
   np.testing.assert_allclose(result["probabilities"], expected, rtol=1e-5)
+
+
+def test_executable_store_loads_what_it_stored_and_rebuilds_a_bad_entry(tmp_path, monkeypatch):
+  import jax.numpy as jnp
+
+  from nsn_jax.serve import executables
+
+  x = jnp.arange(6.0).reshape(2, 3)
+  lowered = []
+
+  def lower():
+    lowered.append(1)
+    return jax.jit(lambda v: jnp.tanh(v) * 2).lower(x)
+
+  events = []
+  monkeypatch.setattr(executables, "log_event", lambda event, **_: events.append(event))
+  counts = dict(executables.COUNTS)
+  first = executables.ExecutableStore(str(tmp_path), "ckpt", 5).compile("f-batch2", lower)
+  again = executables.ExecutableStore(str(tmp_path), "ckpt", 5).compile("f-batch2", lower)
+  assert len(lowered) == 1  # the second store neither traced nor lowered
+  np.testing.assert_array_equal(again(x), first(x))
+  assert executables.COUNTS["loaded"] == counts.get("loaded", 0) + 1
+  # Another step of the checkpoint is another key: compiled afresh.
+  executables.ExecutableStore(str(tmp_path), "ckpt", 6).compile("f-batch2", lower)
+  assert len(lowered) == 2
+  rebuilt = executables.ExecutableStore(str(tmp_path), "ckpt", 5)
+  entry = rebuilt.directory / "f-batch2.bin"
+  entry.write_bytes(b"truncated")
+  np.testing.assert_array_equal(rebuilt.compile("f-batch2", lower)(x), first(x))
+  assert len(lowered) == 3 and entry.read_bytes() != b"truncated"  # replaced by a good entry
+  assert events == ["executable_unreadable"]

@@ -14,7 +14,7 @@ Each rank is static (its own programs, real FLOP savings at low rank).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import functools
 import math
@@ -89,7 +89,11 @@ class Decoder:
   """
 
   def __init__(
-    self, model: LlamaModel, slots: int, prompt_buckets: Sequence[int] | None = None
+    self,
+    model: LlamaModel,
+    slots: int,
+    prompt_buckets: Sequence[int] | None = None,
+    compiler: Callable[[str, Callable[[], jax.stages.Lowered]], Any] | None = None,
   ) -> None:
     config = model.config
     if not (_is_int(slots) and 2 <= slots <= config.max_seq_len):
@@ -105,6 +109,8 @@ class Decoder:
         f"{slots - 1}]."
       )
     self.model, self.slots, self.prompt_buckets = model, slots, buckets
+    # (program name, lower) → executable; a server passes one that keeps executables on disk.
+    self.compiler = compiler or compile_now
     # The weights travel as a flat list of arrays: JAX would flatten an nnx.State argument in
     # Python on every call, once per token (docs/benchmarks.md).
     self._graphdef, state = nnx.split(model)
@@ -174,19 +180,28 @@ class Decoder:
       statics = (self._graphdef, self._treedef, static_rank)
       ids = jax.ShapeDtypeStruct((batch,), jnp.int32)
       params = SamplingArrays.shapes(batch)
-      if kind == "prefill":
-        fn = jax.jit(functools.partial(_prefill, *statics, self.slots))
-        tokens = jax.ShapeDtypeStruct((batch, bucket), jnp.int32)
-        lowered = fn.lower(self._leaves, tokens, ids, params)
-      else:
+
+      def lower() -> jax.stages.Lowered:
+        if kind == "prefill":
+          fn = jax.jit(functools.partial(_prefill, *statics, self.slots))
+          tokens = jax.ShapeDtypeStruct((batch, bucket), jnp.int32)
+          return fn.lower(self._leaves, tokens, ids, params)
         # Donating the cache updates it in place; CPU cannot donate (and would warn).
         donate = () if jax.default_backend() == "cpu" else (2,)
         fn = jax.jit(functools.partial(_step, *statics), donate_argnums=donate)
         cache = jax.eval_shape(lambda: KVCache.init(self.model.config, batch, self.slots))
         step = jax.ShapeDtypeStruct((), jnp.int32)
-        lowered = fn.lower(self._leaves, ids, cache, ids, step, params)
-      self._programs[key] = lowered.compile()
+        return fn.lower(self._leaves, ids, cache, ids, step, params)
+
+      name = f"{kind}-rank{static_rank}-batch{batch}-prompt{bucket}-slots{self.slots}"
+      self._programs[key] = self.compiler(name, lower)
     return self._programs[key]
+
+
+def compile_now(name: str, lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Compiled:
+  """The default `Decoder.compiler`: lower and compile (`name` is for compilers that store)."""
+  del name
+  return lower().compile()
 
 
 # Model structure → {(kind, rank, batch, bucket): compiled program}, for the whole process.

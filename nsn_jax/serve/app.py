@@ -30,7 +30,8 @@ from starlette.routing import Route
 from nsn_jax import flops
 from nsn_jax.layers import nsn_layers
 from nsn_jax.profiles import saved_profiles
-from nsn_jax.restore import restore_model
+from nsn_jax.restore import checkpoint_directory, restore_model
+from nsn_jax.serve import executables
 from nsn_jax.serve.batcher import Batcher, BatchInfo, Overloaded
 from nsn_jax.serve.classify import Classifier
 from nsn_jax.serve.engine import Engine, RequestError
@@ -93,6 +94,8 @@ class Server:
       "compile_s": compiled - start,
       "measure_s": time.perf_counter() - compiled,
       **cache_counts(),
+      "executables_loaded": executables.COUNTS["loaded"],
+      "executables_compiled": executables.COUNTS["compiled"],
     }
     self.ready = True
     self.metrics.ready.set(1)
@@ -262,6 +265,11 @@ def load_engine(options: ServeOptions) -> Engine:
   ranks = options.ladder(flops.max_rank(model) if nsn_layers(model) else None)
   profiles = saved_profiles(restored.metadata) if options.profiles else None
   common = dict(budget_reference=options.budget_reference, profiles=profiles)
+  if options.compilation_cache:
+    checkpoint = checkpoint_directory(options.path)
+    common["compiler"] = executables.ExecutableStore(
+      options.compilation_cache, checkpoint, restored.step
+    ).compile
   sizes = options.compiled_batch_sizes()
   if restored.config.task == "language_modelling":
     return Generator(

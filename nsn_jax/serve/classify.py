@@ -16,6 +16,7 @@ from nsn_jax import config as config_lib
 from nsn_jax.build import text_encoder
 from nsn_jax.data.pipeline import preprocess
 from nsn_jax.data.text import encode_texts
+from nsn_jax.llm.decode import compile_now
 from nsn_jax.restore import Restored
 from nsn_jax.serve.engine import MAX_TEXT_CHARS, Engine, Parsed, RequestError, json_repr
 from nsn_jax.tasks import get_task
@@ -42,12 +43,25 @@ class Classifier(Engine):
   kind = "classify"
 
   def __init__(
-    self, restored: Restored, ranks, batch_sizes, budget_reference="max_rank", profiles=None
+    self,
+    restored: Restored,
+    ranks,
+    batch_sizes,
+    budget_reference="max_rank",
+    profiles=None,
+    compiler=compile_now,
   ):
     seq_len = config_lib.seq_len(restored.config)
     # A text example is a whole forward pass over seq_len tokens: FLOPs per example, not token.
     super().__init__(
-      restored, ranks, batch_sizes, seq_len, budget_reference, profiles, rows_per_unit=seq_len or 1
+      restored,
+      ranks,
+      batch_sizes,
+      seq_len,
+      budget_reference,
+      profiles,
+      rows_per_unit=seq_len or 1,
+      compiler=compiler,
     )
     config = restored.config
     self.task = get_task(config.task)
@@ -79,7 +93,8 @@ class Classifier(Engine):
     w = self.weights[rank]
     self._program(
       (rank, batch_size),
-      lambda: self._jit.lower(w.leaves, example, w.graphdef, w.treedef).compile(),
+      f"classify-{self.label(rank)}-batch{batch_size}",
+      lambda: self._jit.lower(w.leaves, example, w.graphdef, w.treedef),
     )
 
   def parse(self, body: Any, max_rows: int) -> Parsed:

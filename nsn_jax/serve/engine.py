@@ -14,10 +14,12 @@ import dataclasses
 from typing import Any
 
 from flax import nnx
+import jax
 
 from nsn_jax import flops
 from nsn_jax.deploy import deploy
 from nsn_jax.layers import nsn_layers
+from nsn_jax.llm.decode import compile_now
 from nsn_jax.profiles import summarise
 from nsn_jax.restore import Restored
 
@@ -76,6 +78,7 @@ class Engine:
     budget_reference: str,
     profiles: Mapping[float, Mapping] | None = None,
     rows_per_unit: int = 1,
+    compiler: Callable[[str, Callable[[], jax.stages.Lowered]], Any] = compile_now,
   ):
     self.model, self.config, self.step = restored.model, restored.config, restored.step
     self.seq_len, self.budget_reference = seq_len, budget_reference
@@ -92,6 +95,7 @@ class Engine:
     self.ranks = tuple(sorted(points, key=self.flops))
     self.batch_sizes = tuple(sorted(batch_sizes))
     self._programs: dict[tuple, Any] = {}
+    self.compiler = compiler  # (unique program name, lower) → executable (executables.py)
 
   def fixed_model(self, point) -> nnx.Module:
     """The model fixed at `point`, factors cut to its ranks and stored contiguously
@@ -171,7 +175,7 @@ class Engine:
     )
     return rank, None if budget is None else float(budget)
 
-  def _program(self, key: tuple, compile_fn: Callable[[], Any]):
+  def _program(self, key: tuple, name: str, lower: Callable[[], jax.stages.Lowered]):
     if key not in self._programs:
-      self._programs[key] = compile_fn()
+      self._programs[key] = self.compiler(name, lower)
     return self._programs[key]

@@ -7,7 +7,7 @@ from typing import Any
 
 from nsn_jax.build import model_path
 from nsn_jax.config import ConfigError
-from nsn_jax.llm.decode import Decoder, Sampling, default_prompt_buckets
+from nsn_jax.llm.decode import Decoder, Sampling, compile_now, default_prompt_buckets
 from nsn_jax.llm.gguf import GGUFTokenizer, open_gguf
 from nsn_jax.restore import Restored
 from nsn_jax.serve.engine import MAX_TEXT_CHARS, Engine, Parsed, RequestError, field, json_repr
@@ -36,6 +36,7 @@ class Generator(Engine):
     max_new_tokens: int,
     budget_reference: str = "max_rank",
     profiles=None,
+    compiler=compile_now,
   ):
     if context > restored.model.config.max_seq_len:
       raise ConfigError(
@@ -44,13 +45,22 @@ class Generator(Engine):
         f"at most the model's max_seq_len, {restored.model.config.max_seq_len}",
       )
     # FLOPs per generated token are counted at a full context: attention over every slot.
-    super().__init__(restored, ranks, batch_sizes, context, budget_reference, profiles)
+    super().__init__(
+      restored, ranks, batch_sizes, context, budget_reference, profiles, compiler=compiler
+    )
     self.tokenizer = GGUFTokenizer.from_reader(open_gguf(model_path(restored.config)))
     # Rows of a batch share the cache's write index, so any prompt must fit beside any request's
     # new tokens: prompts get what --max_new_tokens leaves of the context.
     self.max_new_tokens, self.max_prompt = max_new_tokens, context - max_new_tokens
     buckets = default_prompt_buckets(self.max_prompt + 1)
-    self.decoders = {p: Decoder(self.fixed_model(p), context, buckets) for p in self.ranks}
+    self.decoders = {
+      p: Decoder(self.fixed_model(p), context, buckets, self._point_compiler(p)) for p in self.ranks
+    }
+
+  def _point_compiler(self, point):
+    """The engine's compiler with the point in each program's name: every point's fixed model
+    runs at rank None, so the decoder's own names would collide."""
+    return lambda name, lower: self.compiler(f"{self.label(point)}-{name}", lower)
 
   def compile(self, rank, batch_size: int) -> None:
     self.decoders[rank].compile(None, batch_size)
@@ -110,8 +120,10 @@ class Generator(Engine):
     return results, 1.0 + max(len(c.tokens) for c in completions)
 
   def warm_up_request(self, batch_size: int) -> list[Parsed]:
-    inputs = {"tokens": [0] * 8, "max_new_tokens": 4, "sampling": Sampling(), "stop": []}
-    return [Parsed(inputs, 1, 5.0, None, None)] * batch_size
+    """A full batch of 8-token prompts asking for 2 tokens: the prefill and one decode step,
+    the two programs whose per-unit latency the policy predicts from."""
+    inputs = {"tokens": [0] * 8, "max_new_tokens": 2, "sampling": Sampling(), "stop": []}
+    return [Parsed(inputs, 1, 3.0, None, None)] * batch_size
 
 
 def _sampling(body: dict):
