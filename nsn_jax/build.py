@@ -31,10 +31,10 @@ from nsn_jax.llm import (
   GGUFTokenizer,
   config_from_gguf,
   config_from_hf,
+  gguf_metadata,
   load_gguf,
   load_hf_bert,
   minilm_path,
-  open_gguf,
   smollm2_path,
 )
 from nsn_jax.models.bert import BertModel
@@ -77,7 +77,7 @@ def _backbone(config: ml_collections.ConfigDict, pretrained: bool, seed: int) ->
   if config.model.name == "llama_gguf":
     if pretrained:
       return load_gguf(path, dtype)[1]
-    return LlamaModel(config_from_gguf(open_gguf(path)), dtype=dtype, rngs=nnx.Rngs(seed))
+    return LlamaModel(config_from_gguf(gguf_metadata(path)), dtype=dtype, rngs=nnx.Rngs(seed))
   if pretrained:
     return load_hf_bert(path, dtype)[1]
   return BertModel(
@@ -244,7 +244,7 @@ def _task_model(config: ml_collections.ConfigDict, *, pretrained: bool, seed: in
 def text_encoder(config: ml_collections.ConfigDict) -> TextEncoder | None:
   """The tokenizer of a pretrained text model as a TextEncoder; None for image models."""
   if config.model.name == "llama_gguf":
-    tokenizer = GGUFTokenizer.from_reader(open_gguf(model_path(config)))
+    tokenizer = GGUFTokenizer.from_metadata(gguf_metadata(model_path(config)))
     return TextEncoder(tokenizer.encode, tokenizer.eos_id or 0)
   if config.model.name == "bert_hf":
     tokenizer = tokenizers.Tokenizer.from_file(str(model_path(config) / "tokenizer.json"))

@@ -5,6 +5,7 @@ terminate timeout turns such a hang into a fast failure.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault(
   "XLA_FLAGS",
@@ -12,6 +13,8 @@ os.environ.setdefault(
 )
 os.environ.setdefault("PJRT_NPROC", "16")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Caches (parsed GGUF metadata) go to a directory of this run, never the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="nsn_jax_test_cache_")
 
 import pytest
 

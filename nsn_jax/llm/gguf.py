@@ -7,10 +7,15 @@ shape mismatch or a Llama variant this model does not implement raises ValueErro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+import contextlib
 import functools
+import hashlib
 import importlib.util
+import json
 import os
 import pathlib
+from typing import Any
 
 from flax import nnx
 import gguf
@@ -33,46 +38,47 @@ _PROJECTIONS = {
 }
 
 
-def _meta(reader: gguf.GGUFReader, key: str, default=_REQUIRED):
-  field = reader.fields.get(key)
-  if field is None:
+def _meta(metadata: Mapping[str, Any], key: str, default=_REQUIRED):
+  if key not in metadata:
     if default is _REQUIRED:
       raise ValueError(f"GGUF metadata key {key!r} is missing.")
     return default
-  return field.contents()
+  return metadata[key]
 
 
-def config_from_gguf(reader: gguf.GGUFReader) -> LlamaConfig:
+def config_from_gguf(metadata: Mapping[str, Any]) -> LlamaConfig:
   """The LlamaConfig that a GGUF file's `llama.*` metadata and tensor list describe."""
-  arch = _meta(reader, "general.architecture")
+  arch = _meta(metadata, "general.architecture")
   if arch != "llama":
     raise ValueError(f"general.architecture is {arch!r}; only 'llama' GGUF files are supported.")
-  names = {t.name for t in reader.tensors}
+  names = set(_meta(metadata, TENSOR_NAMES))
   # Llama variants whose math LlamaModel does not implement: refuse rather than load wrongly.
   if (
-    _meta(reader, "llama.expert_count", 0)
+    _meta(metadata, "llama.expert_count", 0)
     or "rope_freqs.weight" in names
-    or _meta(reader, "llama.rope.scaling.type", "none") != "none"
+    or _meta(metadata, "llama.rope.scaling.type", "none") != "none"
   ):
     raise ValueError(
       "this GGUF uses mixture-of-experts or RoPE scaling "
       "(llama.expert_count / llama.rope.scaling.type / rope_freqs.weight), "
       "which LlamaModel does not implement."
     )
-  n_heads = _meta(reader, "llama.attention.head_count")
+  n_heads = _meta(metadata, "llama.attention.head_count")
   config = LlamaConfig(
-    vocab_size=_meta(reader, "llama.vocab_size", len(_meta(reader, "tokenizer.ggml.tokens", []))),
-    dim=_meta(reader, "llama.embedding_length"),
-    n_layers=_meta(reader, "llama.block_count"),
+    vocab_size=_meta(
+      metadata, "llama.vocab_size", len(_meta(metadata, "tokenizer.ggml.tokens", []))
+    ),
+    dim=_meta(metadata, "llama.embedding_length"),
+    n_layers=_meta(metadata, "llama.block_count"),
     n_heads=n_heads,
-    n_kv_heads=_meta(reader, "llama.attention.head_count_kv", n_heads),
-    ffn_dim=_meta(reader, "llama.feed_forward_length"),
-    rope_theta=float(_meta(reader, "llama.rope.freq_base", 10000.0)),
-    norm_eps=float(_meta(reader, "llama.attention.layer_norm_rms_epsilon")),
+    n_kv_heads=_meta(metadata, "llama.attention.head_count_kv", n_heads),
+    ffn_dim=_meta(metadata, "llama.feed_forward_length"),
+    rope_theta=float(_meta(metadata, "llama.rope.freq_base", 10000.0)),
+    norm_eps=float(_meta(metadata, "llama.attention.layer_norm_rms_epsilon")),
     tie_embeddings="output.weight" not in names,
-    max_seq_len=_meta(reader, "llama.context_length"),
+    max_seq_len=_meta(metadata, "llama.context_length"),
   )
-  if _meta(reader, "llama.rope.dimension_count", config.head_dim) != config.head_dim:
+  if _meta(metadata, "llama.rope.dimension_count", config.head_dim) != config.head_dim:
     raise ValueError(
       "llama.rope.dimension_count differs from head_dim "
       f"{config.head_dim}: partial rotary embeddings are not supported."
@@ -111,19 +117,62 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
   Readers are memory-mapped and read-only, so one is kept per file (while its size and mtime
   stay the same): parsing SmolLM2's 49k-token vocabulary takes seconds, and restoring a
   fine-tuned model, then building its tokenizer, opens the file twice."""
+  open_gguf_checks(path)
+  return _reader(*_identity(path))
+
+
+def open_gguf_checks(path: str | os.PathLike) -> None:
+  """Raises FileNotFoundError or ValueError naming `path` unless it is a GGUF file."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no GGUF file at {path}")
   with open(path, "rb") as f:
     if f.read(4) != b"GGUF":
       raise ValueError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+
+
+def _identity(path) -> tuple[str, int, int]:
+  """(real path, size, mtime in ns): a rewritten file is another file to every cache here."""
   stat = os.stat(path)
-  return _reader(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+  return os.path.realpath(path), stat.st_size, stat.st_mtime_ns
 
 
 @functools.lru_cache(maxsize=4)
 def _reader(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
-  del size, mtime_ns  # part of the cache key only: a rewritten file is read again
+  del size, mtime_ns  # part of the cache key only
   return gguf.GGUFReader(path)
+
+
+def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+  """The metadata (key → value: the model's sizes, the tokenizer) of the GGUF file at `path`.
+
+  Kept as JSON under ~/.cache/nsn_jax/gguf ($XDG_CACHE_HOME honoured), keyed by the file's
+  path, size and mtime: building a reader parses every tensor's header and the 49k-token
+  vocabulary (3–5 s for SmolLM2), and every CLI start that restores a fine-tuned model needs
+  only this. Errors as `open_gguf`'s; an unreadable cache entry is rebuilt.
+  """
+  open_gguf_checks(path)
+  identity = _identity(path)
+  key = hashlib.sha256(repr(identity).encode()).hexdigest()[:24]
+  entry = _CACHE / f"{key}.json"
+  with contextlib.suppress(OSError, ValueError):
+    return json.loads(entry.read_text())
+  metadata = _metadata_of(_reader(*identity))
+  with contextlib.suppress(OSError):  # a read-only home still works, just slower
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    temporary = entry.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(metadata))
+    os.replace(temporary, entry)  # atomic: never a half-written entry
+  return metadata
+
+
+def _metadata_of(reader: gguf.GGUFReader) -> dict[str, Any]:
+  metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+  return metadata | {TENSOR_NAMES: [t.name for t in reader.tensors]}
+
+
+TENSOR_NAMES = "GGUF.tensor_names"  # not a GGUF key: the tensor list, beside the metadata
+_CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+_CACHE = _CACHE / "nsn_jax" / "gguf"
 
 
 def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[LlamaConfig, LlamaModel, GGUFTokenizer]:
@@ -137,7 +186,8 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[LlamaConfig, LlamaMo
   attention are unchanged (v and o are not permuted).
   """
   reader = open_gguf(path)
-  config = config_from_gguf(reader)
+  metadata = _metadata_of(reader)
+  config = config_from_gguf(metadata)
   tensors = {t.name: t for t in reader.tensors}
   names = _tensor_names(config)
   unexpected = sorted(set(tensors) - {name for name, _ in names.values()})
@@ -161,7 +211,7 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[LlamaConfig, LlamaMo
         f"expected {expected} for {config}."
       )
     variable.set_value(jnp.asarray(array.T if transpose else array))
-  return config, nnx.merge(graphdef, state), GGUFTokenizer.from_reader(reader)
+  return config, nnx.merge(graphdef, state), GGUFTokenizer.from_metadata(metadata)
 
 
 class GGUFTokenizer:
@@ -201,21 +251,22 @@ class GGUFTokenizer:
     self.chat_template = chat_template
 
   @classmethod
-  def from_reader(cls, reader: gguf.GGUFReader) -> GGUFTokenizer:
-    model = _meta(reader, "tokenizer.ggml.model")
+  def from_metadata(cls, metadata: Mapping[str, Any]) -> GGUFTokenizer:
+    """The tokenizer a GGUF file's metadata (`gguf_metadata`) describes."""
+    model = _meta(metadata, "tokenizer.ggml.model")
     if model != "gpt2":
       raise ValueError(
         f"tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported."
       )
     return cls(
-      _meta(reader, "tokenizer.ggml.tokens"),
-      _meta(reader, "tokenizer.ggml.merges"),
-      _meta(reader, "tokenizer.ggml.token_type", []),
-      _meta(reader, "tokenizer.ggml.bos_token_id", None),
-      _meta(reader, "tokenizer.ggml.eos_token_id", None),
-      bool(_meta(reader, "tokenizer.ggml.add_bos_token", False)),
-      _meta(reader, "tokenizer.ggml.pre", "gpt2"),
-      _meta(reader, "tokenizer.chat_template", None),
+      _meta(metadata, "tokenizer.ggml.tokens"),
+      _meta(metadata, "tokenizer.ggml.merges"),
+      _meta(metadata, "tokenizer.ggml.token_type", []),
+      _meta(metadata, "tokenizer.ggml.bos_token_id", None),
+      _meta(metadata, "tokenizer.ggml.eos_token_id", None),
+      bool(_meta(metadata, "tokenizer.ggml.add_bos_token", False)),
+      _meta(metadata, "tokenizer.ggml.pre", "gpt2"),
+      _meta(metadata, "tokenizer.chat_template", None),
     )
 
   def encode(self, text: str) -> list[int]:

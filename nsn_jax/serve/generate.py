@@ -8,7 +8,7 @@ from typing import Any
 from nsn_jax.build import model_path
 from nsn_jax.config import ConfigError
 from nsn_jax.llm.decode import Decoder, Sampling, compile_now, default_prompt_buckets
-from nsn_jax.llm.gguf import GGUFTokenizer, open_gguf
+from nsn_jax.llm.gguf import GGUFTokenizer, gguf_metadata
 from nsn_jax.restore import Restored
 from nsn_jax.serve.engine import MAX_TEXT_CHARS, Engine, Parsed, RequestError, field, json_repr
 
@@ -48,7 +48,7 @@ class Generator(Engine):
     super().__init__(
       restored, ranks, batch_sizes, context, budget_reference, profiles, compiler=compiler
     )
-    self.tokenizer = GGUFTokenizer.from_reader(open_gguf(model_path(restored.config)))
+    self.tokenizer = GGUFTokenizer.from_metadata(gguf_metadata(model_path(restored.config)))
     # Rows of a batch share the cache's write index, so any prompt must fit beside any request's
     # new tokens: prompts get what --max_new_tokens leaves of the context.
     self.max_new_tokens, self.max_prompt = max_new_tokens, context - max_new_tokens
