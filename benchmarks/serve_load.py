@@ -211,14 +211,20 @@ class ServerProcess:
   """`python -m nsn_jax.serve` on a free local port; its JSON log lines go to `log_path` (a pipe
   nobody reads would fill up and stall the server)."""
 
-  def __init__(self, workdir: str, flags: list[str], log_path: pathlib.Path):
+  def __init__(
+    self, workdir: str, flags: list[str], log_path: pathlib.Path, env: dict | None = None
+  ):
     self.port, self.log_path, self.ready_s = _free_port(), log_path, None
     self.command = [sys.executable, "-m", "nsn_jax.serve", f"--workdir={workdir}", *flags]
     self.command.append(f"--port={self.port}")
     self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
     self.launched = time.perf_counter()
     self.process = subprocess.Popen(
-      self.command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=self._log, env=SERVER_ENV
+      self.command,
+      cwd=REPO,
+      stdout=subprocess.DEVNULL,
+      stderr=self._log,
+      env={**SERVER_ENV, **(env or {})},
     )
 
   def wait_ready(self, timeout_s: float = 600.0) -> float:
@@ -278,9 +284,10 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def serving(workdir: str, flags: list[str], log_path: pathlib.Path):
-  """A ready ServerProcess, stopped on exit (killed if the block raised)."""
-  server = ServerProcess(workdir, flags, log_path)
+def serving(workdir: str, flags: list[str], log_path: pathlib.Path, env: dict | None = None):
+  """A ready ServerProcess (`env`: variables to add), stopped on exit (killed if the block
+  raised)."""
+  server = ServerProcess(workdir, flags, log_path, env)
   try:
     server.ready_s = server.wait_ready()
     yield server

@@ -6,8 +6,9 @@ programs for every rank, batch size and prompt bucket).
       --out docs/serving-startup.json
   (runs/smollm2_serve: python train.py --config=configs/smollm2_lm.py ... ; docs/serving.md)
 
-Starts `python -m nsn_jax.serve` on the workdir twice on one empty --compilation_cache (cold,
-then warm), then asks the warm server for one greedy generation per rank, a few times each.
+Starts `python -m nsn_jax.serve` on the workdir twice, on one empty --compilation_cache and
+XDG cache (cold, then warm), then asks the warm server for one greedy generation per rank, a
+few times each.
 """
 
 from __future__ import annotations
@@ -78,8 +79,10 @@ def measure(args: argparse.Namespace, tmp: pathlib.Path) -> dict:
     f"--compilation_cache={tmp / 'xla'}",
   ]
   starts = []
+  # Every cache the server keeps starts empty (XDG_CACHE_HOME: the parsed GGUF metadata too).
+  env = {"XDG_CACHE_HOME": str(tmp / "xdg")}
   for start in ("cold", "warm"):
-    with serving(args.workdir, flags, tmp / f"{start}.log") as server:
+    with serving(args.workdir, flags, tmp / f"{start}.log", env) as server:
       starts.append(startup_record(server, start, "fixed"))
       if start == "warm":
         ranks = [int(r) for r in args.ranks.split(",")]

@@ -154,7 +154,7 @@ def test_slo_policy_picks_the_largest_rank_that_keeps_the_slo():
 class StubEngine:
   """An engine whose batches block until `release` is set; records each batch's rank."""
 
-  kind, ranks, batch_sizes, step, max_rank = "classify", (2, 8), (4,), 7, 8
+  kind, ranks, batch_sizes, step, max_rank, store = "classify", (2, 8), (4,), 7, 8, None
   config = type("C", (), {"task": "image_classification"})
 
   def __init__(self):
@@ -462,6 +462,8 @@ def test_flexrank_profiles_are_served_by_budget(workdir):
   assert engine.describe_point(rich)["profile"] == {"budget": 0.9, "ranks": "6–6 (mean 6.0)"}
   parsed = engine.parse({"inputs": [[7] * 784], "budget": 1.0}, 8)
   (result,), _ = engine.run(parsed.rank, 1, [parsed])
+  described = Server(engine, ServeOptions(path=workdir)).describe()
+  assert json.loads(json.dumps(described))["ranks"][1]["profile"]["budget"] == 0.9
   x = np.full((1, 784), 7 / 255, np.float32)
   expected = jax.nn.softmax(restored.model(x, rank=dict(rich)))
   np.testing.assert_allclose(result["probabilities"], expected, rtol=1e-5)
@@ -496,3 +498,24 @@ def test_executable_store_loads_what_it_stored_and_rebuilds_a_bad_entry(tmp_path
   np.testing.assert_array_equal(rebuilt.compile("f-batch2", lower)(x), first(x))
   assert len(lowered) == 3 and entry.read_bytes() != b"truncated"  # replaced by a good entry
   assert events == ["executable_unreadable"]
+
+
+def test_a_restart_loads_programs_and_latencies_instead_of_rebuilding_them(workdir, tmp_path):
+  from nsn_jax.serve import executables
+  from nsn_jax.serve.app import load_engine
+
+  options = ServeOptions(
+    path=workdir, ranks="2,8", max_batch=4, batch_sizes=(1, 4), compilation_cache=str(tmp_path)
+  ).validate()
+  first = Server(load_engine(options), options)
+  first.prepare()
+  first.engine.store.save_latency(first.latency.to_json(first.engine.label))
+  loaded = executables.COUNTS["loaded"]
+  engine = load_engine(options)
+  runs = []
+  engine.run = lambda *args: runs.append(args)  # a restart measures nothing it knows
+  again = Server(engine, options)
+  again.prepare()
+  assert executables.COUNTS["loaded"] == loaded + 4 and not runs
+  assert again.latency.table(engine.label) == first.latency.table(first.engine.label)
+  assert again.ready and json.dumps(again.describe())

@@ -12,6 +12,7 @@ Ctrl-C stop taking connections, answer every request already queued, and exit 0.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -115,7 +116,7 @@ def main():
     ranks=list(engine.ranks),
     load_s=round(time.perf_counter() - start, 3),
   )
-  server = Server(engine, options)
+  server = Server(engine, options, on_failure=lambda: os._exit(1))
   config = uvicorn.Config(
     create_app(server),
     host=options.host,

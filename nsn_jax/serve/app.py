@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import threading
 import time
 
@@ -52,8 +51,9 @@ def _error(status: int, message: str, retry_after_s: float | None = None) -> JSO
 class Server:
   """One engine served: start-up (compile, measure), then admission and responses."""
 
-  def __init__(self, engine: Engine, options: ServeOptions):
-    self.engine, self.options = engine, options
+  def __init__(self, engine: Engine, options: ServeOptions, on_failure=lambda: None):
+    self.engine, self.options, self.on_failure = engine, options, on_failure
+    self.failed: str | None = None
     self.metrics = ServerMetrics()
     self.latency = LatencyModel(options.slo_percentile)
     fixed_rank = options.rank or engine.ranks[-1]  # default: the most expensive point
@@ -69,13 +69,15 @@ class Server:
 
   def prepare(self) -> None:
     """Compiles every program (persistent cache permitting, loads it), measures each, then
-    marks the server ready. Runs on a thread so /healthz and /readyz answer meanwhile; a
-    failure ends the process (exit 1): a server that cannot run its model must not linger."""
+    marks the server ready. Runs on a thread so /healthz and /readyz answer meanwhile. A
+    failure is logged, kept for /readyz, and handed to `on_failure` (the CLI exits 1: a
+    server that cannot run its model must not linger)."""
     try:
       self._prepare()
     except Exception as e:
-      log_event("failed", error=f"{type(e).__name__}: {e}")
-      os._exit(1)
+      self.failed = f"{type(e).__name__}: {e}"
+      log_event("failed", error=self.failed)
+      self.on_failure()
 
   def _prepare(self) -> None:
     start = time.perf_counter()
@@ -84,7 +86,11 @@ class Server:
       self.engine.compile(rank, size)
       self.progress = (i + 1, len(programs))
     compiled = time.perf_counter()
-    for rank, size in programs:
+    store = self.engine.store
+    if store is not None:  # the last run's latencies here: only unmeasured programs are timed
+      labels = {self.engine.label(p): p for p in self.engine.ranks}
+      self.latency.seed(store.load_latency(), labels)
+    for rank, size in (p for p in programs if not self.latency.has(*p)):
       requests = self.engine.warm_up_request(size)
       for _ in range(WARM_UP_RUNS):
         t0 = time.perf_counter()
@@ -109,9 +115,7 @@ class Server:
       "task": e.config.task,
       "step": e.step,
       "max_rank": e.max_rank,
-      "ranks": [
-        {"rank": r, "flops": e.flops(r), "flops_frac_dense": e.flops_frac_dense(r)} for r in e.ranks
-      ],
+      "ranks": [e.describe_point(point) for point in e.ranks],
       "batch_sizes": list(e.batch_sizes),
       "policy": self.policy.name,
       "fixed": e.label(self.policy.rank) if self.policy.name == "fixed" else None,
@@ -205,6 +209,8 @@ class Server:
     yield
     self.batcher.stop()
     await loop_task
+    if self.engine.store is not None and self.ready:  # what a restart seeds itself from
+      self.engine.store.save_latency(self.latency.to_json(self.engine.label))
     log_event("stopped")
 
 
@@ -236,6 +242,8 @@ def create_app(server: Server) -> Starlette:
   async def readyz(request: Request) -> Response:
     if server.ready:
       return JSONResponse({"ready": True})
+    if server.failed:
+      return JSONResponse({"ready": False, "error": server.failed}, status_code=503)
     done, total = server.progress
     return JSONResponse({"ready": False, "compiled": done, "programs": total}, status_code=503)
 
@@ -265,14 +273,14 @@ def load_engine(options: ServeOptions) -> Engine:
   ranks = options.ladder(flops.max_rank(model) if nsn_layers(model) else None)
   profiles = saved_profiles(restored.metadata) if options.profiles else None
   common = dict(budget_reference=options.budget_reference, profiles=profiles)
+  store = None
   if options.compilation_cache:
     checkpoint = checkpoint_directory(options.path)
-    common["compiler"] = executables.ExecutableStore(
-      options.compilation_cache, checkpoint, restored.step
-    ).compile
+    store = executables.ExecutableStore(options.compilation_cache, checkpoint, restored.step)
+    common["compiler"] = store.compile
   sizes = options.compiled_batch_sizes()
   if restored.config.task == "language_modelling":
-    return Generator(
+    engine = Generator(
       restored,
       ranks,
       sizes,
@@ -280,4 +288,7 @@ def load_engine(options: ServeOptions) -> Engine:
       max_new_tokens=options.max_new_tokens,
       **common,
     )
-  return Classifier(restored, ranks, sizes, **common)
+  else:
+    engine = Classifier(restored, ranks, sizes, **common)
+  engine.store = store
+  return engine

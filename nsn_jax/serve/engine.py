@@ -68,6 +68,7 @@ class Engine:
 
   kind: str
   keys: frozenset  # the JSON fields a request may carry
+  store = None  # the ExecutableStore its programs come from (set by app.load_engine), or None
 
   def __init__(
     self,

@@ -21,6 +21,7 @@ import collections
 from collections.abc import Callable
 import functools
 import hashlib
+import json
 import os
 import pathlib
 import pickle
@@ -97,3 +98,14 @@ class ExecutableStore:
       os.replace(f.name, path)
     except OSError as e:  # a read-only cache still serves: this start just compiled
       log_event("executable_not_stored", name=path.name, error=f"{type(e).__name__}: {e}")
+
+  def load_latency(self) -> dict[str, list[float]]:
+    """The latency samples the last server of this key saved ({} if none or unreadable)."""
+    try:
+      saved = json.loads((self.directory / "latency.json").read_text())
+      return saved if isinstance(saved, dict) else {}
+    except (OSError, ValueError):
+      return {}
+
+  def save_latency(self, samples: dict[str, list[float]]) -> None:
+    self._write(self.directory / "latency.json", json.dumps(samples).encode())

@@ -44,6 +44,21 @@ class LatencyModel:
       return math.inf
     return units * float(np.percentile(samples, self.percentile))
 
+  def to_json(self, label=str) -> dict[str, list[float]]:
+    """{"<label(rank)>/<batch>": recent seconds per unit}: what a restart seeds itself from."""
+    return {f"{label(r)}/{b}": list(samples) for (r, b), samples in self._samples.items()}
+
+  def seed(self, saved: dict[str, list[float]], points: dict[str, object]) -> None:
+    """Adopts `to_json`'s samples for the points still served (`points`: label → point)."""
+    for key, samples in saved.items():
+      name, batch = key.rsplit("/", 1)
+      if name in points:
+        for seconds in samples[-self.window :]:
+          self.observe(points[name], int(batch), float(seconds))
+
+  def has(self, rank, batch_size: int) -> bool:
+    return bool(self._samples.get((rank, batch_size)))
+
   def table(self, label=str) -> dict[str, float]:
     """{"<label(rank)>/<batch>": ms per unit} at the percentile: what /v1/model reports."""
     return {f"{label(r)}/{b}": 1e3 * self.seconds(r, b) for r, b in self._samples}
