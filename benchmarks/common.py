@@ -4,6 +4,8 @@ eval program, XLA's FLOP count, JAX latency."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 from typing import Any, NamedTuple
 
 from flax import nnx
@@ -137,3 +139,11 @@ def xla_flops(jitted, *args) -> float:
 def time_jax(fn, *args, policy: Policy) -> Timing:
   """Latency of `fn(*args)` to a ready result."""
   return time_fn(lambda: jax.block_until_ready(fn(*args)), policy)
+
+
+def write_report(path: str | pathlib.Path, report: dict) -> pathlib.Path:
+  """Writes a benchmark's JSON report to `path` (parents created); returns the path."""
+  out = pathlib.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(report, indent=1) + "\n")
+  return out

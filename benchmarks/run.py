@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import pathlib
 import platform
@@ -25,7 +24,7 @@ import jax
 import jaxlib
 
 from benchmarks import compile_time, layer, model, torch_ref, train_step
-from benchmarks.common import Column, SuiteResult
+from benchmarks.common import Column, SuiteResult, write_report
 from benchmarks.timing import POLICIES
 
 JAX_SUITES = {
@@ -162,9 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     "policy": dataclasses.asdict(policy),
     "suites": {name: result.to_json() for name, result in results.items()},
   }
-  out = pathlib.Path(args.out or f"runs/benchmarks/{args.size}.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(report, indent=1) + "\n")
+  out = write_report(args.out or f"runs/benchmarks/{args.size}.json", report)
   print(f"\nwrote {out}")
   return report
 

@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 
 from benchmarks import run as bench_run
-from benchmarks.common import Column, SuiteResult, summary_line
+from benchmarks.common import Column, SuiteResult, summary_line, write_report
 from configs import default
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -826,9 +826,7 @@ def main(argv: list[str] | None = None) -> dict:
   print(f"\n== serve_load (size {args.size}, SLO {report['slo_ms']} ms) ==")
   print(bench_run.format_table(report["rows"], COLUMNS))
   print(bench_run.format_summary(result))
-  out = pathlib.Path(args.out or f"runs/benchmarks/serve_load_{args.size}.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(report, indent=1) + "\n")
+  out = write_report(args.out or f"runs/benchmarks/serve_load_{args.size}.json", report)
   if args.plot:
     plot(report, args.plot)
   print(f"\nwrote {out}" + (f" and {args.plot}" if args.plot else ""))

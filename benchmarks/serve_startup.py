@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import Column
+from benchmarks.common import Column, write_report
 from benchmarks.serve_load import environment, serving, startup_record
 
 COLUMNS = (
@@ -136,9 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
       f"rank {row['rank']:>5}: {row['median_s']:.3f} s for {row['tokens']} tokens "
       f"({row['tokens_per_s']:.1f} tokens/s, {row['flops_frac_dense']:.3f} of dense FLOPs)"
     )
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(report, indent=1) + "\n")
+  out = write_report(args.out, report)
   print(f"wrote {out}")
   return report
 
