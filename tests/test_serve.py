@@ -197,11 +197,13 @@ class StubEngine:
 def test_batcher_groups_by_rank_and_refuses_a_full_queue():
   async def scenario():
     engine = StubEngine()
-    batcher = Batcher(engine, FixedPolicy(8), LatencyModel(99), 4, 0.01, max_queue=8)
+    batcher = Batcher(engine, FixedPolicy(8), LatencyModel(99), 4, 0.01, max_queue=9)
     loop_task = asyncio.create_task(batcher.run())
     now = time.monotonic
     first = batcher.submit(Parsed(None, 4, 1.0, None, None), now())  # runs at once and blocks
     await asyncio.sleep(0.05)
+    gone = batcher.submit(Parsed(None, 1, 1.0, 2, None), now())
+    gone.cancel()  # its client went: never computed
     queued = [
       batcher.submit(Parsed(None, rows, 1.0, rank, None), now())
       for rows, rank in ((1, None), (2, 2), (3, None), (2, 2))
@@ -334,6 +336,8 @@ def test_served_ranks_equal_the_restored_model(server, workdir):
 BAD_REQUESTS = [
   (b"{not json", 400, "not valid JSON"),
   (b"[1, 2]", 422, "a JSON object"),
+  (b"[" * 200_000 + b"]" * 200_000, 400, "RecursionError"),
+  ({"inputs": [[10**400] * 784]}, 422, "inputs"),
   ({"inputs": [[0] * 784], "rnak": 2}, 422, "unknown fields ['rnak']"),
   ({}, 422, "inputs or inputs_b64: give one"),
   ({"inputs": [[0] * 784], "inputs_b64": ""}, 422, "inputs or inputs_b64: give one"),
@@ -484,19 +488,23 @@ def test_executable_store_loads_what_it_stored_and_rebuilds_a_bad_entry(tmp_path
   events = []
   monkeypatch.setattr(executables, "log_event", lambda event, **_: events.append(event))
   counts = dict(executables.COUNTS)
-  first = executables.ExecutableStore(str(tmp_path), "ckpt", 5).compile("f-batch2", lower)
-  again = executables.ExecutableStore(str(tmp_path), "ckpt", 5).compile("f-batch2", lower)
+  store = lambda step=5, model="model-a": executables.ExecutableStore(
+    str(tmp_path), "ckpt", step, model
+  )
+  first = store().compile("f-batch2", lower)
+  again = store().compile("f-batch2", lower)
   assert len(lowered) == 1  # the second store neither traced nor lowered
   np.testing.assert_array_equal(again(x), first(x))
   assert executables.COUNTS["loaded"] == counts.get("loaded", 0) + 1
-  # Another step of the checkpoint is another key: compiled afresh.
-  executables.ExecutableStore(str(tmp_path), "ckpt", 6).compile("f-batch2", lower)
-  assert len(lowered) == 2
-  rebuilt = executables.ExecutableStore(str(tmp_path), "ckpt", 5)
+  # Another step, or another model at the same path and step (retrained in place): compiled.
+  store(step=6).compile("f-batch2", lower)
+  store(model="model-b").compile("f-batch2", lower)
+  assert len(lowered) == 3
+  rebuilt = store()
   entry = rebuilt.directory / "f-batch2.bin"
   entry.write_bytes(b"truncated")
   np.testing.assert_array_equal(rebuilt.compile("f-batch2", lower)(x), first(x))
-  assert len(lowered) == 3 and entry.read_bytes() != b"truncated"  # replaced by a good entry
+  assert len(lowered) == 4 and entry.read_bytes() != b"truncated"  # replaced by a good entry
   assert events == ["executable_unreadable"]
 
 

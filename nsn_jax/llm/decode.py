@@ -29,6 +29,14 @@ from nsn_jax.layers import Rank, is_static_rank
 from nsn_jax.models.llama import KVCache, LlamaModel
 
 
+def _finite(x) -> bool:
+  """A finite real number (a huge Python int, which math.isfinite cannot convert, is not)."""
+  try:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+  except OverflowError:
+    return False
+
+
 def _is_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -48,8 +56,8 @@ class Sampling:
 
   def __post_init__(self):
     checks = [
-      ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "a finite >= 0"),
-      ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+      ("temperature", _finite(self.temperature) and self.temperature >= 0, "a finite >= 0"),
+      ("top_k", _is_int(self.top_k) and 0 <= self.top_k < 2**31, "an int32 >= 0 (0 = off)"),
       ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1 = off)"),
       ("seed", _is_int(self.seed) and 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
     ]

@@ -42,7 +42,10 @@ _RANKS = flags.DEFINE_string(
   "ranks", "", "Ranks to compile and serve, eval.py's syntax (default: powers of two and R)."
 )
 _BUDGET_REFERENCE = flags.DEFINE_enum(
-  "budget_reference", "max_rank", ["max_rank", "dense"], "What a request's budget is of."
+  "budget_reference",
+  None,
+  ["max_rank", "dense"],
+  "What a request's budget is a fraction of (default: max_rank; dense with --profiles).",
 )
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "Most rows (examples, prompts) per batch.")
 _BATCH_SIZES = flags.DEFINE_list(

@@ -120,7 +120,7 @@ class Server:
       "policy": self.policy.name,
       "fixed": e.label(self.policy.rank) if self.policy.name == "fixed" else None,
       "slo_ms": self.options.slo_ms,
-      "budget_reference": self.options.budget_reference,
+      "budget_reference": e.budget_reference,
       "latency_ms_per_unit": self.latency.table(e.label),
       "ready": self.ready,
       "startup": self.startup,
@@ -152,7 +152,7 @@ class Server:
     if full is not None:
       return _error(503, f"overloaded: {full}", full.retry_after_s), None
     try:
-      parsed = self.engine.parse(await _json_body(request), self.options.max_batch)
+      parsed = self._parse(await _json_body(request))
       done = self.batcher.submit(parsed, arrival)
     except RequestError as e:
       return _error(e.status, str(e)), None
@@ -167,6 +167,16 @@ class Server:
       return _error(500, f"inference failed: {type(e).__name__}: {e}"), None
     return JSONResponse({**result, **self._costs(info, parsed.budget)}), info.rank
 
+  def _parse(self, body):
+    """The engine's check of a body; a value it did not foresee (a lone surrogate the tokenizer
+    refuses, a number too large for a float) is still the request's fault: 422."""
+    try:
+      return self.engine.parse(body, self.options.max_batch)
+    except RequestError:
+      raise
+    except Exception as e:
+      raise RequestError(422, f"body: unusable ({type(e).__name__}: {e})") from None
+
   def _costs(self, info: BatchInfo, budget: float | None) -> dict:
     return {
       **self.engine.describe_point(info.rank),
@@ -176,6 +186,14 @@ class Server:
       "queue_ms": 1e3 * info.queue_s,
       "compute_ms": 1e3 * info.compute_s,
     }
+
+  def _loop_ended(self, task: asyncio.Task) -> None:
+    """The batching loop only ends on stop(); if it died, say so at /readyz and stop serving."""
+    if not task.cancelled() and task.exception() is not None:
+      self.failed = f"batching loop: {type(task.exception()).__name__}: {task.exception()}"
+      self.ready = False
+      log_event("failed", error=self.failed)
+      self.on_failure()
 
   def on_batch(self, info: BatchInfo, rows: int) -> None:
     self.metrics.batch_rows.observe(rows)
@@ -205,6 +223,7 @@ class Server:
       self.on_batch,
     )
     loop_task = asyncio.create_task(self.batcher.run())
+    loop_task.add_done_callback(self._loop_ended)
     threading.Thread(target=self.prepare, name="compile", daemon=True).start()
     yield
     self.batcher.stop()
@@ -226,8 +245,8 @@ async def _json_body(request: Request):
       raise RequestError(413, f"body over {MAX_BODY_BYTES} bytes")
   try:
     return json.loads(body)
-  except (ValueError, UnicodeDecodeError) as e:
-    raise RequestError(400, f"body is not valid JSON: {e}") from None
+  except (ValueError, UnicodeDecodeError, RecursionError) as e:
+    raise RequestError(400, f"body is not valid JSON: {type(e).__name__}: {e}") from None
 
 
 def create_app(server: Server) -> Starlette:
@@ -272,11 +291,12 @@ def load_engine(options: ServeOptions) -> Engine:
   model = restored.model
   ranks = options.ladder(flops.max_rank(model) if nsn_layers(model) else None)
   profiles = saved_profiles(restored.metadata) if options.profiles else None
-  common = dict(budget_reference=options.budget_reference, profiles=profiles)
+  common = dict(budget_reference=options.reference(), profiles=profiles)
   store = None
   if options.compilation_cache:
     checkpoint = checkpoint_directory(options.path)
-    store = executables.ExecutableStore(options.compilation_cache, checkpoint, restored.step)
+    model = json.dumps(restored.metadata, sort_keys=True, default=str)
+    store = executables.ExecutableStore(options.compilation_cache, checkpoint, restored.step, model)
     common["compiler"] = store.compile
   sizes = options.compiled_batch_sizes()
   if restored.config.task == "language_modelling":

@@ -91,6 +91,7 @@ class Batcher:
     resolves to (result, BatchInfo). Raises Overloaded when the queue is full or the policy
     predicts even its fastest rank would miss the SLO."""
     self.arrivals.append((arrival, request.rows))  # offered load: refused requests count too
+    self._arrival_rate(arrival)  # prunes the window
     refusal = self.full(request.rows)
     if refusal is not None:
       raise refusal
@@ -139,7 +140,8 @@ class Batcher:
     """Predicted seconds until the queue empties at the fastest rank (a Retry-After)."""
     fastest = self.engine.ranks[0]  # cheapest first
     batches = math.ceil(self.queued_rows / self.max_batch)
-    per_batch = self.latency.seconds(fastest, self.engine.bucket(self.max_batch))
+    units = max((p.request.units for p in self.queue), default=1.0)
+    per_batch = self.latency.seconds(fastest, self.engine.bucket(self.max_batch), units)
     return batches * per_batch if math.isfinite(per_batch) else 1.0
 
   # --- the batching loop -----------------------------------------------------------------
@@ -152,10 +154,12 @@ class Batcher:
         self._arrived.clear()
         await self._arrived.wait()
         continue
-      await self._fill(self.queue[0])
-      batch = self._take()
+      batch = []
       try:
-        await self._run_batch(batch)
+        await self._fill(self.queue[0])
+        batch = self._take()
+        if batch:
+          await self._run_batch(batch)
       except Exception as error:  # a failed batch fails its requests, never the loop
         for p in batch:
           if not p.done.done():  # its client may have gone
@@ -170,18 +174,23 @@ class Batcher:
       self._arrived.clear()
       try:
         await asyncio.wait_for(self._arrived.wait(), left)
-      except TimeoutError:
+      except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
         return
 
   def _rows_like(self, head: Pending) -> int:
     return sum(p.request.rows for p in self.queue if p.request.rank == head.request.rank)
 
   def _take(self) -> list[Pending]:
-    """The head and the requests behind it with the same rank key, up to max_batch rows."""
-    rank, batch, rows, rest = self.queue[0].request.rank, [], 0, collections.deque()
-    while self.queue:
-      p = self.queue.popleft()
-      if p.request.rank == rank and rows + p.request.rows <= self.max_batch:
+    """The oldest live request and the live requests behind it with the same rank key, up to
+    max_batch rows. Requests whose client went (or whose drain timed out) are dropped: nothing
+    is computed for them."""
+    batch, rows, rest = [], 0, collections.deque()
+    for p in self.queue:
+      if p.done.done():
+        self.queued_rows -= p.request.rows
+      elif (not batch or p.request.rank == batch[0].request.rank) and (
+        rows + p.request.rows <= self.max_batch
+      ):
         batch.append(p)
         rows += p.request.rows
       else:

@@ -99,6 +99,9 @@ class Classifier(Engine):
 
   def parse(self, body: Any, max_rows: int) -> Parsed:
     rank, budget = self.parse_common(body)
+    texts = body.get("texts")
+    if self.text and isinstance(texts, list) and len(texts) > max_rows:  # before tokenising
+      raise RequestError(413, f"{len(texts)} examples: valid: at most {max_rows} per request")
     inputs = self._parse_texts(body) if self.text else self._parse_images(body)
     rows = len(next(iter(inputs.values())))
     if rows > max_rows:
@@ -116,7 +119,7 @@ class Classifier(Engine):
       return self._parse_image_bytes(body["inputs_b64"])
     try:
       images = np.asarray(body["inputs"], np.float64)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
       raise RequestError(
         422, f"inputs: not a rectangular array of numbers; valid: {valid}"
       ) from None

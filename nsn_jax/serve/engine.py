@@ -107,7 +107,7 @@ class Engine:
 
   def label(self, point) -> str:
     """A point's name in metrics and logs: the rank, or "profile@<budget>"."""
-    return f"profile@{self.profile_budget[point]:g}" if isinstance(point, Mapping) else str(point)
+    return f"profile@{self.profile_budget[point]!r}" if isinstance(point, Mapping) else str(point)
 
   def describe_point(self, point) -> dict:
     """A point in JSON: its rank (None for a profile or a model without ranks), the profile's

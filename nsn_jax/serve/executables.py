@@ -5,7 +5,8 @@ lowered in Python first: for SmolLM2's 21 generation programs that was 21 s of a
 This store keeps each serialized executable under a key that fixes everything the program was
 built from, so a restart deserialises it (milliseconds) instead:
 
-  the checkpoint (its real path and step), the served settings the program depends on (its
+  the checkpoint (its real path, step and metadata: config, shapes, checksums), the served
+  settings the program depends on (its
   name: kind, point, batch size, prompt bucket, context), the nsn_jax source (a hash of every
   .py file: a code change invalidates everything), and jax, jaxlib and the devices.
 
@@ -27,6 +28,7 @@ import pathlib
 import pickle
 import tempfile
 
+import flax
 import jax
 from jax.experimental import serialize_executable
 import jaxlib
@@ -50,13 +52,17 @@ def source_hash() -> str:
 class ExecutableStore:
   """`compile(name, lower)` → an executable, from `directory` when an equal one was stored."""
 
-  def __init__(self, directory: str, checkpoint: str, step: int):
+  def __init__(self, directory: str, checkpoint: str, step: int, model: str):
+    """`model`: what identifies the model beyond its path and step (the checkpoint's metadata:
+    its config, shapes and checksums), so a workdir retrained in place is another key."""
     devices = jax.devices()
     identity = repr(
       (
         os.path.realpath(checkpoint),
         step,
+        hashlib.sha256(model.encode()).hexdigest(),
         source_hash(),
+        flax.__version__,
         jax.__version__,
         jaxlib.__version__,
         jax.default_backend(),

@@ -122,8 +122,10 @@ class Generator(Engine):
   def warm_up_request(self, batch_size: int) -> list[Parsed]:
     """A full batch of 8-token prompts asking for 2 tokens: the prefill and one decode step,
     the two programs whose per-unit latency the policy predicts from."""
-    inputs = {"tokens": [0] * 8, "max_new_tokens": 2, "sampling": Sampling(), "stop": []}
-    return [Parsed(inputs, 1, 3.0, None, None)] * batch_size
+    new = min(2, self.max_new_tokens)
+    prompt = [0] * min(8, self.max_prompt)
+    inputs = {"tokens": prompt, "max_new_tokens": new, "sampling": Sampling(), "stop": []}
+    return [Parsed(inputs, 1, 1.0 + new, None, None)] * batch_size
 
 
 def _sampling(body: dict):

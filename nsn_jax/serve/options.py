@@ -24,7 +24,9 @@ class ServeOptions:
   rank: int | None = None  # the fixed policy's rank (default R)
   profiles: bool = False  # serve the checkpoint's FlexRank profiles instead of a rank ladder
   ranks: str = ""  # the rank ladder compiled and served, eval.py's syntax ("" = powers of 2 and R)
-  budget_reference: str = "max_rank"  # what a request's budget is a fraction of
+  # What a request's budget is a fraction of: by default the rank-R model's FLOPs, or with
+  # profiles the dense model's (the unit FlexRank's own budgets are in).
+  budget_reference: str | None = None
   max_batch: int = 32
   batch_sizes: tuple[int, ...] = ()  # compiled batch sizes ( = 1, 4, 16, … and max_batch)
   max_wait_ms: float = 5.0
@@ -57,7 +59,7 @@ class ServeOptions:
     _check(
       "--budget_reference",
       self.budget_reference,
-      self.budget_reference in ("max_rank", "dense"),
+      self.budget_reference in (None, "max_rank", "dense"),
       "max_rank | dense",
     )
     _check("--context", self.context, self.context >= 2, "an integer ≥ 2")
@@ -77,6 +79,10 @@ class ServeOptions:
         "--profiles", True, "alone: a profile server has no rank ladder", "--ranks/--rank given"
       )
     return self
+
+  def reference(self) -> str:
+    """The budget reference in force: the flag, else "dense" for profiles, else "max_rank"."""
+    return self.budget_reference or ("dense" if self.profiles else "max_rank")
 
   def compiled_batch_sizes(self) -> tuple[int, ...]:
     """`batch_sizes`, or powers of 4 below max_batch and max_batch itself."""

@@ -39,14 +39,14 @@ class LatencyModel:
   def seconds(self, rank: int, batch_size: int, units: float = 1.0) -> float:
     """The `percentile` of the seconds one batch of `units` units takes; inf when never
     measured (so an unmeasured rank is never chosen for an SLO)."""
-    samples = self._samples.get((rank, batch_size))
+    samples = list(self._samples.get((rank, batch_size), ()))  # a copy: the device thread adds
     if not samples:
       return math.inf
     return units * float(np.percentile(samples, self.percentile))
 
   def to_json(self, label=str) -> dict[str, list[float]]:
     """{"<label(rank)>/<batch>": recent seconds per unit}: what a restart seeds itself from."""
-    return {f"{label(r)}/{b}": list(samples) for (r, b), samples in self._samples.items()}
+    return {f"{label(r)}/{b}": list(samples) for (r, b), samples in list(self._samples.items())}
 
   def seed(self, saved: dict[str, list[float]], points: dict[str, object]) -> None:
     """Adopts `to_json`'s samples for the points still served (`points`: label → point)."""
@@ -61,7 +61,7 @@ class LatencyModel:
 
   def table(self, label=str) -> dict[str, float]:
     """{"<label(rank)>/<batch>": ms per unit} at the percentile: what /v1/model reports."""
-    return {f"{label(r)}/{b}": 1e3 * self.seconds(r, b) for r, b in self._samples}
+    return {f"{label(r)}/{b}": 1e3 * self.seconds(r, b) for r, b in list(self._samples)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +142,8 @@ class SloPolicy:
   def sustains(self, rank, backlog: Backlog) -> bool:
     """Whether full batches at `rank` serve rows faster than they are offered, with HEADROOM: a
     rank that does not lets the queue grow, and the batches that follow miss the SLO."""
-    seconds = self.latency.seconds(rank, self.bucket_of(self.max_batch), backlog.queued_units or 1)
+    units = backlog.queued_units or backlog.batch_units or 1.0
+    seconds = self.latency.seconds(rank, self.bucket_of(self.max_batch), units)
     return self.max_batch / seconds >= HEADROOM * backlog.arrival_rows_per_s
 
   def choose(self, backlog: Backlog) -> int:
