@@ -43,3 +43,17 @@ def tiny_gguf(tmp_path_factory):
   return str(
     write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", TINY, gguf_weights(tiny_model()))
   )
+
+
+@pytest.fixture(scope="session")
+def lm_run(tiny_gguf, data_dir, tmp_path_factory):
+  """(workdir, final eval metrics) of configs/smollm2_lm.py:smoke on the tiny GGUF, trained once
+  per session (vmap_masked multi-rank: the masked path on a decoder) and only read by tests."""
+  from configs import smollm2_lm
+  from nsn_jax.train_lib import train_and_evaluate
+
+  config = smollm2_lm.get_config("smoke")
+  config.model.path, config.data.data_dir = tiny_gguf, data_dir
+  config.train.multi_rank = "vmap_masked"
+  workdir = tmp_path_factory.mktemp("lm") / "run"
+  return str(workdir), train_and_evaluate(config, str(workdir))

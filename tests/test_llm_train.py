@@ -18,7 +18,7 @@ from test_bert import TINY as BERT_TINY
 from test_bert import hf_config, hf_weights, write_hf
 from test_bert import tiny_model as tiny_bert
 
-from configs import minilm_genre, smollm2_genre, smollm2_lm
+from configs import minilm_genre, smollm2_genre
 from nsn_jax import flops
 from nsn_jax.build import build_model, text_encoder
 from nsn_jax.config import ConfigError, validate
@@ -102,24 +102,19 @@ def test_sweep_with_a_dense_reference_row(genre_runs):
     run_sweep(nsn_dir, "2", references=[nsn_dir], verbose=False)
 
 
-def test_language_modelling_reports_perplexity_and_generates(
-  tiny_gguf, data_dir, genre_runs, tmp_path
-):
-  final = train_and_evaluate(
-    _config(smollm2_lm, "smoke", tiny_gguf, data_dir, train__multi_rank="vmap_masked"),
-    str(tmp_path),
-  )
-  rows = run_sweep(str(tmp_path), "8", verbose=False)
+def test_language_modelling_reports_perplexity_and_generates(lm_run, genre_runs, tmp_path):
+  workdir, final = lm_run
+  rows = run_sweep(workdir, "8", out=str(tmp_path), verbose=False)
   assert rows[0].perplexity == pytest.approx(np.exp(final["eval/rank_8/loss"]), rel=1e-5)
   assert 0 <= rows[0].accuracy <= 1
   with pytest.raises(ValueError, match="another task, data.name, data.num_classes"):
-    run_sweep(str(tmp_path), "8", references=[genre_runs[1]], verbose=False)
+    run_sweep(workdir, "8", references=[genre_runs[1]], out=str(tmp_path), verbose=False)
   cli = lambda *flags: subprocess.run(
     [
       sys.executable,
       "-m",
       "nsn_jax.llm.generate",
-      f"--workdir={tmp_path}",
+      f"--workdir={workdir}",
       "--prompt=ab",
       "--max_new_tokens=3",
       *flags,

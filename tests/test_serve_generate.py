@@ -1,36 +1,25 @@
-"""The server's generation endpoint on a language model fine-tuned here (the tiny GGUF Llama with
-configs/smollm2_lm.py:smoke), over real HTTP: ranks, budgets, sampling, stop strings, batching,
-and the refusals, against the same checkpoint decoded in-process."""
+"""The server's generation endpoint on a language model fine-tuned here (conftest's lm_run: the
+tiny GGUF Llama with configs/smollm2_lm.py:smoke), over real HTTP: ranks, budgets, sampling,
+stop strings, batching, and the refusals, against the same checkpoint decoded in-process."""
 
 import threading
 
 import pytest
 from test_serve import call, start_server, stop_server, wait_ready
 
-from configs import smollm2_lm
 from nsn_jax import flops
 from nsn_jax.build import model_path
 from nsn_jax.llm.decode import Decoder, Sampling, default_prompt_buckets
 from nsn_jax.llm.gguf import GGUFTokenizer, gguf_metadata
 from nsn_jax.restore import restore_model
-from nsn_jax.train_lib import train_and_evaluate
 
 CONTEXT, MAX_NEW = 32, 8  # KV slots, the most new tokens: prompts get up to 24 tokens
 
 
 @pytest.fixture(scope="module")
-def lm_run(tiny_gguf, data_dir, tmp_path_factory):
-  config = smollm2_lm.get_config("smoke")
-  config.model.path, config.data.data_dir = tiny_gguf, data_dir
-  workdir = tmp_path_factory.mktemp("lm") / "run"
-  train_and_evaluate(config, str(workdir))
-  return str(workdir)
-
-
-@pytest.fixture(scope="module")
 def server(lm_run, tmp_path_factory):
   process, port = start_server(
-    lm_run,
+    lm_run[0],
     tmp_path_factory.mktemp("server"),
     "--ranks=2,8",
     "--max_batch=2",
@@ -48,7 +37,7 @@ def server(lm_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def local(lm_run):
   """(decoder, tokenizer, model) of the same checkpoint, as eval.py restores it."""
-  restored = restore_model(lm_run)
+  restored = restore_model(lm_run[0])
   tokenizer = GGUFTokenizer.from_metadata(gguf_metadata(model_path(restored.config)))
   decoder = Decoder(restored.model, CONTEXT, default_prompt_buckets(CONTEXT - MAX_NEW + 1))
   return decoder, tokenizer, restored.model
