@@ -89,6 +89,21 @@ def default_prompt_buckets(slots: int) -> tuple[int, ...]:
   return (*buckets, slots - 1)
 
 
+class Weights(NamedTuple):
+  """A model as its graph and a flat list of arrays: JAX would flatten an nnx.State argument in
+  Python on every call, which costs more than a decode step or a small batch."""
+
+  graphdef: nnx.GraphDef
+  treedef: Any
+  leaves: list
+
+  @classmethod
+  def of(cls, model: nnx.Module) -> Weights:
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    return cls(graphdef, treedef, leaves)
+
+
 class Decoder:
   """Generates for batches of prompts from one model, with a KV cache of `slots` positions.
 
@@ -119,10 +134,8 @@ class Decoder:
     self.model, self.slots, self.prompt_buckets = model, slots, buckets
     # (program name, lower) → executable; a server passes one that keeps executables on disk.
     self.compiler = compiler or compile_now
-    # The weights travel as a flat list of arrays: JAX would flatten an nnx.State argument in
-    # Python on every call, once per token (docs/benchmarks.md).
-    self._graphdef, state = nnx.split(model)
-    self._leaves, self._treedef = jax.tree.flatten(state)
+    # The weights travel as a flat list of arrays, once per token (docs/benchmarks.md).
+    self._graphdef, self._treedef, self._leaves = Weights.of(model)
     # Programs depend on the model's structure, not its values: Decoders of one model (the
     # one-prompt `generate` makes one per call) share them.
     structure = (self._graphdef, self._treedef, _avals(self._leaves), slots)

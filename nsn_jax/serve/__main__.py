@@ -12,6 +12,7 @@ Ctrl-C stop taking connections, answer every request already queued, and exit 0.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -24,73 +25,58 @@ from nsn_jax import cli
 from nsn_jax.serve.metrics import log_event
 from nsn_jax.serve.options import DEFAULT_CACHE, POLICIES, ServeOptions
 
-_WORKDIR = flags.DEFINE_string(
+flags.DEFINE_string(
   "workdir",
   None,
   "A train.py workdir, its checkpoints/ folder or an export's --out.",
   required=True,
 )
-_STEP = flags.DEFINE_integer("step", None, "A checkpoint step (default: the newest good one).")
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every one).")
-_PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port, logged).")
-_POLICY = flags.DEFINE_enum("policy", "fixed", POLICIES, "How a batch's rank is chosen.")
-_PROFILES = flags.DEFINE_bool(
+flags.DEFINE_integer("step", None, "A checkpoint step (default: the newest good one).")
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every one).")
+flags.DEFINE_integer("port", 8000, "Port to listen on.")
+flags.DEFINE_enum("policy", "fixed", POLICIES, "How a batch's rank is chosen.")
+flags.DEFINE_bool(
   "profiles", False, "Serve the checkpoint's FlexRank profiles (budgets) instead of ranks."
 )
-_RANK = flags.DEFINE_integer("rank", None, "The fixed policy's rank (default: R).")
-_RANKS = flags.DEFINE_string(
+flags.DEFINE_integer("rank", None, "The fixed policy's rank (default: R).")
+flags.DEFINE_string(
   "ranks", "", "Ranks to compile and serve, eval.py's syntax (default: powers of two and R)."
 )
-_BUDGET_REFERENCE = flags.DEFINE_enum(
+flags.DEFINE_enum(
   "budget_reference",
   None,
   ["max_rank", "dense"],
   "What a request's budget is a fraction of (default: max_rank; dense with --profiles).",
 )
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "Most rows (examples, prompts) per batch.")
-_BATCH_SIZES = flags.DEFINE_list(
-  "batch_sizes", [], "Compiled batch sizes (default: 1, 4, 16, … and max_batch)."
+flags.DEFINE_integer("max_batch", 32, "Most rows (examples, prompts) per batch.")
+flags.DEFINE_list("batch_sizes", [], "Compiled batch sizes (default: 1, 4, 16, … and max_batch).")
+flags.DEFINE_float("max_wait_ms", 5.0, "Longest a batch waits to fill, ms.")
+flags.DEFINE_integer("max_queue", 1024, "Most rows waiting; more get 503.")
+flags.DEFINE_float("slo_ms", None, "The slo policy's latency target, ms.")
+flags.DEFINE_float("slo_percentile", 99.0, "Which latency percentile it bounds.")
+flags.DEFINE_string(
+  "compilation_cache",
+  DEFAULT_CACHE,
+  "Cache directory: JAX's compilation cache, the server's executables and latencies ('' = off).",
 )
-_MAX_WAIT_MS = flags.DEFINE_float("max_wait_ms", 5.0, "Longest a batch waits to fill, ms.")
-_MAX_QUEUE = flags.DEFINE_integer("max_queue", 1024, "Most rows waiting; more get 503.")
-_SLO_MS = flags.DEFINE_float("slo_ms", None, "The slo policy's latency target, ms.")
-_SLO_PERCENTILE = flags.DEFINE_float("slo_percentile", 99.0, "Which latency percentile it bounds.")
-_CACHE = flags.DEFINE_string(
-  "compilation_cache", DEFAULT_CACHE, "JAX persistent compilation cache directory ('' = off)."
-)
-_CONTEXT = flags.DEFINE_integer("context", 512, "Generation: KV-cache slots per sequence.")
-_MAX_NEW = flags.DEFINE_integer(
-  "max_new_tokens", 256, "Generation: most new tokens a request gets."
-)
-_DRAIN = flags.DEFINE_float("drain_timeout_s", 30.0, "On SIGTERM, longest wait for requests, s.")
+flags.DEFINE_integer("context", 512, "Generation: KV-cache slots per sequence.")
+flags.DEFINE_integer("max_new_tokens", 256, "Generation: most new tokens a request gets.")
+flags.DEFINE_float("drain_timeout_s", 30.0, "On SIGTERM, longest wait for requests, s.")
 
 
 def _options() -> ServeOptions:
+  """The flags as ServeOptions: each flag is named after its field (--workdir sets `path`)."""
+  values = {
+    f.name: flags.FLAGS[f.name].value
+    for f in dataclasses.fields(ServeOptions)
+    if f.name in flags.FLAGS
+  }
   try:
-    sizes = tuple(int(s) for s in _BATCH_SIZES.value)
+    values["batch_sizes"] = tuple(int(s) for s in values["batch_sizes"])
   except ValueError:
-    raise ValueError(f"--batch_sizes={','.join(_BATCH_SIZES.value)}: valid: integers") from None
-  return ServeOptions(
-    path=_WORKDIR.value,
-    host=_HOST.value,
-    port=_PORT.value,
-    policy=_POLICY.value,
-    profiles=_PROFILES.value,
-    rank=_RANK.value,
-    ranks=_RANKS.value,
-    budget_reference=_BUDGET_REFERENCE.value,
-    max_batch=_MAX_BATCH.value,
-    batch_sizes=sizes,
-    max_wait_ms=_MAX_WAIT_MS.value,
-    max_queue=_MAX_QUEUE.value,
-    slo_ms=_SLO_MS.value,
-    slo_percentile=_SLO_PERCENTILE.value,
-    compilation_cache=_CACHE.value,
-    context=_CONTEXT.value,
-    max_new_tokens=_MAX_NEW.value,
-    drain_timeout_s=_DRAIN.value,
-    step=_STEP.value,
-  ).validate()
+    listed = ",".join(values["batch_sizes"])
+    raise ValueError(f"--batch_sizes={listed}: valid: integers") from None
+  return ServeOptions(path=flags.FLAGS.workdir, **values).validate()
 
 
 def main():

@@ -291,16 +291,17 @@ def load_engine(options: ServeOptions) -> Engine:
   model = restored.model
   ranks = options.ladder(flops.max_rank(model) if nsn_layers(model) else None)
   profiles = saved_profiles(restored.metadata) if options.profiles else None
-  common = dict(budget_reference=options.reference(), profiles=profiles)
   store = None
   if options.compilation_cache:
+    identity = json.dumps(restored.metadata, sort_keys=True, default=str)
     checkpoint = checkpoint_directory(options.path)
-    model = json.dumps(restored.metadata, sort_keys=True, default=str)
-    store = executables.ExecutableStore(options.compilation_cache, checkpoint, restored.step, model)
-    common["compiler"] = store.compile
+    store = executables.ExecutableStore(
+      options.compilation_cache, checkpoint, restored.step, identity
+    )
+  common = dict(budget_reference=options.reference(), profiles=profiles, store=store)
   sizes = options.compiled_batch_sizes()
   if restored.config.task == "language_modelling":
-    engine = Generator(
+    return Generator(
       restored,
       ranks,
       sizes,
@@ -308,7 +309,4 @@ def load_engine(options: ServeOptions) -> Engine:
       max_new_tokens=options.max_new_tokens,
       **common,
     )
-  else:
-    engine = Classifier(restored, ranks, sizes, **common)
-  engine.store = store
-  return engine
+  return Classifier(restored, ranks, sizes, **common)

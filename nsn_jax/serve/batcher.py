@@ -91,7 +91,7 @@ class Batcher:
     resolves to (result, BatchInfo). Raises Overloaded when the queue is full or the policy
     predicts even its fastest rank would miss the SLO."""
     self.arrivals.append((arrival, request.rows))  # offered load: refused requests count too
-    self._arrival_rate(arrival)  # prunes the window
+    self._forget_arrivals(arrival)
     refusal = self.full(request.rows)
     if refusal is not None:
       raise refusal
@@ -130,10 +130,14 @@ class Batcher:
       arrival_rows_per_s=self._arrival_rate(now),
     )
 
-  def _arrival_rate(self, now: float) -> float:
-    """Rows offered per second over the last ARRIVAL_WINDOW_S."""
+  def _forget_arrivals(self, now: float) -> None:
+    """Drops arrivals older than ARRIVAL_WINDOW_S (on every submit: the window stays small)."""
     while self.arrivals and self.arrivals[0][0] < now - ARRIVAL_WINDOW_S:
       self.arrivals.popleft()
+
+  def _arrival_rate(self, now: float) -> float:
+    """Rows offered per second over the last ARRIVAL_WINDOW_S."""
+    self._forget_arrivals(now)
     return sum(rows for _, rows in self.arrivals) / ARRIVAL_WINDOW_S
 
   def _drain_s(self) -> float:

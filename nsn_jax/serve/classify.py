@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 from flax import nnx
 import jax
@@ -16,25 +16,10 @@ from nsn_jax import config as config_lib
 from nsn_jax.build import text_encoder
 from nsn_jax.data.pipeline import preprocess
 from nsn_jax.data.text import encode_texts
-from nsn_jax.llm.decode import compile_now
+from nsn_jax.llm.decode import Weights
 from nsn_jax.restore import Restored
 from nsn_jax.serve.engine import MAX_TEXT_CHARS, Engine, Parsed, RequestError, json_repr
 from nsn_jax.tasks import get_task
-
-
-class Weights(NamedTuple):
-  """A model as its graph and a flat list of arrays: flattening an nnx.State on every call
-  costs more than a small batch."""
-
-  graphdef: nnx.GraphDef
-  treedef: Any
-  leaves: list
-
-  @classmethod
-  def of(cls, model: nnx.Module) -> Weights:
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-    return cls(graphdef, treedef, leaves)
 
 
 class Classifier(Engine):
@@ -49,7 +34,7 @@ class Classifier(Engine):
     batch_sizes,
     budget_reference="max_rank",
     profiles=None,
-    compiler=compile_now,
+    store=None,
   ):
     seq_len = config_lib.seq_len(restored.config)
     # A text example is a whole forward pass over seq_len tokens: FLOPs per example, not token.
@@ -61,7 +46,7 @@ class Classifier(Engine):
       budget_reference,
       profiles,
       rows_per_unit=seq_len or 1,
-      compiler=compiler,
+      store=store,
     )
     config = restored.config
     self.task = get_task(config.task)
@@ -100,12 +85,10 @@ class Classifier(Engine):
   def parse(self, body: Any, max_rows: int) -> Parsed:
     rank, budget = self.parse_common(body)
     texts = body.get("texts")
-    if self.text and isinstance(texts, list) and len(texts) > max_rows:  # before tokenising
-      raise RequestError(413, f"{len(texts)} examples: valid: at most {max_rows} per request")
+    if self.text and isinstance(texts, list):
+      _check_rows(len(texts), max_rows)  # before tokenising them
     inputs = self._parse_texts(body) if self.text else self._parse_images(body)
-    rows = len(next(iter(inputs.values())))
-    if rows > max_rows:
-      raise RequestError(413, f"{rows} examples: valid: at most {max_rows} per request")
+    rows = _check_rows(len(next(iter(inputs.values()))), max_rows)
     return Parsed(inputs, rows, 1.0, self.resolve(rank, budget), budget)
 
   def _parse_images(self, body: dict) -> dict[str, np.ndarray]:
@@ -176,3 +159,10 @@ class Classifier(Engine):
     """A request filling `batch_size` rows, for start-up latency measurements."""
     inputs = self._example_batch(batch_size)
     return [Parsed(inputs, batch_size, 1.0, None, None)]
+
+
+def _check_rows(rows: int, max_rows: int) -> int:
+  """`rows`, or a RequestError 413 when one request holds more than a batch."""
+  if rows > max_rows:
+    raise RequestError(413, f"{rows} examples: valid: at most {max_rows} per request")
+  return rows

@@ -22,6 +22,7 @@ from nsn_jax.layers import nsn_layers
 from nsn_jax.llm.decode import compile_now
 from nsn_jax.profiles import summarise
 from nsn_jax.restore import Restored
+from nsn_jax.serve.executables import ExecutableStore
 
 MAX_TEXT_CHARS = 100_000  # per text: longer is refused (413) before it reaches the tokenizer
 
@@ -68,7 +69,6 @@ class Engine:
 
   kind: str
   keys: frozenset  # the JSON fields a request may carry
-  store = None  # the ExecutableStore its programs come from (set by app.load_engine), or None
 
   def __init__(
     self,
@@ -79,7 +79,7 @@ class Engine:
     budget_reference: str,
     profiles: Mapping[float, Mapping] | None = None,
     rows_per_unit: int = 1,
-    compiler: Callable[[str, Callable[[], jax.stages.Lowered]], Any] = compile_now,
+    store: ExecutableStore | None = None,
   ):
     self.model, self.config, self.step = restored.model, restored.config, restored.step
     self.seq_len, self.budget_reference = seq_len, budget_reference
@@ -96,7 +96,9 @@ class Engine:
     self.ranks = tuple(sorted(points, key=self.flops))
     self.batch_sizes = tuple(sorted(batch_sizes))
     self._programs: dict[tuple, Any] = {}
-    self.compiler = compiler  # (unique program name, lower) → executable (executables.py)
+    # Programs come from `store` (kept on disk between restarts, executables.py) when given.
+    self.store = store
+    self.compiler = compile_now if store is None else store.compile
 
   def fixed_model(self, point) -> nnx.Module:
     """The model fixed at `point`, factors cut to its ranks and stored contiguously

@@ -7,7 +7,7 @@ from typing import Any
 
 from nsn_jax.build import model_path
 from nsn_jax.config import ConfigError
-from nsn_jax.llm.decode import Decoder, Sampling, compile_now, default_prompt_buckets
+from nsn_jax.llm.decode import Decoder, Sampling, default_prompt_buckets
 from nsn_jax.llm.gguf import GGUFTokenizer, gguf_metadata
 from nsn_jax.restore import Restored
 from nsn_jax.serve.engine import MAX_TEXT_CHARS, Engine, Parsed, RequestError, field, json_repr
@@ -36,7 +36,7 @@ class Generator(Engine):
     max_new_tokens: int,
     budget_reference: str = "max_rank",
     profiles=None,
-    compiler=compile_now,
+    store=None,
   ):
     if context > restored.model.config.max_seq_len:
       raise ConfigError(
@@ -45,9 +45,7 @@ class Generator(Engine):
         f"at most the model's max_seq_len, {restored.model.config.max_seq_len}",
       )
     # FLOPs per generated token are counted at a full context: attention over every slot.
-    super().__init__(
-      restored, ranks, batch_sizes, context, budget_reference, profiles, compiler=compiler
-    )
+    super().__init__(restored, ranks, batch_sizes, context, budget_reference, profiles, store=store)
     self.tokenizer = GGUFTokenizer.from_metadata(gguf_metadata(model_path(restored.config)))
     # Rows of a batch share the cache's write index, so any prompt must fit beside any request's
     # new tokens: prompts get what --max_new_tokens leaves of the context.
