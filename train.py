@@ -6,13 +6,14 @@
 Re-running with the same --workdir resumes from its newest good checkpoint. Bad input (a config
 field, a path) is one line and exit code 2 (--verbose for the traceback). On several hosts, run
 the same command on every host with --multihost (Cloud TPU VMs discover each other) or with
---coordinator_address/--num_processes/--process_id; see docs/tpu.md.
+--coordinator_address/--num_processes/--process_id; see docs/tpu.md. A process that fails
+tells the others, which stop too (--cluster_timeout bounds every wait).
 """
 
 from absl import flags
 from ml_collections import config_flags
 
-from nsn_jax import cli, distributed
+from nsn_jax import cli
 from nsn_jax.train_lib import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -24,19 +25,12 @@ _METRICS_DIR = flags.DEFINE_string(
   None,
   "Local directory for metrics.jsonl and TensorBoard events (default: the workdir).",
 )
-_MULTIHOST = flags.DEFINE_bool(
-  "multihost", False, "Join a cluster that JAX discovers itself (Cloud TPU VM pod slices, SLURM)."
-)
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the cluster.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_JOIN_CLUSTER = cli.cluster_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main():
-  distributed.initialize(
-    _MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
-  )
+  _JOIN_CLUSTER()
   train_and_evaluate(_CONFIG.value, _WORKDIR.value, _METRICS_DIR.value)
 
 

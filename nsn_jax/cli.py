@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 
+from nsn_jax import distributed
 from nsn_jax.checkpoint import CheckpointError
 from nsn_jax.train_lib import StoppedEarly
 from nsn_jax.workdir import WorkdirLockedError
@@ -33,9 +35,51 @@ USER_ERRORS = (
 
 def _fail(error: BaseException, code: int) -> None:
   if flags.FLAGS.verbose:
-    raise error
+    if not distributed.in_cluster():
+      raise error
+    traceback.print_exception(error)
   print(f"{os.path.basename(sys.argv[0])}: error: {_one_line(error)}", file=sys.stderr)
-  sys.exit(code)
+  _exit(code, _one_line(error))
+
+
+def _exit(code: int, message: str) -> None:
+  """Exits; in a cluster, first tells the other processes why (`distributed.announce_failure`)
+  and then skips JAX's exit-time shutdown barrier, which would wait minutes for processes that
+  are still running."""
+  if not distributed.in_cluster():
+    sys.exit(code)
+  distributed.announce_failure(message)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
+def cluster_flags() -> Callable[[], None]:
+  """Defines the flags that join a multi-process cluster; returns the function that joins it
+  with their values (call it first in `main`)."""
+  multihost = flags.DEFINE_bool(
+    "multihost", False, "Join a cluster that JAX discovers itself (Cloud TPU VM pod slices, SLURM)."
+  )
+  coordinator = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+  processes = flags.DEFINE_integer("num_processes", None, "Processes in the cluster.")
+  process_id = flags.DEFINE_integer("process_id", None, "This process's index.")
+  timeout = flags.DEFINE_float(
+    "cluster_timeout",
+    600.0,
+    "Seconds a process waits for the others to join or to reach a barrier before it stops "
+    "with an error naming the missing processes.",
+  )
+  heartbeat = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Seconds before JAX declares a silent process dead."
+  )
+  return lambda: distributed.initialize(
+    multihost.value,
+    coordinator.value,
+    processes.value,
+    process_id.value,
+    timeout.value,
+    heartbeat.value,
+  )
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -82,7 +126,12 @@ def run(main: Callable[[], None]) -> None:
       print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
     except USER_ERRORS as e:
       _fail(e, 2)
-    except FloatingPointError as e:  # a diverged run: its last good checkpoint is kept
-      _fail(e, 1)
+    except (FloatingPointError, distributed.ClusterError) as e:  # a diverged run keeps its
+      _fail(e, 1)  # last good checkpoint; a cluster error names the process that failed
+    except Exception as e:  # unexpected: the traceback, and in a cluster the others are told
+      if not distributed.in_cluster():
+        raise
+      traceback.print_exc()
+      _exit(1, f"{type(e).__name__}: {_one_line(e)}")
 
   app.run(_main, flags_parser=_parse_flags)

@@ -69,7 +69,7 @@ def _data_and_model(c: ml_collections.ConfigDict) -> None:
   c.data.num_classes = 10  # classification; None for language modelling
   c.data.train_split = "train"
   c.data.eval_split = "test"
-  c.data.cache = True  # hold this process's shard of the train split in memory
+  c.data.cache = True  # hold the train split in host memory (each host holds all of it)
   c.data.text_feature = ()  # text tasks: the feature(s) tokenised, e.g. ("text",)
   c.data.seq_len = config_dict.placeholder(int)  # text tasks: tokens per example
   c.data.eval_examples = 0  # a fixed random cap on the eval split; 0 = all

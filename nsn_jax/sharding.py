@@ -20,12 +20,13 @@ import re
 from typing import Any
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from nsn_jax.config import MESH_AXES
+from nsn_jax.config import MESH_AXES, ConfigError
 
 AXES = MESH_AXES
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
@@ -44,7 +45,8 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] | N
   """A (data, fsdp, tensor) mesh; one axis may be -1 (= the remaining devices).
 
   The axis sizes must multiply to a divisor of the device count; the mesh then uses the first
-  that many devices. Raises ValueError otherwise, before anything is compiled.
+  that many devices, and in a multi-process run it must hold devices of every process. Raises
+  ValueError (ConfigError) otherwise, before anything is compiled.
   """
   devices = list(jax.devices() if devices is None else devices)
   sizes = [int(mesh_config[axis]) for axis in AXES]
@@ -61,8 +63,68 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] | N
       f"mesh {dict(zip(AXES, sizes))} needs {total} devices, which does not "
       f"divide the {len(devices)} devices available."
     )
-  grid = np.asarray(devices[:total]).reshape(sizes)
+  left_out = sorted({d.process_index for d in devices} - {d.process_index for d in devices[:total]})
+  if left_out:
+    raise ConfigError(
+      "mesh",
+      str(dict(zip(AXES, sizes))),
+      f"sizes that multiply to all {len(devices)} devices (or one axis of -1)",
+      f"it uses {total}, leaving out every device of process(es) {left_out}, and every process "
+      "of a cluster must run the step",
+    )
+  grid = device_grid(sizes, devices[:total])
   return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def device_grid(sizes: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+  """`devices` laid out as a (data, fsdp, tensor) array in the accelerator's topology.
+
+  On TPU, `mesh_utils` places neighbouring chips on the axes that talk most (tensor, then
+  fsdp). Over several slices (multislice: devices carry distinct `slice_index`), the data axis
+  is split across slices, so only the gradient all-reduce crosses the slower data-centre
+  network (DCN) and fsdp/tensor stay on each slice's ICI. On CPU and GPU the order is the
+  device order.
+  """
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+  if sizes[0] % slices:
+    raise ConfigError(
+      "mesh.data",
+      sizes[0],
+      f"a multiple of the {slices} slices",
+      "data parallelism is the axis that crosses slices; fsdp and tensor stay within one",
+    )
+  per_slice = [sizes[0] // slices, *sizes[1:]]
+  return mesh_utils.create_hybrid_device_mesh(
+    per_slice, [slices, 1, 1], devices, allow_split_physical_axes=True
+  )
+
+
+def process_rows(batch: NamedSharding, batch_size: int) -> np.ndarray:
+  """Positions, in a global batch of `batch_size`, of the rows this process's devices hold
+  under `batch` (sorted). Usually a contiguous 1/P of the batch; when an axis the batch is
+  replicated over (tensor) spans processes, several processes hold the same rows."""
+  rows = np.arange(batch_size)
+  held = batch.addressable_devices_indices_map((batch_size,)).values()
+  return np.unique(np.concatenate([rows[index[0]] for index in held]))
+
+
+def global_batch(
+  batch: NamedSharding, batch_size: int, rows: np.ndarray, local: dict[str, np.ndarray]
+) -> dict[str, jax.Array]:
+  """Global arrays of `batch_size` rows laid out by `batch`, from this process's `local`
+  arrays, whose leading axis holds the global rows `rows` (`process_rows`)."""
+  where = np.full(batch_size, -1)
+  where[rows] = np.arange(len(rows))
+
+  def make(x: np.ndarray) -> jax.Array:
+    shape = (batch_size, *x.shape[1:])
+    return jax.make_array_from_callback(
+      shape, batch, lambda index: x[(where[index[0]], *index[1:])]
+    )
+
+  return {k: make(v) for k, v in local.items()}
 
 
 def path_string(path: tuple) -> str:

@@ -8,7 +8,9 @@ the loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -25,7 +27,7 @@ import numpy as np
 
 import nsn_jax
 from nsn_jax import config as config_lib
-from nsn_jax import profiles, sharding
+from nsn_jax import distributed, profiles, sharding
 from nsn_jax.build import build_pretrained, check_model_fits, text_encoder
 from nsn_jax.checkpoint import Checkpoints, abstract_tree
 from nsn_jax.data import pipeline
@@ -65,19 +67,28 @@ def train_and_evaluate(
     )
   config_lib.validate(config, jax.device_count())
   check_model_fits(config)
+  # A cluster: every host runs the same config and sees the workdir process 0 writes.
+  distributed.check_same("config", config.to_json_best_effort(sort_keys=True))
+  distributed.check_shared(workdir)
   with contextlib.ExitStack() as stack:
     if jax.process_index() == 0:  # only process 0 writes metrics and decides quarantine
       local = (os.path.realpath(d) for d in (workdir, metrics_dir) if "://" not in d)
       for directory in dict.fromkeys(local):
         stack.enter_context(WorkdirLock(directory))
-    # ----- Mesh, then input: this process's slice of each global batch (replays on resume).
+    # ----- Mesh, then input: the rows of each global batch this process's devices hold
+    # (replays on resume).
     mesh = sharding.make_mesh(config.mesh)
-    task, train_batches, eval_arrays = _input(config)
+    batch_sharding = sharding.batch_sharding(mesh)
+    rows = sharding.process_rows(batch_sharding, config.train.batch_size)
+    task, batches, eval_arrays = _input(config)
+    train_batches = batches(rows)
 
     # ----- Model (pretrained + surgery, or from scratch), method, and the sharded state.
-    pretrained_model, method = _model_and_method(config, task, train_batches)
+    # Calibration reads whole global batches, so every process computes the same surgery.
+    pretrained_model, method = _model_and_method(config, task, lambda: batches(None))
     if line := method.start_line():
       say(line)
+    distributed.barrier("setup")  # a host that failed to read its data or weights is named
     graphdef, state, state_sharding = create_train_state(config, mesh, pretrained_model)
     model = nnx.merge(graphdef, state).model
 
@@ -89,7 +100,6 @@ def train_and_evaluate(
 
     # ----- The update step: jitted once, state donated, shardings bound here.
     extra, extra_sharding = method.extra(mesh, config)
-    batch_sharding = sharding.batch_sharding(mesh)
     step_fn = make_train_step(
       graphdef, method.loss, trainable(config), state_sharding, batch_sharding, extra_sharding
     )
@@ -109,21 +119,23 @@ def train_and_evaluate(
       )
 
     writer = stack.enter_context(contextlib.closing(MetricWriter(metrics_dir, start_step)))
-    inputs = (step_fn, pipeline.iterate(train_batches, start_step), batch_sharding, extra)
+    feed = functools.partial(sharding.global_batch, batch_sharding, config.train.batch_size, rows)
+    inputs = (step_fn, pipeline.iterate(train_batches, start_step), feed, extra)
     return _loop(config, method, state, start_step, inputs, evaluate, save, writer)
 
 
-def _input(config) -> tuple[Task, Any, dict]:
-  """(task, this process's training batches by step, the eval split's arrays)."""
+def _input(config) -> tuple[Task, Callable[[np.ndarray | None], Any], dict]:
+  """(task, rows → training batches by step holding those rows of each global batch (None:
+  all), the eval split's arrays)."""
   task, encoder = get_task(config.task), text_encoder(config)
-  process, processes = jax.process_index(), jax.process_count()
-  batches = pipeline.train_batches(
-    config.data, config.train.batch_size, config.seed, process, processes, encoder
-  )
+
+  def batches(rows: np.ndarray | None):
+    return pipeline.train_batches(config.data, config.train.batch_size, config.seed, rows, encoder)
+
   return task, batches, pipeline.load_split(config.data, config.data.eval_split, encoder)
 
 
-def _model_and_method(config, task: Task, train_batches) -> tuple[nnx.Module | None, Method]:
+def _model_and_method(config, task: Task, global_batches) -> tuple[nnx.Module | None, Method]:
   """(pretrained model after surgery, or None for a model trained from scratch; the method).
 
   A pretrained family starts from its file, or from `model.init_from`'s fine-tuned dense twin.
@@ -135,7 +147,7 @@ def _model_and_method(config, task: Task, train_batches) -> tuple[nnx.Module | N
   dense, model, calibration = build_pretrained(
     config,
     seed=config.seed,
-    calibrate=_calibration(config, task, train_batches),
+    calibrate=_calibration(config, task, global_batches),
     dense=restore_dense_twin(config),
   )
   found = []
@@ -152,16 +164,18 @@ def _model_and_method(config, task: Task, train_batches) -> tuple[nnx.Module | N
   return model, build_method(config, task, config.model.max_rank, found, teacher)
 
 
-def _calibration(config, task: Task, train_batches):
+def _calibration(config, task: Task, global_batches):
   """For `surgery.init=activation_aware` or FlexRank's profile search (`flexrank.budgets`):
-  runs the dense model on the first `surgery.calibration_batches` training batches (rank None),
-  eagerly, so each chosen layer's inputs can be recorded. None otherwise."""
+  runs the dense model on the first `surgery.calibration_batches` global training batches
+  (`global_batches()`, rank None), eagerly, so each chosen layer's inputs can be recorded. None
+  otherwise."""
   if config.surgery.init != "activation_aware" and not config.flexrank.budgets:
     return None
 
   def calibrate(model):
+    batches = global_batches()
     for step in range(config.surgery.calibration_batches):
-      task.logits(model, {k: jnp.asarray(v) for k, v in train_batches[step].items()}, None)
+      task.logits(model, {k: jnp.asarray(v) for k, v in batches[step].items()}, None)
 
   return calibrate
 
@@ -200,15 +214,20 @@ class StoppedEarly(Exception):
 
 class _StopFlag:
   """Set by SIGTERM (preemption) or a first Ctrl-C: the loop saves and stops. A second Ctrl-C
-  interrupts at once."""
+  interrupts at once.
+
+  In a cluster, SIGTERM is left to JAX's preemption service: a notice reaching any one host
+  makes every host stop at the same step (`reached_preemption_sync_point`), and saving is
+  collective. Ctrl-C flags are compared across hosts every `log_every` steps.
+  """
 
   def __init__(self):
     self.requested = False
     # Signal handlers can only be installed from the main thread; elsewhere (a notebook's
     # worker thread) the caller keeps its own handling.
     main = threading.current_thread() is threading.main_thread()
-    signals = (signal.SIGTERM, signal.SIGINT) if main else ()
-    self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+    signals = (signal.SIGINT,) if distributed.in_cluster() else (signal.SIGTERM, signal.SIGINT)
+    self._previous = {sig: signal.signal(sig, self._handle) for sig in signals if main}
 
   def _handle(self, signum, frame):
     del frame
@@ -220,11 +239,12 @@ class _StopFlag:
     self.requested = True
 
   def agreed(self, step: int, every: int) -> bool:
-    """Whether every process stops after `step`. A signal reaches hosts at different steps and a
-    save is collective, so several processes compare flags every `every` steps and all stop at
-    the first such step where any was signalled."""
-    if jax.process_count() == 1:
+    """Whether every process stops after `step` (call it at every step, from the first)."""
+    if not distributed.in_cluster():
       return self.requested
+    if multihost_utils.reached_preemption_sync_point(step):
+      say(f"preemption notice: every process saves step {step} and stops")
+      return True
     if step % every:
       return False
     return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
@@ -249,7 +269,7 @@ def _loop(
     if not any(k.startswith("eval/") for k in writer.logged(start_step)):  # a run cut short
       writer.write(start_step, final)
     return final
-  step_fn, batches, batch_sharding, extra = inputs
+  step_fn, batches, feed, extra = inputs
   progress = Progress(config.train.steps, start_step)
   stop = _StopFlag()
   pending, saved_step = None, start_step
@@ -273,8 +293,7 @@ def _loop(
 
   try:
     for step in range(start_step + 1, config.train.steps + 1):
-      local = next(batches)
-      batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k]) for k in local}
+      batch = feed(next(batches))
       step_inputs = method.step_inputs(step)
       state, metrics = step_fn(state, batch, jnp.asarray(step_inputs), extra)
       if pending is not None:

@@ -112,12 +112,10 @@ def test_iterate_replays_random_access_and_resumes(mnist_dir):
     np.testing.assert_array_equal(batch["label"], ds[step]["label"])
 
 
-def test_processes_read_disjoint_halves(mnist_dir):
+def test_hosts_read_the_rows_their_devices_hold(mnist_dir):
   config = _config(mnist_dir)
-  hosts = [
-    pipeline.train_batches(config, batch_size=64, seed=1, process_index=p, process_count=2)
-    for p in range(2)
-  ]
+  halves = [np.arange(32), np.arange(32, 64)]
+  hosts = [pipeline.train_batches(config, batch_size=64, seed=1, rows=rows) for rows in halves]
   # 62 global batches of 64 stay inside the first epoch (4,000 examples).
   seen = []
   for ds in hosts:
@@ -132,8 +130,11 @@ def test_processes_read_disjoint_halves(mnist_dir):
     np.testing.assert_array_equal(
       np.concatenate([ds[step]["image"] for ds in hosts]), single[step]["image"]
     )
-  with pytest.raises(ValueError, match="not divisible"):
-    pipeline.train_batches(config, batch_size=63, seed=1, process_count=2)
+  # Rows need not be contiguous (a host whose devices hold scattered slices).
+  scattered = pipeline.train_batches(config, batch_size=64, seed=1, rows=np.asarray([3, 40]))
+  np.testing.assert_array_equal(scattered[5]["label"], single[5]["label"][[3, 40]])
+  with pytest.raises(ValueError, match="not positions in a batch of 64"):
+    pipeline.train_batches(config, batch_size=64, seed=1, rows=np.asarray([64]))
 
 
 def test_epochs_are_reshuffled(mnist_dir):

