@@ -8,13 +8,16 @@
   .venv/bin/python eval.py --workdir=runs/smollm2_lm_flexrank --ranks=none --profiles   # FlexRank
   .venv/bin/python eval.py --workdir=runs/demo/export/r16              # an export: one row
 
+On a pod slice, run the same command on every host with --multihost (or --coordinator_address,
+--num_processes, --process_id): evaluation is then data-parallel over every chip (--mesh).
+
 Writes sweep.json, sweep.csv and frontier.png to --out (default DIR/eval/step_<step>; rows of
 an earlier sweep of the same step are kept) and prints the table.
 """
 
 from absl import flags
 
-from nsn_jax import cli
+from nsn_jax import cli, distributed, sharding
 from nsn_jax.sweep import run_sweep
 
 _WORKDIR = flags.DEFINE_string(
@@ -51,6 +54,13 @@ _REFERENCES = flags.DEFINE_list(
 _OUT = flags.DEFINE_string(
   "out", None, "Directory for the outputs (default: WORKDIR/eval/step_<step>)."
 )
+_MESH = flags.DEFINE_string(
+  "mesh",
+  None,
+  "Evaluate data-parallel over a device mesh, e.g. 'data=-1' or 'data=2,tensor=2' (default: "
+  "one device; in a cluster: data=-1 over every process's devices).",
+)
+_JOIN_CLUSTER = cli.cluster_flags()
 _STEP = flags.DEFINE_integer(
   "step", None, "Checkpoint step to evaluate (default: the newest good one).", lower_bound=0
 )
@@ -58,6 +68,9 @@ flags.mark_flag_as_required("workdir")
 
 
 def main():
+  _JOIN_CLUSTER()
+  spec = _MESH.value or ("data=-1" if distributed.in_cluster() else None)
+  mesh = sharding.make_mesh(sharding.parse_mesh(spec)) if spec else None
   try:
     budgets = [float(b) for b in _BUDGETS.value]
   except ValueError:
@@ -74,6 +87,7 @@ def main():
     profiles=_PROFILES.value,
     out=_OUT.value,
     step=_STEP.value,
+    mesh=mesh,
   )
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import time
+from typing import Any
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 
+from nsn_jax import sharding
 from nsn_jax.tasks import Task
 
 
@@ -17,11 +21,16 @@ class RankEvaluator:
 
   The last partial batch is padded (and masked out of the metrics) so every rank compiles
   exactly once, whatever the split size. The program returns sums, not logits, so a language
-  model's (B, T, vocab) logits never leave the device.
+  model's (B, T, vocab) logits never leave the device. With a `mesh`, each batch is split over
+  its data and fsdp axes (data-parallel evaluation; `batch_size` rounded up to a multiple of
+  them), on every process of a cluster alike.
   """
 
-  def __init__(self, graphdef: nnx.GraphDef, batch_size: int, task: Task):
-    self.batch_size, self.task = batch_size, task
+  def __init__(self, graphdef: nnx.GraphDef, batch_size: int, task: Task, mesh: Mesh | None = None):
+    self.task = task
+    self.sharding = None if mesh is None else sharding.batch_sharding(mesh)
+    split = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    self.batch_size = -(-batch_size // split) * split
 
     def scores(params, batch, rows, rank):
       return task.scores(task.logits(nnx.merge(graphdef, params), batch, rank), batch, rows)
@@ -35,16 +44,24 @@ class RankEvaluator:
 
   def _example(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.ShapeDtypeStruct]:
     return {
-      k: jax.ShapeDtypeStruct((self.batch_size, *arrays[k].shape[1:]), arrays[k].dtype)
+      k: jax.ShapeDtypeStruct(
+        (self.batch_size, *arrays[k].shape[1:]), arrays[k].dtype, sharding=self.sharding
+      )
       for k in self.task.keys
     }
+
+  def _place(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """One host batch (the same on every process) as the program's input."""
+    if self.sharding is None:
+      return batch
+    return sharding.global_batch(self.sharding, self.batch_size, np.arange(self.batch_size), batch)
 
   def compiled(self, params, arrays: dict[str, np.ndarray], rank):
     """The rank's XLA executable for one batch shaped like `arrays`, compiled once, reused."""
     example = self._example(arrays)
     key = (rank, tuple((k, v.shape, str(v.dtype)) for k, v in example.items()))
     if key not in self._compiled:
-      rows = jax.ShapeDtypeStruct((self.batch_size,), jnp.float32)
+      rows = jax.ShapeDtypeStruct((self.batch_size,), jnp.float32, sharding=self.sharding)
       self._compiled[key] = self._scores.lower(params, example, rows, rank).compile()
     return self._compiled[key]
 
@@ -63,15 +80,19 @@ class RankEvaluator:
       k: np.concatenate([arrays[k], np.zeros((pad, *arrays[k].shape[1:]), arrays[k].dtype)])
       for k in self.task.keys
     }
-    rows = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
     program = self.compiled(params, arrays, rank)
-    batch_at = lambda start: {k: v[start : start + self.batch_size] for k, v in padded.items()}
-    jax.block_until_ready(program(params, batch_at(0), rows[: self.batch_size]))  # warm-up
+    padded["rows"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+
+    def batch_at(start: int) -> tuple[dict, Any]:
+      batch = self._place({k: v[start : start + self.batch_size] for k, v in padded.items()})
+      return batch, batch.pop("rows")
+
+    jax.block_until_ready(program(params, *batch_at(0)))  # warm-up
     totals = {"loss": 0.0, "correct": 0.0, "weight": 0.0}
     latencies = []
     for start in range(0, n + pad, self.batch_size):
       t0 = time.perf_counter()
-      sums = jax.device_get(program(params, batch_at(start), rows[start : start + self.batch_size]))
+      sums = jax.device_get(program(params, *batch_at(start)))
       latencies.append(time.perf_counter() - t0)
       for key in totals:
         totals[key] += float(sums[key])

@@ -76,6 +76,17 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] | N
   return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
+def parse_mesh(spec: str, flag: str = "--mesh") -> ml_collections.ConfigDict:
+  """ "data=-1" or "data=2,fsdp=1,tensor=2" → a mesh config (unnamed axes are 1)."""
+  sizes = dict.fromkeys(AXES, 1)
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    axis, _, size = part.partition("=")
+    if axis.strip() not in AXES or not size.strip().lstrip("-").isdigit():
+      raise ConfigError(flag, spec, f"axis=size pairs over {', '.join(AXES)}, e.g. data=2,tensor=2")
+    sizes[axis.strip()] = int(size)
+  return ml_collections.ConfigDict(sizes)
+
+
 def device_grid(sizes: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
   """`devices` laid out as a (data, fsdp, tensor) array in the accelerator's topology.
 

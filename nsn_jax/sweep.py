@@ -19,6 +19,7 @@ import math
 from etils import epath
 from flax import nnx
 import jax
+from jax.sharding import Mesh
 
 from nsn_jax import config as config_lib
 from nsn_jax import flops
@@ -113,13 +114,14 @@ class _Rows:
     batch_size: int,
     budgets: dict,
     reference_model: nnx.Module,
+    mesh: Mesh | None,
   ):
     self.model, self.arrays, self.budgets = restored.model, arrays, budgets
     self.config = restored.config
     self.seq_len = config_lib.seq_len(self.config)
     self.task = get_task(self.config.task)
     self.trained = set(restored.metadata.get("trained_ranks", []))
-    self.evaluator = RankEvaluator(nnx.graphdef(self.model), batch_size, self.task)
+    self.evaluator = RankEvaluator(nnx.graphdef(self.model), batch_size, self.task, mesh)
     per_example = self.seq_len or 1
     self.per_example = per_example
     self.dense = per_example * flops.dense_model_flops(reference_model, self.seq_len)
@@ -186,13 +188,16 @@ def run_sweep(
   profiles: bool = False,
   out: str | None = None,
   step: int | None = None,
+  mesh: Mesh | None = None,
 ) -> list[SweepRow]:
   """Evaluates the requested ranks (and the ranks that budgets map to) of `workdir`'s newest
   checkpoint (or `step`); with `profiles` each FlexRank profile saved in it (model "flexrank");
   then each reference run on the same task: a dense baseline once ("dense: DIR"), a FlexRank run
   at each of its profiles ("flexrank: DIR"). A model without ranks (a dense run, an export) is
   one row, model "dense" or "export". Writes the rows to `out` (default DIR/eval/step_<step>,
-  merged with the rows already there) and returns this sweep's rows.
+  merged with the rows already there) and returns this sweep's rows. With `mesh` the models are
+  restored into their sharded layout and evaluated data-parallel over it (every process of a
+  cluster calls this alike; process 0 writes).
 
   Raises ValueError for bad ranks or budgets, `profiles` on a checkpoint without them, or when
   nothing is requested.
@@ -203,7 +208,7 @@ def run_sweep(
   parse_ranks(ranks_spec, max_rank=None)  # the syntax, before anything is read
   for reference in references:  # a missing reference fails now, not after the sweep
     checkpoint_directory(reference)
-  restored = restore_model(workdir, step=step)
+  restored = restore_model(workdir, mesh=mesh, step=step)
   model, config = restored.model, restored.config
   ranks, budget_of = _requested_ranks(restored, ranks_spec, budgets, budget_reference)
   saved = flexrank_profiles.saved_profiles(restored.metadata) if profiles else {}
@@ -218,12 +223,12 @@ def run_sweep(
       f"{config.data.eval_split} examples)",
       flush=True,
     )
-  own = _Rows(restored, arrays, batch_size, budget_of, model)
+  own = _Rows(restored, arrays, batch_size, budget_of, model, mesh)
   kind = "export" if "export" in restored.metadata else "dense"
   rows = [own.row("nsn" if nsn_layers(model) else kind, rank, verbose) for rank in ranks]
   rows += own.profile_rows("flexrank", saved, _distilled(restored.metadata), verbose)
   for reference in references:
-    rows += _reference_rows(reference, restored, arrays, batch_size, verbose)
+    rows += _reference_rows(reference, restored, arrays, batch_size, verbose, mesh)
   out = out or str(epath.Path(workdir) / "eval" / f"step_{restored.step}")
   merged = write_outputs(rows, out, f"{workdir} (step {restored.step})", budget_reference)
   if verbose:
@@ -258,17 +263,17 @@ def _requested_ranks(restored: Restored, spec: str, budgets, reference: str):
 
 
 def _reference_rows(
-  reference: str, restored: Restored, arrays, batch_size: int, verbose: bool
+  reference: str, restored: Restored, arrays, batch_size: int, verbose: bool, mesh
 ) -> list[SweepRow]:
   """A reference run's rows beside `restored`'s (costs as fractions of `restored`'s model)."""
-  other = restore_model(reference)
+  other = restore_model(reference, mesh=mesh)
   differ = mismatches(restored.config, other.config)
   if differ:
     raise ValueError(
       f"reference {reference} was trained with another {', '.join(differ)}; "
       "a reference must be the same model on the same task and data."
     )
-  rows = _Rows(other, arrays, batch_size, {}, restored.model)
+  rows = _Rows(other, arrays, batch_size, {}, restored.model, mesh)
   if _distilled(other.metadata):
     return rows.profile_rows(
       f"flexrank: {reference}", flexrank_profiles.saved_profiles(other.metadata), True, verbose

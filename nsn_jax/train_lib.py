@@ -103,7 +103,7 @@ def train_and_evaluate(
     step_fn = make_train_step(
       graphdef, method.loss, trainable(config), state_sharding, batch_sharding, extra_sharding
     )
-    evaluator = RankEvaluator(nnx.graphdef(model), config.eval.batch_size, task)
+    evaluator = RankEvaluator(nnx.graphdef(model), config.eval.batch_size, task, mesh)
 
     def evaluate(state) -> dict[str, float]:
       return {

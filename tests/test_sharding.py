@@ -7,6 +7,7 @@ in another order than one device, and Adam carries those float32 rounding differ
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import cluster
 from flax import nnx
@@ -114,6 +115,31 @@ def test_an_axis_that_does_not_divide_is_replicated():
 def test_bad_meshes_are_clear_errors(axes, match):
   with pytest.raises(ValueError, match=match):
     _mesh(**axes)
+
+
+def test_multislice_meshes_split_only_the_data_axis_across_slices():
+  """Two slices of 4 chips (devices carry `slice_index`): each data row stays on one slice, so
+  only the gradient all-reduce crosses the data-centre network."""
+  devices = [
+    SimpleNamespace(
+      id=i, process_index=i // 4, slice_index=i // 4, platform="cpu", device_kind="cpu"
+    )
+    for i in range(8)
+  ]
+  grid = sharding.device_grid([4, 1, 2], devices)
+  assert [{d.slice_index for d in grid[i].flat} for i in range(4)] == [{0}, {0}, {1}, {1}]
+  with pytest.raises(ValueError, match=r"mesh.data=1: .* valid: a multiple of the 2 slices"):
+    sharding.device_grid([1, 1, 8], devices)
+
+
+def test_each_process_holds_the_rows_its_devices_hold():
+  mesh = _mesh(data=2, fsdp=2, tensor=2)  # one process: it holds every row, in order
+  rows = sharding.process_rows(sharding.batch_sharding(mesh), 8)
+  np.testing.assert_array_equal(rows, np.arange(8))
+  local = {"x": np.arange(8 * 3).reshape(8, 3)}
+  batch = sharding.global_batch(sharding.batch_sharding(mesh), 8, rows, local)
+  np.testing.assert_array_equal(np.asarray(batch["x"]), local["x"])
+  assert batch["x"].sharding.spec == P(("data", "fsdp"))
 
 
 def test_bad_mesh_fails_before_compiling(smoke_config, tmp_path):

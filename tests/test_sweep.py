@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 
+import cluster
 import pytest
 
+from nsn_jax import sharding
 from nsn_jax.checkpoint import CheckpointError
 from nsn_jax.restore import restore_model
-from nsn_jax.sweep import parse_ranks, run_sweep
+from nsn_jax.sweep import SweepRow, parse_ranks, run_sweep
 from nsn_jax.train_lib import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,6 +85,24 @@ def test_sweep_rows_and_budgets(trained):
   # XLA counts one extra FLOP per hidden ReLU (32 per example) on top of the analytic count.
   for r in rows:
     assert r.xla_flops == pytest.approx(r.flops + 32, rel=1e-3)
+
+
+def test_data_parallel_sweeps_match_one_device_in_one_process_and_in_a_cluster(trained, tmp_path):
+  """eval.py --mesh (one process, 8 devices) and eval.py on a 2-process × 2-device cluster
+  (data-parallel over both hosts by default) give the one-device sweep's numbers."""
+  workdir, _ = trained
+  one = {r.rank: r for r in run_sweep(workdir, "2,8", verbose=False, out=str(tmp_path / "one"))}
+  mesh = sharding.make_mesh(sharding.parse_mesh("data=4, tensor=2"))
+  spread = run_sweep(workdir, "2,8", verbose=False, out=str(tmp_path / "mesh"), mesh=mesh)
+  argv = ["eval.py", f"--workdir={workdir}", "--ranks=2,8", f"--out={tmp_path}/cluster"]
+  for code, log in cluster.Cluster(argv, 2, 2, tmp_path / "logs").wait(timeout=300):
+    assert code == 0, log[-3000:]
+  in_cluster = json.loads((tmp_path / "cluster" / "sweep.json").read_text())
+  for row in [*spread, *(SweepRow(**r) for r in in_cluster)]:
+    assert row.accuracy == one[row.rank].accuracy
+    assert row.loss == pytest.approx(one[row.rank].loss, rel=1e-5)
+  with pytest.raises(ValueError, match=r"--mesh='data:2': valid: axis=size pairs"):
+    sharding.parse_mesh("data:2")
 
 
 def test_bad_ranks_and_budgets_are_clear_cli_errors(trained):
