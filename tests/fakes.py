@@ -55,3 +55,39 @@ class FakeMnli(glue.Glue, skip_registration=True):
           "idx": i,
         },
       )
+
+
+class FakeGcs:
+  """gs://BUCKET/... mapped onto `root`/BUCKET/... for everything nsn_jax reads and writes
+  through etils.epath, the path abstraction orbax uses too. Orbax's array files go through
+  TensorStore's own GCS driver, which no local stand-in serves, so the orbax manager alone is
+  handed the local twin of its directory: every other path operation sees `gs://`."""
+
+  def __init__(self, root, monkeypatch):
+    from etils.epath import testing
+    import orbax.checkpoint as ocp
+
+    self.root = str(root)
+    one = lambda fn, path, *args, **kwargs: fn(self.local(path), *args, **kwargs)
+    two = lambda fn, path, dst, *args, **kwargs: fn(
+      self.local(path), self.local(dst), *args, **kwargs
+    )
+    names = ("exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "open", "remove", "rmtree")
+    self._mock = testing.mock_epath(
+      **dict.fromkeys((*names, "stat", "walk"), one), copy=two, rename=two, replace=two
+    )
+    manager = ocp.CheckpointManager
+    monkeypatch.setattr(
+      ocp, "CheckpointManager", lambda directory, *a, **k: manager(self.local(directory), *a, **k)
+    )
+
+  def local(self, path) -> str:
+    path = str(path)
+    return f"{self.root}/{path.removeprefix('gs://')}" if path.startswith("gs://") else path
+
+  def __enter__(self):
+    self._mock.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    return self._mock.__exit__(*exc)
