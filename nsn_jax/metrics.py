@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from etils import epath
 import jax
 
 
@@ -24,11 +25,21 @@ class MetricWriter:
   """Appends `{"step": s, name: value, ...}` lines to DIR/metrics.jsonl and TensorBoard events.
 
   A run resumed at `start_step` first drops what an earlier attempt logged after that step
-  (those steps are replayed), so metrics.jsonl never holds a step twice.
+  (those steps are replayed), so metrics.jsonl never holds a step twice. With `mirror_to`
+  (e.g. a gs:// workdir's metrics/), `mirror()` copies both there, where TensorBoard and people
+  on other machines can read them; appending to a bucket object is not possible, so the files
+  are written locally and copied whole.
   """
 
-  def __init__(self, directory: str, start_step: int = 0, enabled: bool | None = None):
+  def __init__(
+    self,
+    directory: str,
+    start_step: int = 0,
+    enabled: bool | None = None,
+    mirror_to: str | None = None,
+  ):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.directory, self.mirror_to = directory, mirror_to
     self._jsonl = self._tb = None
     if self.enabled:
       os.makedirs(directory, exist_ok=True)
@@ -60,8 +71,23 @@ class MetricWriter:
     for name, value in scalars.items():
       self._tb.add_scalar(name, value, step)
 
+  def mirror(self) -> None:
+    """Copies metrics.jsonl and the TensorBoard events to `mirror_to` (if set), whole."""
+    if not (self.enabled and self.mirror_to):
+      return
+    self._jsonl.flush()
+    self._tb.flush()
+    for root, _, files in os.walk(self.directory):
+      for name in files:
+        source = os.path.join(root, name)
+        target = epath.Path(self.mirror_to) / os.path.relpath(source, self.directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(source, "rb") as f:
+          target.write_bytes(f.read())
+
   def close(self) -> None:
     if self.enabled:
+      self.mirror()
       self._jsonl.close()
       self._tb.close()
 

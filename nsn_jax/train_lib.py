@@ -113,12 +113,17 @@ def train_and_evaluate(
         if k != "latency_s"
       }
 
+    # A bucket workdir also gets the metrics (workdir/metrics), copied at every checkpoint.
+    mirror = f"{workdir}/metrics" if "://" in workdir else None
+    writer = MetricWriter(metrics_dir, start_step, mirror_to=mirror)
+    stack.enter_context(contextlib.closing(writer))
+
     def save(step: int, state) -> None:
       checkpoints.save(
         step, *split_for_checkpoint(state), checkpoint_metadata(config, model, method, step)
       )
+      writer.mirror()
 
-    writer = stack.enter_context(contextlib.closing(MetricWriter(metrics_dir, start_step)))
     feed = functools.partial(sharding.global_batch, batch_sharding, config.train.batch_size, rows)
     inputs = (step_fn, pipeline.iterate(train_batches, start_step), feed, extra)
     return _loop(config, method, state, start_step, inputs, evaluate, save, writer)

@@ -17,6 +17,11 @@ def test_train_eval_and_export_on_a_gs_workdir(smoke_config, tmp_path, monkeypat
   with FakeGcs(bucket, monkeypatch):
     final = train_and_evaluate(smoke_config, "gs://runs/smoke", metrics_dir=str(tmp_path / "m"))
     assert (bucket / "runs" / "smoke" / "checkpoints" / "20").is_dir()
+    # Metrics are written locally and copied whole into the bucket for TensorBoard.
+    mirrored = bucket / "runs" / "smoke" / "metrics"
+    lines = (mirrored / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 20
+    assert list((mirrored / "tensorboard").iterdir())
     rows = run_sweep("gs://runs/smoke", "2,8", verbose=False)
     assert rows[-1].loss == pytest.approx(final["eval/rank_8/loss"], rel=1e-5)
     sweep = json.loads((bucket / "runs/smoke/eval/step_20/sweep.json").read_text())
