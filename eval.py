@@ -60,7 +60,7 @@ _MESH = flags.DEFINE_string(
   "Evaluate data-parallel over a device mesh, e.g. 'data=-1' or 'data=2,tensor=2' (default: "
   "one device; in a cluster: data=-1 over every process's devices).",
 )
-_JOIN_CLUSTER = cli.cluster_flags()
+_JOIN_CLUSTER = cli.launch_flags()
 _STEP = flags.DEFINE_integer(
   "step", None, "Checkpoint step to evaluate (default: the newest good one).", lower_bound=0
 )

@@ -25,7 +25,7 @@ _METRICS_DIR = flags.DEFINE_string(
   None,
   "Local directory for metrics.jsonl and TensorBoard events (default: the workdir).",
 )
-_JOIN_CLUSTER = cli.cluster_flags()
+_JOIN_CLUSTER = cli.launch_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 

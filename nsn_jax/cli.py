@@ -13,6 +13,7 @@ import sys
 import traceback
 
 from absl import app, flags, logging
+import jax
 
 from nsn_jax import distributed
 from nsn_jax.checkpoint import CheckpointError
@@ -54,9 +55,9 @@ def _exit(code: int, message: str) -> None:
   os._exit(code)
 
 
-def cluster_flags() -> Callable[[], None]:
-  """Defines the flags that join a multi-process cluster; returns the function that joins it
-  with their values (call it first in `main`)."""
+def launch_flags() -> Callable[[], None]:
+  """Defines the flags every process of a launch shares (cluster membership, the persistent
+  compilation cache, the profiler server); returns the function that applies them (call it first in `main`)."""
   multihost = flags.DEFINE_bool(
     "multihost", False, "Join a cluster that JAX discovers itself (Cloud TPU VM pod slices, SLURM)."
   )
@@ -72,14 +73,35 @@ def cluster_flags() -> Callable[[], None]:
   heartbeat = flags.DEFINE_integer(
     "heartbeat_timeout", 100, "Seconds before JAX declares a silent process dead."
   )
-  return lambda: distributed.initialize(
-    multihost.value,
-    coordinator.value,
-    processes.value,
-    process_id.value,
-    timeout.value,
-    heartbeat.value,
+  cache = flags.DEFINE_string(
+    "compilation_cache",
+    None,
+    "JAX's persistent compilation cache directory (local or gs://, shared by every host): a "
+    "relaunch loads its programs instead of compiling them.",
   )
+  profiler_port = flags.DEFINE_integer(
+    "profiler_port",
+    0,
+    "Serve jax.profiler on this port (0: off), so TensorBoard's profile tab can capture a "
+    "trace of the running job.",
+    lower_bound=0,
+  )
+
+  def apply() -> None:
+    if cache.value:
+      jax.config.update("jax_compilation_cache_dir", cache.value)
+    if profiler_port.value:
+      jax.profiler.start_server(profiler_port.value)
+    distributed.initialize(
+      multihost.value,
+      coordinator.value,
+      processes.value,
+      process_id.value,
+      timeout.value,
+      heartbeat.value,
+    )
+
+  return apply
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -4,7 +4,10 @@ train.py detached with every flag intact (tuples included), and relaunch repeats
 import os
 import pathlib
 import subprocess
+import sys
 import time
+
+import cluster
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TUPLE = "--config.ranks.fixed=(32,16,8,4)"
@@ -61,7 +64,13 @@ def _run_on_fake_worker(command: str, home: pathlib.Path) -> list[str]:
 
 
 def test_launch_starts_train_py_detached_with_flags_intact(tmp_path):
-  flags = ["--config=configs/cifar10_mlp.py", TUPLE, "--config.data.data_dir=gs://b/tfds dir"]
+  flags = [
+    "--config=configs/cifar10_mlp.py",
+    TUPLE,
+    "--config.model.hidden=(512, 512)",
+    "--config.data.name=it's",
+    "--config.data.data_dir=gs://b/tfds dir",
+  ]
   scp, ssh = _launcher(tmp_path, "launch", "nsn", "us-central2-b", "gs://b/runs/x", *flags)
   assert scp[:4] == ["compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
   command = _remote_command(ssh)
@@ -77,3 +86,29 @@ def test_launch_starts_train_py_detached_with_flags_intact(tmp_path):
   for action in ("logs", "stop"):
     (call,) = _launcher(tmp_path, action, "nsn", "us-central2-b", "gs://b/runs/x")
     assert subprocess.run(["bash", "-n", "-c", _remote_command(call)]).returncode == 0
+
+
+PROFILED = """
+import socket, sys
+import jax
+from absl import flags
+from nsn_jax import cli
+apply = cli.launch_flags()
+flags.FLAGS(sys.argv)
+apply()
+socket.create_connection(("127.0.0.1", flags.FLAGS.profiler_port), timeout=5).close()
+print("cache", jax.config.jax_compilation_cache_dir)
+"""
+
+
+def test_launch_flags_serve_the_profiler_and_set_the_compilation_cache(tmp_path):
+  port = cluster.free_port()
+  proc = subprocess.run(
+    [sys.executable, "-c", PROFILED, f"--profiler_port={port}", f"--compilation_cache={tmp_path}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]  # the profiler server accepted a connection
+  assert f"cache {tmp_path}" in proc.stdout

@@ -52,7 +52,7 @@ BARRIERS = textwrap.dedent(
   import sys, time
   from absl import flags
   from nsn_jax import cli, distributed
-  join = cli.cluster_flags()
+  join = cli.launch_flags()
   flags.FLAGS(sys.argv)
   join()
   distributed.barrier("start")
