@@ -57,7 +57,8 @@ def _exit(code: int, message: str) -> None:
 
 def launch_flags() -> Callable[[], None]:
   """Defines the flags every process of a launch shares (cluster membership, the persistent
-  compilation cache, the profiler server); returns the function that applies them (call it first in `main`)."""
+  compilation cache, the profiler server); returns the function that applies them (call it
+  first in `main`)."""
   multihost = flags.DEFINE_bool(
     "multihost", False, "Join a cluster that JAX discovers itself (Cloud TPU VM pod slices, SLURM)."
   )

@@ -27,24 +27,39 @@ def _all_fail(run, code, *needles, timeout=120):
       assert needle in log, log[-3000:]
 
 
-def test_a_mesh_that_leaves_out_a_process_is_an_error_on_every_process(tmp_path, data_dir):
-  run = cluster.train(tmp_path / "w", data_dir, 2, 2, "--config.mesh.data=2")
-  _all_fail(run, 2, "mesh=", "leaving out every device of process(es) [1]")
-  assert not (tmp_path / "w" / "checkpoints").exists()
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory, data_dir):
+  """Three 2-process clusters that must be refused, started together (they run concurrently):
+  a mesh that leaves out process 1, a workdir per process (what a host-local path on a pod
+  looks like), and a process launched with another config."""
+  root = tmp_path_factory.mktemp("refused")
+  clusters = {
+    "mesh": cluster.train(root / "mesh", data_dir, 2, 2, "--config.mesh.data=2"),
+    "unshared": cluster.train(
+      root / "unshared", data_dir, 2, 1, extra=lambda i: [f"--workdir={root}/local{i}"]
+    ),
+    "config": cluster.train(
+      root / "config", data_dir, 2, 1, extra=lambda i: [f"--config.seed={i}"]
+    ),
+  }
+  return root, clusters
 
 
-def test_a_workdir_that_not_every_host_sees_is_refused_before_training(tmp_path, data_dir):
-  # Each process gets its own directory: what a host-local path on a pod looks like.
-  run = cluster.train(
-    tmp_path / "w", data_dir, 2, 1, extra=lambda i: [f"--workdir={tmp_path}/local{i}"]
-  )
-  _all_fail(run, 2, "process(es) [1] cannot see the file process 0 wrote there")
-  assert not any((tmp_path / f"local{i}" / "checkpoints").exists() for i in range(2))
+def test_a_mesh_that_leaves_out_a_process_is_an_error_on_every_process(refused):
+  root, clusters = refused
+  _all_fail(clusters["mesh"], 2, "mesh=", "leaving out every device of process(es) [1]")
+  assert not (root / "mesh" / "checkpoints").exists()
 
 
-def test_hosts_with_another_config_are_refused(tmp_path, data_dir):
-  run = cluster.train(tmp_path / "w", data_dir, 2, 1, extra=lambda i: [f"--config.seed={i}"])
-  _all_fail(run, 1, "process(es) [1] run another config than process 0")
+def test_a_workdir_that_not_every_host_sees_is_refused_before_training(refused):
+  root, clusters = refused
+  _all_fail(clusters["unshared"], 2, "process(es) [1] cannot see the file process 0 wrote there")
+  assert not any((root / f"local{i}" / "checkpoints").exists() for i in range(2))
+
+
+def test_hosts_with_another_config_are_refused(refused):
+  _, clusters = refused
+  _all_fail(clusters["config"], 1, "process(es) [1] run another config than process 0")
 
 
 BARRIERS = textwrap.dedent(

@@ -23,9 +23,9 @@ from nsn_jax.train_lib import train_and_evaluate
 from nsn_jax.train_step import create_train_state
 
 LOSS_RTOL = 1e-4
+# Pure data parallelism (data=-1 over 8 devices) is the default every other test trains with.
 MESHES = {
   "one_device": dict(data=1, fsdp=1, tensor=1),
-  "data8": dict(data=8),
   "fsdp8": dict(data=1, fsdp=8),
   "tensor8": dict(data=1, tensor=8),
   "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
