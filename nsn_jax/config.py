@@ -120,7 +120,10 @@ def _training(c: ml_collections.ConfigDict) -> None:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.sharding = ml_collections.ConfigDict()
-  c.sharding.rules = ()  # ((path regex, (axis|None, ...)), ...); () = the defaults
+  # ((path regex, (entry, ...)), ...), an entry per dimension: None, an axis or a tuple of axes;
+  # () = the defaults (nsn_jax/sharding.py: Megatron-style fsdp + tensor)
+  c.sharding.rules = ()
+  c.sharding.min_size = 1024  # elements; smaller parameters stay replicated
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 3000
@@ -569,20 +572,24 @@ def _check_mesh(config, num_devices: int) -> None:
       f"a multiple of the data × fsdp devices ({split})",
     )
   _check_sharding_rules(config.sharding.rules)
+  _integer("sharding.min_size", config.sharding.min_size, 0)
 
 
 def _check_sharding_rules(rules: Any) -> None:
-  valid = f"(path regex, (axis | None, ...)) pairs, axes from {MESH_AXES}"
+  valid = (
+    f"(path regex, (entry, ...)) pairs, an entry per dimension: None, an axis or a tuple of "
+    f"axes from {MESH_AXES}, each axis at most once per rule"
+  )
   for rule in rules:
     if not isinstance(rule, (tuple, list)) or len(rule) != 2:
       raise ConfigError("sharding.rules", str(rule), valid)
     _regex("sharding.rules", rule[0])
     spec = rule[1]
-    names = (
-      [a for entry in spec for a in (entry if isinstance(entry, tuple) else (entry,))]
-      if isinstance(spec, (tuple, list))
-      else [spec]
-    )
-    bad = [a for a in names if a is not None and a not in MESH_AXES]
-    if bad or not isinstance(spec, (tuple, list)):
-      raise ConfigError("sharding.rules", str(rule), valid, f"unknown axes {bad}" if bad else "")
+    if not isinstance(spec, (tuple, list)):
+      raise ConfigError("sharding.rules", str(rule), valid)
+    names = [a for entry in spec for a in (entry if isinstance(entry, (tuple, list)) else (entry,))]
+    names = [a for a in names if a is not None]
+    bad = [a for a in names if a not in MESH_AXES]
+    if bad or len(set(names)) != len(names):
+      problem = f"unknown axes {bad}" if bad else f"an axis used twice in {tuple(spec)}"
+      raise ConfigError("sharding.rules", str(rule), valid, problem)

@@ -148,7 +148,7 @@ class Distill(Method):
     """The teacher's state on `mesh`, as fresh buffers: the layers the surgery kept are the very
     buffers of the student's state, which each step donates."""
     state = nnx.state(self.teacher)
-    layout = sharding.tree_shardings(state, mesh, sharding.rules_from_config(config.sharding))
+    layout = sharding.config_shardings(state, mesh, config.sharding)
     copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=layout)
     return copy(jax.device_put(state, layout)), layout
 

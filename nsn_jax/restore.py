@@ -76,7 +76,7 @@ def restore_model(
       one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       layout = jax.tree.map(lambda _: one_device, shapes)
     else:
-      layout = sharding.tree_shardings(shapes, mesh, sharding.rules_from_config(config.sharding))
+      layout = sharding.config_shardings(shapes, mesh, config.sharding)
     step, params, _, metadata = checkpoints.restore(abstract_tree(shapes, layout), step=step)
   finally:
     checkpoints.close()

@@ -4,12 +4,21 @@ The mesh has three named axes:
   data    pure data parallelism: batch split, parameters replicated;
   fsdp    fully sharded data parallelism: batch split *and* parameter feature axes split;
   tensor  tensor parallelism: parameter feature axes split, batch replicated.
-A rule maps a regular expression on a parameter's path ("hidden/0/a") to a PartitionSpec of mesh
-axis names, one per array dimension. The first matching rule wins; unmatched leaves are
-replicated. NSN factors are sharded on their feature axes, never on the rank axis: a prefix
-a[:, :r] of a rank-sharded array is uneven across devices and forces resharding every call.
-An axis that does not divide its dimension is dropped from that leaf's spec (replicated), so
-one rule set serves every model size; `tests/test_sharding.py` pins the resulting specs.
+A rule maps a regular expression on a parameter's path ("layers/0/mlp/up/b") to a spec: per array
+dimension None, a mesh axis, or a tuple of axes that split that dimension together (major axis
+first). The first matching rule wins; unmatched leaves, and leaves smaller than
+`sharding.min_size` elements, are replicated. A rule whose axes do not divide a dimension is a
+ConfigError naming the parameter: silently replicating it could leave a model that does not fit.
+
+The defaults (`DEFAULT_RULES`) shard every large parameter under fsdp, tensor or both, in the
+Megatron pattern: dense column-parallel projections (q, k, v, gate, up, and any other) split
+their output features over tensor; row-parallel ones (attention o, MLP down) split their input
+features over tensor; embedding tables are split over the vocabulary (tensor). An NSN layer
+splits both factors over tensor (a on its inputs, b on its outputs), whichever side of the block
+it is on. Everything large is also split over fsdp. NSN factors
+are sharded on their feature axes, never on the rank axis: a prefix a[:, :r] of a rank-sharded
+array is uneven across devices and forces resharding every call. Tensor parallelism keeps
+attention heads whole when `mesh.tensor` divides the number of (key/value) heads.
 """
 
 from __future__ import annotations
@@ -30,13 +39,26 @@ from nsn_jax.config import MESH_AXES, ConfigError
 
 AXES = MESH_AXES
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
+TP_FSDP = ("tensor", "fsdp")  # one dimension split over both, tensor-major (Megatron blocks)
+MIN_SIZE = 1024  # elements: smaller leaves (norm scales, biases, small heads) stay replicated
 
 # (path regex, spec). Paths end with the parameter name; optimizer moments share the same path
 # suffixes, so one rule set covers parameters and optimizer state.
 DEFAULT_RULES = (
-  (r"(^|/)a$", ("fsdp", None)),  # NSN factor a: (d_in, R) → split d_in
-  (r"(^|/)b$", (None, "tensor")),  # NSN factor b: (R, d_out) → split d_out
-  (r"(^|/)kernel$", ("fsdp", "tensor")),  # dense kernel (d_in, d_out)
+  # Classifier heads: few classes, so their outputs are never split.
+  (r"(^|/)head/kernel$", ("fsdp", None)),
+  (r"(^|/)head/bias$", (None,)),
+  # Embedding tables (vocab, dim): vocabulary-parallel; a tied LM head gives vocab-split logits.
+  (r"(^|/)embedding$", ("tensor", "fsdp")),
+  # NSN factors of any projection: a (d_in, R) split on its input features, b (R, d_out) on its
+  # outputs. The rank-R activation between them is all-reduced over tensor, cheap as R < d.
+  (r"(^|/)a$", (TP_FSDP, None)),
+  (r"(^|/)b$", (None, TP_FSDP)),
+  # Dense row-parallel (attention output, MLP down): input features over tensor.
+  (r"(^|/)(o|down)/kernel$", ("tensor", "fsdp")),
+  (r"(^|/)(o|down)/bias$", (None,)),
+  # Dense column-parallel (q, k, v, gate, up, lm_head, anything else): outputs over tensor.
+  (r"(^|/)kernel$", ("fsdp", "tensor")),
   (r"(^|/)bias$", ("tensor",)),
 )
 
@@ -147,25 +169,47 @@ def path_string(path: tuple) -> str:
   )
 
 
-def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES) -> P:
-  """The PartitionSpec of the leaf at `path`: the first matching rule, axes that do not divide
-  their dimension dropped; P() for scalars and unmatched leaves."""
+def spec_for(
+  path: str, shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES, min_size: int = MIN_SIZE
+) -> P:
+  """The PartitionSpec of the leaf at `path`: the first matching rule with one entry per
+  dimension; P() for leaves under `min_size` elements and unmatched ones. Raises ConfigError
+  when the rule's axes do not divide a dimension."""
+  if math.prod(shape) < min_size:
+    return P()
   for pattern, spec in rules:
-    if re.search(pattern, path):
-      if len(spec) != len(shape):
-        continue  # a rule for another rank of array (e.g. a scalar optimizer count)
-      fitted = [
-        axis if axis is not None and dim % mesh.shape[axis] == 0 else None
-        for axis, dim in zip(spec, shape)
-      ]
-      return P(*fitted)
+    if not re.search(pattern, path) or len(spec) != len(shape):
+      continue  # another parameter, or a rule for another rank of array (a scalar count)
+    for i, (entry, dim) in enumerate(zip(spec, shape)):
+      axes = _axes(entry)
+      devices = math.prod(mesh.shape[axis] for axis in axes)
+      if dim % devices:
+        raise ConfigError(
+          "sharding.rules",
+          pattern,
+          "rules whose axes divide every dimension they split (or a larger sharding.min_size, "
+          "to keep small parameters replicated)",
+          f"{path} {tuple(shape)} gets {tuple(spec)}, and mesh axes {axes} ({devices} devices) "
+          f"do not divide its dimension {i} ({dim})",
+        )
+    return P(*spec)
   return P()
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+def _axes(entry) -> tuple[str, ...]:
+  """A spec entry (None, "axis" or ("axis", ...)) as a tuple of axis names."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules=DEFAULT_RULES, min_size: int = MIN_SIZE) -> Any:
   """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs) by the rules."""
   return jax.tree_util.tree_map_with_path(
-    lambda path, x: NamedSharding(mesh, spec_for(path_string(path), x.shape, mesh, rules)), tree
+    lambda path, x: NamedSharding(
+      mesh, spec_for(path_string(path), x.shape, mesh, rules, min_size)
+    ),
+    tree,
   )
 
 
@@ -174,8 +218,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def rules_from_config(config: ml_collections.ConfigDict):
-  """`config.sharding.rules` as ((regex, spec), ...), or the defaults when ()."""
-  if not config.rules:
-    return DEFAULT_RULES
-  return tuple((pattern, tuple(spec)) for pattern, spec in config.rules)
+def config_shardings(tree: Any, mesh: Mesh, sharding_config: ml_collections.ConfigDict) -> Any:
+  """`tree_shardings` under `config.sharding`: its rules (the defaults when ()) and min_size."""
+  rules = DEFAULT_RULES
+  if sharding_config.rules:
+    rules = tuple(
+      (pattern, tuple(tuple(e) if isinstance(e, list) else e for e in spec))
+      for pattern, spec in sharding_config.rules
+    )
+  return tree_shardings(tree, mesh, rules, sharding_config.min_size)
+
+
+def bytes_per_device(tree: Any, shardings: Any) -> int:
+  """Bytes each device holds of `tree` (arrays or ShapeDtypeStructs) laid out by `shardings`
+  (NamedShardings, as `tree_shardings` gives): what must fit in one chip's memory."""
+
+  def held(x, s: NamedSharding) -> int:
+    split = math.prod(s.mesh.shape[a] for entry in s.spec for a in _axes(entry))
+    return x.size * np.dtype(x.dtype).itemsize // split
+
+  return sum(jax.tree.leaves(jax.tree.map(held, tree, shardings)))

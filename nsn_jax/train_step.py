@@ -75,6 +75,33 @@ def create_train_state(
   A from-scratch model is then materialised by one jitted init straight into that layout: no
   device ever holds the whole model unless the rules replicate it.
   """
+  init = _initializer(config)
+  graphdef, _, state_sharding = abstract_train_state(config, mesh, model)
+  if model is not None:
+    graphdef, state = nnx.split(init(model))
+    state = jax.device_put(state, state_sharding)
+  else:
+    state = jax.jit(lambda: nnx.split(init())[1], out_shardings=state_sharding)()
+  return graphdef, state, state_sharding
+
+
+def abstract_train_state(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, model: nnx.Module | None = None
+) -> tuple[nnx.GraphDef, nnx.State, Any]:
+  """(graphdef, the state as ShapeDtypeStructs carrying their shardings, the shardings): what
+  `create_train_state` builds, as shapes only. Nothing is computed or allocated, so it serves
+  to check a config's layout or lower its step (`jax.export`) for a mesh this host lacks."""
+  init = _initializer(config)
+  graphdef, shapes = nnx.split(nnx.eval_shape(init, model))
+  state_sharding = sharding.config_shardings(shapes, mesh, config.sharding)
+  placed = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sharding
+  )
+  return graphdef, placed, state_sharding
+
+
+def _initializer(config: ml_collections.ConfigDict) -> Callable[..., TrainState]:
+  """model (or None: built from `config` with random weights) → a new TrainState."""
   tx, wrt = make_optimizer(config), trainable(config)
 
   def init(model=None):
@@ -82,16 +109,7 @@ def create_train_state(
     weights = None if config.model.dense else RankWeights(flops.max_rank(model))
     return TrainState(model, weights, tx, wrt)
 
-  graphdef, abstract_state = nnx.split(nnx.eval_shape(init))
-  state_sharding = sharding.tree_shardings(
-    abstract_state, mesh, sharding.rules_from_config(config.sharding)
-  )
-  if model is not None:
-    graphdef, state = nnx.split(init(model))
-    state = jax.device_put(state, state_sharding)
-  else:
-    state = jax.jit(lambda: nnx.split(init())[1], out_shardings=state_sharding)()
-  return graphdef, state, state_sharding
+  return init
 
 
 LossFn = Callable[[TrainState, dict, jax.Array, Any], tuple[jax.Array, dict]]

@@ -151,72 +151,46 @@ class Decoder:
       self._program("prefill", static_rank, batch_size, bucket)
     self._program("step", static_rank, batch_size)
 
-  def generate(
-    self,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int | Sequence[int],
-    rank: Rank = None,
-    sampling: Sampling | Sequence[Sampling] = Sampling(),
-    eos_id: int | None = None,
-    stop: Sequence[str] | Sequence[Sequence[str]] = (),
-    tokenizer: Any = None,
-    batch_size: int | None = None,
-  ) -> list[Completion]:
-    """One Completion per prompt (token ids); max_new_tokens and sampling are one for all or
-    one per prompt. Rows stop at eos_id, at a stop string (needs `tokenizer`, anything with
-    decode(ids) → str) or at their max_new_tokens; the batch stops when every row has. `stop`
-    is one list of strings for every row, or one list per prompt."""
-    request = _Request.check(self, prompts, max_new_tokens, sampling, stop, tokenizer, batch_size)
+  def programs(self, rank: Rank, batch_size: int) -> dict[str, tuple[Callable, tuple]]:
+    """{name: (jitted function, abstract arguments)} of every program `compile` compiles at
+    this rank and batch size: what `jax.export` takes to lower them for another platform."""
     static_rank = _static_rank(rank)
-    batch = request.batch_size
-    bucket = next(p for p in self.prompt_buckets if p >= request.longest)
-    tokens, starts = _left_pad(request.prompts, bucket, batch)
-    params = SamplingArrays.of(request.samplings, batch)
-    rows = [
-      _Row(n, eos_id, stop, tokenizer) for n, stop in zip(request.max_new_tokens, request.stops)
-    ]
-    steps = max(request.max_new_tokens)
-    prefill = self._program("prefill", static_rank, batch, bucket)
-    step = self._program("step", static_rank, batch) if steps > 1 else None
-    params = jax.device_put(params)  # once, not once per step
-    token, cache = prefill(self._leaves, tokens, starts, params)
-    # The prefill moved the prompts to the front of the cache.
-    starts = jax.device_put(starts - starts.min())
-    for i in range(steps):
-      current = token
-      # Dispatch step i + 1 before reading step i's tokens: the device computes while the host
-      # checks stops (one step is wasted when every row has just finished).
-      if i + 1 < steps:
-        token, cache = step(self._leaves, current, cache, starts, np.int32(i + 1), params)
-      for row, t in zip(rows, np.asarray(current).tolist()):
-        row.add(t)
-      if all(row.finish_reason for row in rows):
-        break
-    return [row.completion() for row in rows]
+    kinds = [("prefill", bucket) for bucket in self.prompt_buckets] + [("step", 0)]
+    return {
+      _name(kind, static_rank, batch_size, bucket, self.slots): self._jitted(
+        kind, static_rank, batch_size, bucket
+      )
+      for kind, bucket in kinds
+    }
+
+  def _jitted(self, kind: str, static_rank, batch: int, bucket: int) -> tuple[Callable, tuple]:
+    """The prefill (of a bucket) or decode step as (jitted function, abstract arguments)."""
+    statics = (self._graphdef, self._treedef, static_rank)
+    ids = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    params = SamplingArrays.shapes(batch)
+    if kind == "prefill":
+      tokens = jax.ShapeDtypeStruct((batch, bucket), jnp.int32)
+      fn = jax.jit(functools.partial(_prefill, *statics, self.slots))
+      return fn, (self._leaves, tokens, ids, params)
+    # Donating the cache updates it in place; CPU cannot donate (and would warn).
+    donate = () if jax.default_backend() == "cpu" else (2,)
+    fn = jax.jit(functools.partial(_step, *statics), donate_argnums=donate)
+    cache = jax.eval_shape(lambda: KVCache.init(self.model.config, batch, self.slots))
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    return fn, (self._leaves, ids, cache, ids, step, params)
 
   def _program(self, kind: str, static_rank, batch: int, bucket: int = 0):
     """The compiled prefill (of a bucket) or decode step at a static rank and batch size."""
     key = (kind, static_rank, batch, bucket)
     if key not in self._programs:
-      statics = (self._graphdef, self._treedef, static_rank)
-      ids = jax.ShapeDtypeStruct((batch,), jnp.int32)
-      params = SamplingArrays.shapes(batch)
-
-      def lower() -> jax.stages.Lowered:
-        if kind == "prefill":
-          fn = jax.jit(functools.partial(_prefill, *statics, self.slots))
-          tokens = jax.ShapeDtypeStruct((batch, bucket), jnp.int32)
-          return fn.lower(self._leaves, tokens, ids, params)
-        # Donating the cache updates it in place; CPU cannot donate (and would warn).
-        donate = () if jax.default_backend() == "cpu" else (2,)
-        fn = jax.jit(functools.partial(_step, *statics), donate_argnums=donate)
-        cache = jax.eval_shape(lambda: KVCache.init(self.model.config, batch, self.slots))
-        step = jax.ShapeDtypeStruct((), jnp.int32)
-        return fn.lower(self._leaves, ids, cache, ids, step, params)
-
-      name = f"{kind}-rank{static_rank}-batch{batch}-prompt{bucket}-slots{self.slots}"
-      self._programs[key] = self.compiler(name, lower)
+      fn, args = self._jitted(kind, static_rank, batch, bucket)
+      name = _name(kind, static_rank, batch, bucket, self.slots)
+      self._programs[key] = self.compiler(name, lambda: fn.lower(*args))
     return self._programs[key]
+
+
+def _name(kind: str, static_rank, batch: int, bucket: int, slots: int) -> str:
+  return f"{kind}-rank{static_rank}-batch{batch}-prompt{bucket}-slots{slots}"
 
 
 def compile_now(name: str, lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Compiled:
