@@ -22,6 +22,8 @@ from etils import epath
 import ml_collections
 from ml_collections import config_dict
 
+from nsn_jax import remat
+
 MODELS = ("nsn_mlp", "llama_gguf", "bert_hf")
 PRETRAINED = ("llama_gguf", "bert_hf")
 TASKS = ("image_classification", "text_classification", "language_modelling")
@@ -136,6 +138,10 @@ def _training(c: ml_collections.ConfigDict) -> None:
   # drawn ones | bucketed (buckets of similar ranks, each vmapped at its widest rank's width) |
   # loop_static (one static slice per rank) | vmap_masked (every rank masked at full width R)
   c.train.multi_rank = "auto"
+  # Rematerialisation: none | block (each model block recomputed in the backward pass, keeping
+  # what remat_policy, a jax.checkpoint_policies name, saves): trades compute for activations.
+  c.train.remat = "none"
+  c.train.remat_policy = "nothing_saveable"
 
   c.optimizer = ml_collections.ConfigDict()  # AdamW, linear warm-up then cosine decay
   c.optimizer.learning_rate = 3e-3
@@ -201,6 +207,11 @@ def fixed_ranks(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   r = config.model.max_rank
   default = [*(2**i for i in range(r.bit_length()) if 8 < 2**i < r), *range(min(r, 8), 0, -1)]
   return tuple(config.ranks.fixed) or tuple(dict.fromkeys([r, *sorted(default, reverse=True)]))
+
+
+def remat_policy(config: ml_collections.ConfigDict) -> str | None:
+  """The checkpoint policy each model block trains under (`nsn_jax.remat`); None: no remat."""
+  return None if config.train.remat == "none" else config.train.remat_policy
 
 
 def multi_rank(config: ml_collections.ConfigDict) -> str:
@@ -381,6 +392,8 @@ def _check_ranks(config) -> None:
   ranks, max_rank = config.ranks, config.model.max_rank
   _one_of("ranks.kind", ranks.kind, ("fixed", "anchor_variants"))
   _one_of("train.multi_rank", config.train.multi_rank, MULTI_RANK)
+  _one_of("train.remat", config.train.remat, remat.MODES)
+  _one_of("train.remat_policy", config.train.remat_policy, remat.POLICIES)
   if config.model.dense:  # the ranks section does not apply; what would be ignored is refused
     if config.eval.ranks:
       raise ConfigError(

@@ -32,6 +32,7 @@ class RankEvaluator:
     split = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     self.batch_size = -(-batch_size // split) * split
 
+    @sharding.with_mesh(mesh)  # no mesh: a no-op
     def scores(params, batch, rows, rank):
       return task.scores(task.logits(nnx.merge(graphdef, params), batch, rank), batch, rows)
 

@@ -23,7 +23,8 @@ attention heads whole when `mesh.tensor` divides the number of (key/value) heads
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+import functools
 import math
 import re
 from typing import Any
@@ -48,8 +49,10 @@ DEFAULT_RULES = (
   # Classifier heads: few classes, so their outputs are never split.
   (r"(^|/)head/kernel$", ("fsdp", None)),
   (r"(^|/)head/bias$", (None,)),
-  # Embedding tables (vocab, dim): vocabulary-parallel; a tied LM head gives vocab-split logits.
-  (r"(^|/)embedding$", ("tensor", "fsdp")),
+  # Embedding tables (vocab, dim): vocabulary-parallel, so a tied LM head gives vocab-split
+  # logits. The feature axis stays whole: a lookup split on it would have to be turned into a
+  # batch split, which XLA can only do by gathering everything.
+  (r"(^|/)embedding$", (TP_FSDP, None)),
   # NSN factors of any projection: a (d_in, R) split on its input features, b (R, d_out) on its
   # outputs. The rank-R activation between them is all-reduced over tensor, cheap as R < d.
   (r"(^|/)a$", (TP_FSDP, None)),
@@ -238,3 +241,38 @@ def bytes_per_device(tree: Any, shardings: Any) -> int:
     return x.size * np.dtype(x.dtype).itemsize // split
 
   return sum(jax.tree.leaves(jax.tree.map(held, tree, shardings)))
+
+
+def constrain(x: jax.Array, *spec) -> jax.Array:
+  """`x` laid out by `spec` (one entry per dimension, as in a rule) over the mesh in context
+  (`with_mesh`: the train step and evaluation set it), so XLA keeps activations where the
+  parameters' layout wants them instead of resharding between layers. An entry naming axes the
+  mesh lacks, or whose devices do not divide the dimension, is left unconstrained; outside a
+  mesh (one device, eager use, generation) `x` is returned as it is."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  fitted = []
+  for entry, dim in zip(spec, x.shape):
+    axes = tuple(a for a in _axes(entry) if a in mesh.axis_names)
+    devices = math.prod(mesh.shape[a] for a in axes)
+    fitted.append(axes if axes and dim % devices == 0 else None)
+  return jax.lax.with_sharding_constraint(x, P(*fitted))
+
+
+def with_mesh(mesh: Mesh | None) -> Callable[[Callable], Callable]:
+  """Decorates a function to trace under `mesh` (its abstract mesh, which jit allows), where
+  `constrain` applies; None leaves the function as it is."""
+
+  def decorate(fn: Callable) -> Callable:
+    if mesh is None:
+      return fn
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return fn(*args, **kwargs)
+
+    return traced
+
+  return decorate

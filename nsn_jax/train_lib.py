@@ -101,7 +101,13 @@ def train_and_evaluate(
     # ----- The update step: jitted once, state donated, shardings bound here.
     extra, extra_sharding = method.extra(mesh, config)
     step_fn = make_train_step(
-      graphdef, method.loss, trainable(config), state_sharding, batch_sharding, extra_sharding
+      graphdef,
+      method.loss,
+      trainable(config),
+      state_sharding,
+      batch_sharding,
+      extra_sharding,
+      config_lib.remat_policy(config),
     )
     evaluator = RankEvaluator(nnx.graphdef(model), config.eval.batch_size, task, mesh)
 

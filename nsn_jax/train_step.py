@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import optax
 
-from nsn_jax import flops, sharding
+from nsn_jax import flops, remat, sharding
 from nsn_jax.build import build_model
 from nsn_jax.objective import LogVariance, RankWeights
 
@@ -122,6 +122,7 @@ def make_train_step(
   state_sharding: Any,
   batch_sharding: NamedSharding,
   extra_sharding: Any = None,
+  remat_policy: str | None = None,
 ):
   """The jitted step `(state, batch, step_inputs, extra) → (state, metrics)`.
 
@@ -130,15 +131,20 @@ def make_train_step(
   extra what it needs beside the state (FlexRank's teacher state; None otherwise). Only the
   parameters `wrt` selects get gradients. metrics = {total_loss, finite, **aux}: `finite` is a
   device-side flag, False when the loss or any updated parameter is NaN/inf, so the host can
-  refuse to checkpoint a diverged state without stalling on every step.
+  refuse to checkpoint a diverged state without stalling on every step. `remat_policy` (a
+  `nsn_jax.remat.POLICIES` name) recomputes each model block in the backward pass.
   """
   replicated = NamedSharding(batch_sharding.mesh, P())
 
+  @sharding.with_mesh(batch_sharding.mesh)  # models constrain their activations on it
   def step(state, batch, step_inputs, extra):
     train_state = nnx.merge(graphdef, state)
-    (loss, aux), grads = nnx.value_and_grad(
-      lambda s: loss_fn(s, batch, step_inputs, extra), argnums=nnx.DiffState(0, wrt), has_aux=True
-    )(train_state)
+    with remat.rematerialised(remat_policy):
+      (loss, aux), grads = nnx.value_and_grad(
+        lambda s: loss_fn(s, batch, step_inputs, extra),
+        argnums=nnx.DiffState(0, wrt),
+        has_aux=True,
+      )(train_state)
     train_state.optimizer.update(train_state, grads)
     finite = jnp.isfinite(loss)
     for x in jax.tree.leaves(nnx.state(train_state, wrt)):

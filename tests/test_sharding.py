@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import cluster
 from flax import nnx
 import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -239,3 +241,42 @@ def test_two_process_cluster_trains_checkpoints_and_resumes(runs, smoke_config, 
   np.testing.assert_allclose(
     [resumed[s] for s in resumed], [expected[s] for s in resumed], rtol=LOSS_RTOL
   )
+
+
+def test_activations_are_laid_out_only_inside_a_mesh():
+  mesh = _mesh(data=2, fsdp=2, tensor=2)
+  spec = (("data", "fsdp"), None, "tensor")
+  inside = jax.jit(sharding.with_mesh(mesh)(lambda x: sharding.constrain(2 * x, *spec)))
+  on_mesh = lambda shape: jax.device_put(jnp.ones(shape), NamedSharding(mesh, P()))
+  assert inside(on_mesh((8, 4, 6))).sharding.spec == P(*spec)
+  # 5 rows cannot split 4 ways: that dimension is left to XLA, the rest still applies.
+  assert inside(on_mesh((5, 4, 6))).sharding.spec == P(None, None, "tensor")
+  x = jnp.ones((8, 4, 6))
+  assert sharding.constrain(x, *spec) is x  # outside a mesh (one device, generation)
+
+
+def test_the_decoder_step_compiles_without_resharding(tiny_gguf, data_dir):
+  """Activation constraints keep the batch on data × fsdp and heads and hidden features on
+  tensor, so the compiled step moves weights and partial sums but never reshuffles
+  activations (no all-to-all, no collective-permute)."""
+  from configs import smollm2_lm
+  from nsn_jax.build import text_encoder
+  from nsn_jax.data import pipeline
+  from nsn_jax.methods import build_method
+  from nsn_jax.tasks import get_task
+  from nsn_jax.train_step import abstract_train_state, make_train_step, trainable
+
+  config = smollm2_lm.get_config("smoke")
+  config.model.path, config.data.data_dir = tiny_gguf, data_dir
+  config.sharding.min_size = 2048  # the test vocabulary (50) cannot split 4 ways: replicated
+  mesh = _mesh(data=2, fsdp=2, tensor=2)
+  graphdef, state, state_sharding = abstract_train_state(config, mesh)
+  method = build_method(config, get_task(config.task), config.model.max_rank)
+  placed = sharding.batch_sharding(mesh)
+  real = pipeline.train_batches(config.data, 8, 0, encoder=text_encoder(config))[0]
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed) for k, v in real.items()}
+  step = make_train_step(graphdef, method.loss, trainable(config), state_sharding, placed)
+  ranks = jax.ShapeDtypeStruct(method.step_inputs(1).shape, jnp.int32)
+  text = step.lower(state, batch, ranks, None).compile().as_text()
+  assert "all-to-all" not in text and "collective-permute" not in text
+  assert "all-gather" in text  # it is really sharded

@@ -151,6 +151,49 @@ class Decoder:
       self._program("prefill", static_rank, batch_size, bucket)
     self._program("step", static_rank, batch_size)
 
+  def generate(
+    self,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    rank: Rank = None,
+    sampling: Sampling | Sequence[Sampling] = Sampling(),
+    eos_id: int | None = None,
+    stop: Sequence[str] | Sequence[Sequence[str]] = (),
+    tokenizer: Any = None,
+    batch_size: int | None = None,
+  ) -> list[Completion]:
+    """One Completion per prompt (token ids); max_new_tokens and sampling are one for all or
+    one per prompt. Rows stop at eos_id, at a stop string (needs `tokenizer`, anything with
+    decode(ids) → str) or at their max_new_tokens; the batch stops when every row has. `stop`
+    is one list of strings for every row, or one list per prompt."""
+    request = _Request.check(self, prompts, max_new_tokens, sampling, stop, tokenizer, batch_size)
+    static_rank = _static_rank(rank)
+    batch = request.batch_size
+    bucket = next(p for p in self.prompt_buckets if p >= request.longest)
+    tokens, starts = _left_pad(request.prompts, bucket, batch)
+    params = SamplingArrays.of(request.samplings, batch)
+    rows = [
+      _Row(n, eos_id, stop, tokenizer) for n, stop in zip(request.max_new_tokens, request.stops)
+    ]
+    steps = max(request.max_new_tokens)
+    prefill = self._program("prefill", static_rank, batch, bucket)
+    step = self._program("step", static_rank, batch) if steps > 1 else None
+    params = jax.device_put(params)  # once, not once per step
+    token, cache = prefill(self._leaves, tokens, starts, params)
+    # The prefill moved the prompts to the front of the cache.
+    starts = jax.device_put(starts - starts.min())
+    for i in range(steps):
+      current = token
+      # Dispatch step i + 1 before reading step i's tokens: the device computes while the host
+      # checks stops (one step is wasted when every row has just finished).
+      if i + 1 < steps:
+        token, cache = step(self._leaves, current, cache, starts, np.int32(i + 1), params)
+      for row, t in zip(rows, np.asarray(current).tolist()):
+        row.add(t)
+      if all(row.finish_reason for row in rows):
+        break
+    return [row.completion() for row in rows]
+
   def programs(self, rank: Rank, batch_size: int) -> dict[str, tuple[Callable, tuple]]:
     """{name: (jitted function, abstract arguments)} of every program `compile` compiles at
     this rank and batch size: what `jax.export` takes to lower them for another platform."""

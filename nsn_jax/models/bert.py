@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nsn_jax import remat
 from nsn_jax.layers import Rank, project
+from nsn_jax.sharding import BATCH_AXES, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +166,10 @@ class BertModel(nnx.Module):
       )
     mask = jnp.asarray(mask).astype(bool)
     x = self.embeddings(tokens, jnp.zeros_like(tokens) if token_types is None else token_types)
+    x = constrain(x, BATCH_AXES, None, None)  # the batch over data × fsdp inside a mesh
+    run = remat.block(lambda layer, x: layer(x, mask, rank))
     for layer in self.layers:
-      x = layer(x, mask, rank)
+      x = constrain(run(layer, x), BATCH_AXES, None, None)
     return x
 
   def encode(self, tokens: jax.Array, mask: jax.Array, rank: Rank = None) -> jax.Array:

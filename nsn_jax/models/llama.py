@@ -20,7 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nsn_jax import remat
 from nsn_jax.layers import Rank, project
+from nsn_jax.sharding import BATCH_AXES, constrain
+
+# Activation layouts inside a mesh (`sharding.constrain`; no-ops without one): the batch over
+# data × fsdp, and in tensor parallelism the heads or hidden features over tensor.
+RESIDUAL = (BATCH_AXES, None, None)  # (B, T, dim)
+HEADS = (BATCH_AXES, None, "tensor", None)  # (B, T, heads, head_dim)
+FEATURES = (BATCH_AXES, None, "tensor")  # (B, T, ffn_dim or vocab)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,11 +114,13 @@ class Attention(nnx.Module):
     the keys/values (B, S, n_kv_heads, hd) attended to: x's own (S = T) if kv is None, else kv
     with x's written at slot `index`."""
     c, (b, t, _) = self.config, x.shape
-    q = rope(project(self.q, x, rank).reshape(b, t, c.n_heads, c.head_dim), positions, c.rope_theta)
-    k = rope(
-      project(self.k, x, rank).reshape(b, t, c.n_kv_heads, c.head_dim), positions, c.rope_theta
-    )
-    v = project(self.v, x, rank).reshape(b, t, c.n_kv_heads, c.head_dim)
+
+    def heads(layer, n):  # (B, T, n, hd), heads over tensor (Megatron: attention per device)
+      return constrain(project(layer, x, rank).reshape(b, t, n, c.head_dim), *HEADS)
+
+    q = rope(heads(self.q, c.n_heads), positions, c.rope_theta)
+    k = rope(heads(self.k, c.n_kv_heads), positions, c.rope_theta)
+    v = heads(self.v, c.n_kv_heads)
     if kv is not None:
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
@@ -133,7 +143,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array, rank: Rank = None) -> jax.Array:
     h = jax.nn.silu(project(self.gate, x, rank)) * project(self.up, x, rank)
-    return project(self.down, h, rank)
+    return project(self.down, constrain(h, *FEATURES), rank)
 
 
 class Block(nnx.Module):
@@ -147,8 +157,8 @@ class Block(nnx.Module):
 
   def __call__(self, x, positions, mask, kv, index, rank: Rank = None):
     a, kv = self.attn(self.attn_norm(x), positions, mask, kv, index, rank)
-    h = x + a
-    return h + self.mlp(self.mlp_norm(h), rank), kv
+    h = constrain(x + a, *RESIDUAL)
+    return constrain(h + self.mlp(self.mlp_norm(h), rank), *RESIDUAL), kv
 
 
 class LlamaModel(nnx.Module):
@@ -197,15 +207,17 @@ class LlamaModel(nnx.Module):
     else:
       default_positions = query_slots
     positions = jnp.broadcast_to(default_positions if positions is None else positions, (b, t))
-    x = self.embed(tokens)
+    x = constrain(self.embed(tokens), *RESIDUAL)
     keys, values = [], []
+    run = remat.block(lambda layer, x, kv: layer(x, positions, mask, kv, start, rank))
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.keys[i], cache.values[i])
-      x, (k, v) = layer(x, positions, mask, kv, start, rank)
+      x, (k, v) = run(layer, x, kv)
       keys.append(k)
       values.append(v)
     x = self.norm(x)
     logits = self.embed.attend(x) if self.lm_head is None else project(self.lm_head, x, rank)
+    logits = constrain(logits, *FEATURES)  # vocabulary-parallel, as the embedding
     new_cache = None if cache is None else KVCache(tuple(keys), tuple(values), cache.index + t)
     return logits.astype(jnp.float32), new_cache
 
@@ -217,9 +229,10 @@ class LlamaModel(nnx.Module):
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
-    x = self.embed(tokens)
+    x = constrain(self.embed(tokens), *RESIDUAL)
+    run = remat.block(lambda layer, x: layer(x, positions, causal, None, 0, rank)[0])
     for layer in self.layers:
-      x, _ = layer(x, positions, causal, None, 0, rank)
+      x = run(layer, x)
     return self.norm(x)
 
   def attention_flops(self, seq_len: int) -> int:
