@@ -143,3 +143,20 @@ def test_torch_suite_without_its_venv_is_skipped_with_the_setup_command(
   assert torch_ref.SETUP in capsys.readouterr().out
   assert report["suites"] == {"torch": json.loads(out.read_text())["suites"]["torch"]}
   assert report["suites"]["torch"]["skipped"] and not report["suites"]["torch"]["rows"]
+
+
+def test_sharded_step_benchmark_reports_memory_and_collectives(tiny_gguf, data_dir, tmp_path):
+  from benchmarks import sharded_step
+
+  out = tmp_path / "sharded.json"
+  argv = ["--config", "configs/smollm2_lm.py:smoke", "--model_path", tiny_gguf]
+  argv += ["--data_dir", data_dir, "--meshes", "fsdp=2,tensor=2", "--remat", "none,block"]
+  argv += ["--min_size", "2048", "--out", str(out)]  # the test vocabulary (50) stays replicated
+  sharded_step.main(argv)
+  report = json.loads(out.read_text())
+  assert report["environment"]["command"].startswith("python -m benchmarks.sharded_step")
+  rows = report["rows"]
+  assert [r["remat"] for r in rows] == ["none", "block"]
+  for row in rows:
+    assert _positive(row["state_mib"]) and _positive(row["temp_mib"])
+    assert row["all-gather"] > 0 and row["all-to-all"] == 0  # sharded, and no resharding
