@@ -49,6 +49,7 @@ _API = {
   "make_train_step": "nsn_jax.train_step",
   "restore_model": "nsn_jax.restore",
   "run_sweep": "nsn_jax.sweep",
+  "save_arrays": "nsn_jax.data.arrays",
   # `deploy` and `export` are also submodules of this package, which Python binds here when
   # imported: these two keep distinct names.
   "deploy_model": "nsn_jax.deploy:deploy",

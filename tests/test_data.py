@@ -170,3 +170,64 @@ def test_prepared_online_dataset(tmp_path):
   fake_images, fake_labels = fake_cifar("test")
   expected = dict(zip(_keys(fake_images.astype(np.float32) / 255.0), fake_labels))
   assert dict(zip(_keys(images), labels)) == expected
+
+
+def test_your_own_arrays_read_like_a_tfds_dataset(tmp_path):
+  from nsn_jax.data import save_arrays
+  from nsn_jax.data.pipeline import TextEncoder
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
+  name = save_arrays(tmp_path / "mine", train={"image": images, "label": np.arange(40) % 4})
+  assert name == f"npz:{tmp_path}/mine.npz"
+  config = _config(tmp_path, name=name, image_shape=(8, 8, 1), num_classes=4)
+  batches = pipeline.train_batches(config, batch_size=8, seed=0)
+  seen = np.concatenate([batches[step]["image"] for step in range(5)])  # one epoch
+  assert sorted(_keys(seen)) == sorted(_keys(images.astype(np.float32) / 255.0))
+  split = pipeline.load_split(config, "train")
+  np.testing.assert_array_equal(split["label"], np.arange(40) % 4)
+
+  texts = ["to be or not", "a horse", "my kingdom"]
+  name = save_arrays(tmp_path / "text.npz", train={"text": texts, "label": [0, 1, 1]})
+  config = _config(tmp_path, name=name, num_classes=2)
+  config.text_feature, config.seq_len = ("text",), 6
+  encoder = TextEncoder(lambda text: [len(word) for word in text.split()], 0)
+  split = pipeline.load_split(config, "train", encoder)
+  assert split["tokens"][0].tolist()[:4] == [2, 2, 2, 3] and split["label"].tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize(
+  "splits, match",
+  [
+    ({"train": {"image": np.zeros((4, 8, 8, 1))}}, r"'train': image is float64 .* valid: uint8"),
+    ({"train": {"image": np.zeros((4, 2, 2, 1), np.uint8), "label": [0]}}, "lengths"),
+    ({"train": {"pixels": np.zeros((4, 2))}}, "valid: one of image or text"),
+    ({"train": {"text": ["a"], "label": [-1]}}, "valid: integers ≥ 0"),
+  ],
+)
+def test_bad_arrays_are_refused_naming_split_and_feature(tmp_path, splits, match):
+  from nsn_jax.data import save_arrays
+
+  with pytest.raises(ValueError, match=match):
+    save_arrays(tmp_path / "bad.npz", **splits)
+
+
+def test_arrays_that_disagree_with_the_config_are_one_line_errors(tmp_path):
+  from nsn_jax.data import save_arrays
+
+  name = save_arrays(
+    tmp_path / "a.npz", train={"image": np.zeros((4, 8, 8, 1), np.uint8), "label": [0, 1, 2, 9]}
+  )
+  for overrides, match in (
+    ({"num_classes": 5}, r"data.num_classes=5: .* has label 9 in train"),
+    ({"image_shape": (28, 28, 1)}, r"data.image_shape=\(28, 28, 1\)"),
+    ({"text_feature": ("text",)}, r"data.text_feature=\(.text.,\): .* holds images"),
+  ):
+    config = _config(tmp_path, name=name, image_shape=(8, 8, 1), num_classes=10)
+    config.update(overrides)
+    with pytest.raises(ValueError, match=match):
+      pipeline.load_split(config, "train")
+  with pytest.raises(ValueError, match=r"no split 'test'; valid: one of \['train'\]"):
+    pipeline.load_split(_config(tmp_path, name=name, image_shape=(8, 8, 1)), "test")
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    pipeline.load_split(_config(tmp_path, name="npz:/nowhere.npz"), "train")

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from nsn_jax.data import mnist5k, shakespeare  # Registers the offline builders with TFDS.
+from nsn_jax.data import arrays, mnist5k, shakespeare  # mnist5k, shakespeare: TFDS builders
 from nsn_jax.data.text import encode_texts
 
 Batch = dict[str, np.ndarray]
@@ -59,7 +59,8 @@ def _not_found(name: str, data_dir: str, reason: str) -> DatasetNotFoundError:
 
 
 def data_source(data_config: ml_collections.ConfigDict, split: str) -> Any:
-  """Random-access TFDS source of `split`: `len(src)`, `src[i]` and `src.__getitems__(keys)`.
+  """Random-access source of `split` (TFDS, or an .npz of your arrays when data.name is
+  "npz:PATH"): `len(src)`, `src[i]` and `src.__getitems__(keys)`.
 
   Records are dicts of numpy values ({"image": uint8 (H, W, C), "label": int, ...} or
   {"text": bytes, ...}), decoded without TensorFlow (Image features through PIL). Raises
@@ -67,6 +68,10 @@ def data_source(data_config: ml_collections.ConfigDict, split: str) -> Any:
   do not match `data_config`.
   """
   name, data_dir = data_config.name, data_config.data_dir
+  if name.startswith(arrays.PREFIX):  # the user's own arrays (nsn_jax.data.save_arrays)
+    source = arrays.ArraySource(name.removeprefix(arrays.PREFIX), split)
+    source.check(data_config.image_shape, data_config.num_classes, data_config.text_feature)
+    return source
   searched = data_dir or f"{tfds.core.constants.DATA_DIR} (the TFDS default)"
   try:
     builder = tfds.builder(name, data_dir=data_dir)
