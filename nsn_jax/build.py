@@ -67,6 +67,11 @@ def mismatches(config: ml_collections.ConfigDict, other: ml_collections.ConfigDi
   ]
   if config.model.name in PRETRAINED and other.model.name == config.model.name:
     pairs.insert(1, ("model file", model_path(config), model_path(other)))
+  if config.model.name == "nsn_mlp":
+    pairs.append(("model.hidden", tuple(config.model.hidden), tuple(other.model.hidden)))
+    pairs.append(
+      ("data.image_shape", tuple(config.data.image_shape), tuple(other.data.image_shape))
+    )
   return [key for key, ours, theirs in pairs if ours != theirs]
 
 
@@ -198,6 +203,12 @@ def _check_rank_fits(config: ml_collections.ConfigDict, chosen: list) -> None:
       f"(min(d_in, d_out) of {narrowest}, the narrowest layer surgery.rules "
       "chooses)",
     )
+
+
+def nsn_from_dense(config: ml_collections.ConfigDict, dense: nnx.Module) -> nnx.Module:
+  """The nested MLP of `config` whose hidden layers are the SVD of a trained dense twin's (the
+  head is kept): at rank r, each layer is the dense one truncated to rank r."""
+  return surgery.decompose_and_replace(dense, (r"^hidden/",), config.model.max_rank)[0]
 
 
 def build_pretrained(

@@ -84,7 +84,7 @@ def _data_and_model(c: ml_collections.ConfigDict) -> None:
   c.model.hidden = (256, 256)  # nsn_mlp: hidden widths
   c.model.dtype = "float32"  # computation dtype (parameters stay float32)
   c.model.path = ""  # pretrained file; "": the offline SmolLM2 / MiniLM
-  c.model.init_from = ""  # pretrained: a dense twin's workdir to start surgery from
+  c.model.init_from = ""  # a dense twin's workdir (model.dense=True) to start surgery from
 
   c.surgery = ml_collections.ConfigDict()  # pretrained models: which layers become NSN layers
   c.surgery.rules = ("mlp",)  # presets (mlp, attention, mlp_and_attention) and/or regexes
@@ -351,11 +351,17 @@ def _check_model(config, check_init_from: bool = True) -> None:
   if model.name == "nsn_mlp":
     if not model.hidden or any(not _is_int(h) or h < 1 for h in model.hidden):
       raise ConfigError("model.hidden", model.hidden, "one or more positive widths")
-    for field in ("path", "init_from"):
-      if model[field]:
-        raise ConfigError(
-          f"model.{field}", model[field], '"" for nsn_mlp', "only pretrained models read a file"
-        )
+    if model.path:
+      raise ConfigError(
+        "model.path", model.path, '"" for nsn_mlp', "only pretrained models read a file"
+      )
+    if model.init_from and model.dense:
+      raise ConfigError(
+        "model.init_from",
+        model.init_from,
+        '"" with model.dense=True',
+        "a dense twin starts nested runs (model.dense=False), not another dense run",
+      )
     width = min(math.prod(config.data.image_shape), *model.hidden)
     if not model.dense:
       _integer("model.max_rank", model.max_rank, 1, width)
@@ -363,7 +369,11 @@ def _check_model(config, check_init_from: bool = True) -> None:
     _integer("model.max_rank", model.max_rank, 1)
   _check_surgery(config)  # also where no surgery runs: a set field is never silently ignored
   for field in ("path", "init_from") if check_init_from else ("path",):
-    if pretrained and model[field] and not epath.Path(model[field]).exists():
+    if (
+      (pretrained or field == "init_from")
+      and model[field]
+      and not epath.Path(model[field]).exists()
+    ):
       raise ConfigError(f"model.{field}", model[field], "an existing path", "not found")
 
 

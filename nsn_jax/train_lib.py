@@ -28,7 +28,7 @@ import numpy as np
 import nsn_jax
 from nsn_jax import config as config_lib
 from nsn_jax import distributed, profiles, sharding
-from nsn_jax.build import build_pretrained, check_model_fits, text_encoder
+from nsn_jax.build import build_pretrained, check_model_fits, nsn_from_dense, text_encoder
 from nsn_jax.checkpoint import Checkpoints, abstract_tree
 from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
@@ -149,12 +149,15 @@ def _input(config) -> tuple[Task, Callable[[np.ndarray | None], Any], dict]:
 def _model_and_method(config, task: Task, global_batches) -> tuple[nnx.Module | None, Method]:
   """(pretrained model after surgery, or None for a model trained from scratch; the method).
 
-  A pretrained family starts from its file, or from `model.init_from`'s fine-tuned dense twin.
+  A pretrained family starts from its file, or from `model.init_from`'s fine-tuned dense twin;
+  the MLP from scratch, or from its trained dense twin's SVD (`model.init_from`).
   FlexRank (flexrank.budgets): nested profiles searched on the calibration batches; with
   objective flexrank_distill the dense model before surgery is the frozen teacher.
   """
-  if config.model.name not in config_lib.PRETRAINED:
-    return None, build_method(config, task, config.model.max_rank)
+  if config.model.name not in config_lib.PRETRAINED:  # from scratch, or a dense twin's SVD
+    dense = restore_dense_twin(config)
+    model = None if dense is None else nsn_from_dense(config, dense)
+    return model, build_method(config, task, config.model.max_rank)
   dense, model, calibration = build_pretrained(
     config,
     seed=config.seed,

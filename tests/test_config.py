@@ -107,7 +107,11 @@ MLP_CASES = [
   ({"model.hidden": ()}, r"model.hidden=\(\): valid: one or more positive widths"),
   ({"model.hidden": (32, 0)}, r"model.hidden=\(32, 0\)"),
   ({"model.path": "/tmp/x.gguf"}, r"model.path='/tmp/x.gguf': only pretrained models read"),
-  ({"model.init_from": "runs/x"}, r"model.init_from='runs/x': only pretrained models read"),
+  ({"model.init_from": "/nowhere/x"}, r"model.init_from='/nowhere/x': not found"),
+  (
+    {"model.init_from": "runs/x", "model.dense": True, "eval.ranks": ()},
+    r"model.init_from='runs/x': a dense twin starts nested runs",
+  ),
   ({"task": "segmentation"}, r"task='segmentation': valid: image_classification"),
   ({"task": "text_classification"}, r"task='text_classification': valid: image_classif"),
   ({"data.name": ""}, r"data.name='': valid: a TFDS name, e.g. mnist5k"),

@@ -150,3 +150,28 @@ def test_cifar10_config_trains_on_a_prepared_dataset(tmp_path):
 def test_remote_workdir_needs_a_local_metrics_dir(smoke_config):
   with pytest.raises(ValueError, match="--metrics_dir=.*valid: a local directory"):
     train_and_evaluate(smoke_config, "gs://bucket/run")
+
+
+def test_a_nested_mlp_starts_from_its_dense_twins_svd(smoke_config, tmp_path):
+  import jax
+
+  from nsn_jax.build import nsn_from_dense
+  from nsn_jax.config import ConfigError
+  from nsn_jax.restore import restore_model
+
+  dense = smoke_config.copy_and_resolve_references()
+  dense.model.dense, dense.eval.ranks, dense.train.steps = True, (), 10
+  train_and_evaluate(dense, str(tmp_path / "dense"))
+  twin = restore_model(str(tmp_path / "dense")).model
+  x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+  full = smoke_config.copy_and_resolve_references()
+  full.model.max_rank = 32  # the hidden layer's full rank: the SVD reproduces it
+  np.testing.assert_allclose(nsn_from_dense(full, twin)(x, rank=32), twin(x), atol=1e-4)
+
+  smoke_config.model.init_from = str(tmp_path / "dense")
+  smoke_config.train.steps = 10
+  final = train_and_evaluate(smoke_config, str(tmp_path / "nsn"))
+  assert np.isfinite(final["eval/rank_2/loss"])
+  smoke_config.model.hidden = (16,)
+  with pytest.raises(ConfigError, match=r"model.init_from=.*another model.hidden"):
+    train_and_evaluate(smoke_config, str(tmp_path / "other"))
