@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -56,3 +58,30 @@ def test_studies_run_and_share_their_runs(tmp_path, data_dir):
   assert set(internals["log_variance_final"]) == {"2", "4", "8"}
   for plot in ("energy.png", "log_variance.png", "subspaces.png"):
     assert os.path.getsize(tmp_path / plot) > 10_000
+
+
+def test_baselines_study_reports_every_method_with_its_flops(tmp_path, data_dir):
+  flags = ("--seeds=0", "--ranks=2", "--finetune_steps=2")
+  result, table, _ = _study("baselines", tmp_path, data_dir, *flags)
+  methods = {s["method"] for s in result["summary"]}
+  assert methods == {"dense", "dense+svd", "dense+svd+ft", "nsn", "nsn uniform", "nsn from svd"}
+  for summary in result["summary"]:
+    assert summary["n"] == 1 and summary["ci95"] is None  # one seed: no interval claimed
+    assert 0 < summary["flops_frac_dense"] <= 1
+  # At one rank every method costs the same FLOPs: the comparison is at equal cost.
+  at_2 = {s["flops_frac_dense"] for s in result["summary"] if s["rank"] == 2}
+  assert len(at_2) == 1
+  assert "| 2 |" in table and os.path.getsize(tmp_path / "baselines.png") > 10_000
+
+
+def test_baseline_summaries_give_student_t_intervals():
+  from nsn_jax.studies.baselines import summarise
+
+  rows = [
+    {"method": "nsn", "seed": s, "rank": 4, "flops_frac_dense": 0.2, "accuracy": a}
+    for s, a in enumerate([0.90, 0.92, 0.94])
+  ]
+  (summary,) = summarise(rows)
+  # mean 0.92, sample sd 0.02, t(0.975, 2) = 4.303: half-width 4.303 · 0.02 / √3
+  assert summary["accuracy_mean"] == pytest.approx(0.92)
+  assert summary["ci95"] == pytest.approx(4.3027 * 0.02 / 3**0.5, rel=1e-4)
