@@ -14,10 +14,12 @@ backend; a TPU compiler assigns its own, so read them as relative, not as a chip
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import importlib.util
 import os
 import re
+import shlex
 import sys
 import time
 
@@ -66,6 +68,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--model_path", help="override config.model.path")
   parser.add_argument("--data_dir", help="override config.data.data_dir")
   parser.add_argument("--min_size", type=int, help="override config.sharding.min_size")
+  parser.add_argument(
+    "--set", action="append", default=[], help="field=value overrides, e.g. data.seq_len=256"
+  )
   parser.add_argument("--out", default="runs/benchmarks/sharded_step.json")
   return parser.parse_args(argv)
 
@@ -83,6 +88,10 @@ def load_config(args: argparse.Namespace):
     config.data.data_dir = args.data_dir
   if args.min_size is not None:
     config.sharding.min_size = args.min_size
+  for override in args.set:
+    field, _, value = override.partition("=")
+    section, name = field.split(".")
+    config[section][name] = type(config[section][name])(ast.literal_eval(value))
   return config
 
 
@@ -143,7 +152,7 @@ def main(argv: list[str]) -> dict:
           rows.append(row)
           print(bench_run.format_table([row], COLUMNS), flush=True)
   environment = bench_run.environment(argv)
-  environment["command"] = "python -m benchmarks.sharded_step " + " ".join(argv)
+  environment["command"] = shlex.join(["python", "-m", "benchmarks.sharded_step", *argv])
   report = {"environment": environment, "multi_rank": config.train.multi_rank, "rows": rows}
   print(bench_run.format_table(rows, COLUMNS))
   print(f"wrote {write_report(args.out, report)}")
