@@ -206,9 +206,12 @@ def _check_rank_fits(config: ml_collections.ConfigDict, chosen: list) -> None:
 
 
 def nsn_from_dense(config: ml_collections.ConfigDict, dense: nnx.Module) -> nnx.Module:
-  """The nested MLP of `config` whose hidden layers are the SVD of a trained dense twin's (the
-  head is kept): at rank r, each layer is the dense one truncated to rank r."""
-  return surgery.decompose_and_replace(dense, (r"^hidden/",), config.model.max_rank)[0]
+  """The nested model of `config` made from a trained dense twin: the layers its surgery picks
+  (the MLP's hidden layers; `surgery.rules` for a pretrained family) replaced by their SVD at
+  R = model.max_rank, the rest kept. At rank r each is the dense layer truncated to rank r: the
+  dense + SVD baseline, and the start of `model.init_from` runs."""
+  rules = (r"^hidden/",) if config.model.name == "nsn_mlp" else surgery_rules(config)
+  return surgery.decompose_and_replace(dense, rules, config.model.max_rank)[0]
 
 
 def build_pretrained(

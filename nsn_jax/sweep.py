@@ -20,11 +20,12 @@ from etils import epath
 from flax import nnx
 import jax
 from jax.sharding import Mesh
+import numpy as np
 
 from nsn_jax import config as config_lib
 from nsn_jax import flops
 from nsn_jax import profiles as flexrank_profiles
-from nsn_jax.build import mismatches, text_encoder
+from nsn_jax.build import mismatches, nsn_from_dense, text_encoder
 from nsn_jax.config import ConfigError
 from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
@@ -228,7 +229,7 @@ def run_sweep(
   rows = [own.row("nsn" if nsn_layers(model) else kind, rank, verbose) for rank in ranks]
   rows += own.profile_rows("flexrank", saved, _distilled(restored.metadata), verbose)
   for reference in references:
-    rows += _reference_rows(reference, restored, arrays, batch_size, verbose, mesh)
+    rows += _reference_rows(reference, restored, arrays, batch_size, verbose, mesh, ranks)
   out = out or str(epath.Path(workdir) / "eval" / f"step_{restored.step}")
   merged = write_outputs(rows, out, f"{workdir} (step {restored.step})", budget_reference)
   if verbose:
@@ -263,9 +264,11 @@ def _requested_ranks(restored: Restored, spec: str, budgets, reference: str):
 
 
 def _reference_rows(
-  reference: str, restored: Restored, arrays, batch_size: int, verbose: bool, mesh
+  reference: str, restored: Restored, arrays, batch_size: int, verbose: bool, mesh, ranks
 ) -> list[SweepRow]:
-  """A reference run's rows beside `restored`'s (costs as fractions of `restored`'s model)."""
+  """A reference run's rows beside `restored`'s (costs as fractions of `restored`'s model): a
+  dense run as itself and, at each swept rank, truncated by SVD to that rank ("dense+svd:
+  DIR", the baseline with no multi-rank training); a FlexRank run at each of its profiles."""
   other = restore_model(reference, mesh=mesh)
   differ = mismatches(restored.config, other.config)
   if differ:
@@ -284,7 +287,13 @@ def _reference_rows(
       "(trained with model.dense=True) or a distilled FlexRank run "
       "(objective flexrank_distill)."
     )
-  return [rows.row(f"dense: {reference}", None, verbose, trained=True)]
+  dense = [rows.row(f"dense: {reference}", None, verbose, trained=True)]
+  if not nsn_layers(restored.model):
+    return dense
+  truncated = nsn_from_dense(restored.config, other.model)
+  untrained = Restored(truncated, {**other.metadata, "trained_ranks": []}, other.step)
+  svd = _Rows(untrained, arrays, batch_size, {}, restored.model, mesh)
+  return dense + [svd.row(f"dense+svd: {reference}", r, verbose) for r in ranks]
 
 
 def _distilled(metadata: dict) -> bool:
@@ -371,8 +380,10 @@ def read_rows(path: str | epath.Path) -> list[SweepRow]:
 
 
 def plot_frontier(rows: Sequence[SweepRow], title: str, budget_reference: str) -> bytes:
-  """Accuracy against FLOPs (fraction of the dense model) as PNG bytes: references as lines,
-  FlexRank profiles as diamonds, NSN ranks as points (trained filled, held-out hollow)."""
+  """Accuracy against FLOPs (fraction of the dense model) as PNG bytes: dense references as a
+  point and a line, their SVD truncations as dashed lines, FlexRank profiles as diamonds, NSN
+  ranks as points (trained filled, held-out hollow), budgets at their own FLOPs. The y range is
+  the band where the models differ; points below it are counted in a note."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -381,11 +392,12 @@ def plot_frontier(rows: Sequence[SweepRow], title: str, budget_reference: str) -
   fig, ax = plt.subplots(figsize=(7, 4.5))
   _plot_references(ax, rows)
   _plot_nsn(ax, [r for r in rows if r.model == "nsn"], budget_reference)
+  _zoom(ax, [r.accuracy for r in rows])
   ax.set_xlabel("forward FLOPs, fraction of the dense model")
   ax.set_ylabel("accuracy")
   ax.set_title(f"compute–accuracy frontier: {title}", fontsize=9)
   ax.grid(alpha=0.3)
-  ax.legend(loc="lower right")
+  ax.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=120)
@@ -393,11 +405,36 @@ def plot_frontier(rows: Sequence[SweepRow], title: str, budget_reference: str) -
   return png.getvalue()
 
 
+def _zoom(ax, accuracies: list[float]) -> None:
+  """y from just under the 10th percentile to just over the best: low ranks far below would
+  otherwise flatten the band where the choice of rank matters."""
+  low = max(0.0, float(np.percentile(accuracies, 10)) - 0.03)
+  high = min(1.0, max(accuracies) + 0.01)
+  ax.set_ylim(low, high)
+  hidden = sum(a < low for a in accuracies)
+  if hidden:
+    ax.annotate(
+      f"{hidden} point{'s' * (hidden > 1)} below {low:.2f}",
+      (0.01, 0.01),
+      xycoords="axes fraction",
+      fontsize=7,
+      color="0.4",
+    )
+
+
 def _plot_references(ax, rows: Sequence[SweepRow]) -> None:
-  """Dense models and exports as horizontal lines; each FlexRank run's profiles as a line."""
-  for i, r in enumerate(r for r in rows if r.model.startswith(("dense", "export"))):
+  """Dense models and exports as a point at their FLOPs and a horizontal line; a dense model's
+  SVD truncations as a dashed line; each FlexRank run's profiles as a line."""
+  references = (r for r in rows if r.model.startswith(("dense", "export")))
+  for i, r in enumerate(r for r in references if not r.model.startswith("dense+svd")):
+    color = f"C{i + 3}"
+    ax.axhline(r.accuracy, color=color, linestyle="--", linewidth=1)
     label = f"{r.model} ({r.accuracy:.3f})"
-    ax.axhline(r.accuracy, color=f"C{i + 3}", linestyle="--", linewidth=1, label=label)
+    ax.plot([r.flops_frac_dense], [r.accuracy], "*", ms=12, color=color, label=label, zorder=3)
+  for run in dict.fromkeys(r.model for r in rows if r.model.startswith("dense+svd")):
+    svd = sorted((r for r in rows if r.model == run), key=lambda r: r.flops)
+    x, y = [r.flops_frac_dense for r in svd], [r.accuracy for r in svd]
+    ax.plot(x, y, "x--", color="C3", label=f"{run.split(':')[0]} (no multi-rank training)")
   runs = dict.fromkeys(r.model for r in rows if r.model.startswith("flexrank"))
   for color, run in zip(("C2", "C5", "C6", "C7"), runs):
     flex = [r for r in rows if r.model == run]
@@ -410,8 +447,18 @@ def _plot_references(ax, rows: Sequence[SweepRow]) -> None:
     ax.plot(x, y, "D-" if distilled else "D--", **style)
 
 
+def budget_x(row: SweepRow, budget_reference: str) -> float:
+  """Where `row`'s budget (a fraction of the dense or the max-rank model's FLOPs) lies on the
+  frontier's x axis (a fraction of the dense model's FLOPs)."""
+  if budget_reference == "dense":
+    return row.budget
+  return row.budget * row.flops_frac_dense / row.flops_frac_max_rank  # × the max-rank model
+
+
 def _plot_nsn(ax, rows: Sequence[SweepRow], budget_reference: str) -> None:
-  """The nested model's ranks, the budgets they serve marked, the end ranks labelled."""
+  """The nested model's ranks, each budget drawn at its own FLOPs (a fraction of the reference,
+  converted to the x axis' fraction of dense) with the rank serving it ringed, the end ranks
+  labelled."""
   ax.plot([r.flops_frac_dense for r in rows], [r.accuracy for r in rows], "-", color="0.7")
   for trained, style in (
     (True, dict(color="C0", label="trained rank")),
@@ -422,11 +469,12 @@ def _plot_nsn(ax, rows: Sequence[SweepRow], budget_reference: str) -> None:
       x, y = [r.flops_frac_dense for r in points], [r.accuracy for r in points]
       ax.scatter(x, y, zorder=2, **style)
   for r in (r for r in rows if r.budget is not None):
-    ax.axvline(r.flops_frac_dense, color="0.5", linestyle=":", linewidth=1)
-    label = f"budget {r.budget:g} of {budget_reference} → r={r.rank}"
+    ax.axvline(budget_x(r, budget_reference), color="0.5", linestyle=":", linewidth=1)
+    ax.scatter([r.flops_frac_dense], [r.accuracy], s=160, facecolors="none", edgecolors="k")
+    label = f"budget {r.budget:g} × {budget_reference} FLOPs → r={r.rank}"
     ax.annotate(
       label,
-      (r.flops_frac_dense, 0.25),
+      (budget_x(r, budget_reference), 0.25),
       xycoords=("data", "axes fraction"),
       rotation=90,
       fontsize=7,

@@ -143,3 +143,31 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(trained, tmp_p
         f.write(b"garbage")
   with pytest.raises(CheckpointError, match=r"(?s)no readable checkpoint.*step 20.*step 10"):
     restore_model(str(copy))
+
+
+def test_a_dense_reference_brings_its_svd_truncation_at_every_swept_rank(trained, tmp_path):
+  from configs import default
+  from nsn_jax.sweep import budget_x
+
+  workdir, _ = trained
+  config = default.get_config("smoke,dense")
+  config.data.data_dir = restore_model(workdir).config.data.data_dir
+  dense_dir = str(tmp_path / "dense")
+  train_and_evaluate(config, dense_dir)
+  rows = run_sweep(
+    workdir, "2,8", budgets=[0.5], references=[dense_dir], verbose=False, out=str(tmp_path / "o")
+  )
+  by_model = {}
+  for row in rows:
+    by_model.setdefault(row.model.split(":")[0], {})[row.rank] = row
+  assert set(by_model) == {"nsn", "dense", "dense+svd"}
+  svd, nsn = by_model["dense+svd"], by_model["nsn"]
+  # Every swept rank: 2, 8 and the rank the budget maps to.
+  assert sorted(svd) == sorted(nsn) and not any(r.trained for r in svd.values())
+  for rank in nsn:  # the same layers at the same rank: equal FLOPs
+    assert svd[rank].flops == nsn[rank].flops
+  assert by_model["dense"][None].flops_frac_dense == 1.0
+  # A budget of the max-rank model's FLOPs lies at that fraction of R's cost on the x axis.
+  half = next(r for r in rows if r.budget == 0.5)
+  assert budget_x(half, "max_rank") == pytest.approx(0.5 * nsn[8].flops_frac_dense)
+  assert budget_x(half, "dense") == 0.5
