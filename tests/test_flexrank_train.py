@@ -311,5 +311,5 @@ def test_bad_flexrank_configs_are_refused(
   with pytest.raises(ValueError, match="pretrained model gets surgery"):
     train_and_evaluate(smoke_config, str(tmp_path / "e"))
   smoke_config.flexrank.budgets, smoke_config.model.init_from = (), dense_twin
-  with pytest.raises(ValueError, match="model.init_from.*only pretrained"):
+  with pytest.raises(ValueError, match="model.init_from=.*another model.name, task"):
     train_and_evaluate(smoke_config, str(tmp_path / "j"))
