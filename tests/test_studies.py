@@ -60,6 +60,7 @@ def test_studies_run_and_share_their_runs(tmp_path, data_dir):
     assert os.path.getsize(tmp_path / plot) > 10_000
 
 
+@pytest.mark.slow  # 5 trainings and 3 sweeps, ~30 s: make test-slow (summarise is tested below)
 def test_baselines_study_reports_every_method_with_its_flops(tmp_path, data_dir):
   flags = ("--seeds=0", "--ranks=2", "--finetune_steps=2")
   result, table, _ = _study("baselines", tmp_path, data_dir, *flags)
