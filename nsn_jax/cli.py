@@ -49,10 +49,12 @@ def _exit(code: int, message: str) -> None:
   are still running."""
   if not distributed.in_cluster():
     sys.exit(code)
-  distributed.announce_failure(message)
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(code)
+  try:
+    distributed.announce_failure(message)
+  finally:  # even when the coordination service is already gone
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def launch_flags() -> Callable[[], None]:
@@ -91,9 +93,7 @@ def launch_flags() -> Callable[[], None]:
   def apply() -> None:
     if cache.value:
       jax.config.update("jax_compilation_cache_dir", cache.value)
-    if profiler_port.value:
-      jax.profiler.start_server(profiler_port.value)
-    distributed.initialize(
+    distributed.initialize(  # before anything starts a JAX backend (the profiler does)
       multihost.value,
       coordinator.value,
       processes.value,
@@ -101,6 +101,8 @@ def launch_flags() -> Callable[[], None]:
       timeout.value,
       heartbeat.value,
     )
+    if profiler_port.value:
+      jax.profiler.start_server(profiler_port.value)
 
   return apply
 

@@ -123,10 +123,11 @@ def barrier(name: str, timeout_s: float | None = None) -> None:
     time.sleep(_POLL_S)
 
 
-def announce_failure(message: str, wait_s: float = 30.0) -> None:
-  """Tells every process that this one stops on `message`, then waits (≤ `wait_s`) until the
-  others still running have read it at a barrier, so none is left waiting for this one.
-  Process 0 hosts the coordination service, so it also waits for the others to leave."""
+def announce_failure(message: str, wait_s: float | None = None) -> None:
+  """Tells every process that this one stops on `message`, then waits (≤ `wait_s`, default
+  the cluster timeout) until the others still running have read it at a barrier, so none is
+  left waiting for this one. Process 0 hosts the coordination service, so it also waits for
+  the others to leave."""
   if not in_cluster():
     return
   me, everyone = jax.process_index(), set(range(jax.process_count()))
@@ -136,7 +137,7 @@ def announce_failure(message: str, wait_s: float = 30.0) -> None:
     told = set(_processes("failed")) | set(_processes("seen"))
     return told >= everyone and (me != 0 or set(_processes("left")) >= everyone - {0})
 
-  deadline = time.monotonic() + wait_s
+  deadline = time.monotonic() + (_SETTINGS.timeout_s if wait_s is None else wait_s)
   while not settled() and time.monotonic() < deadline:
     time.sleep(_POLL_S)
   _client().key_value_set(f"{_PREFIX}/left/{me}", "1", allow_overwrite=True)
@@ -148,14 +149,17 @@ def check_shared(directory: str, flag: str = "--workdir") -> None:
   if not in_cluster():
     return
   me = jax.process_index()
-  marker = epath.Path(directory) / ".nsn_jax_shared"
   if me == 0:
     token = uuid.uuid4().hex
+    _client().key_value_set(f"{_PREFIX}/shared_token", token)
+  else:
+    token = _client().blocking_key_value_get(f"{_PREFIX}/shared_token", 10_000)
+  # A name of this run's own: another launch into the same workdir cannot take it away.
+  marker = epath.Path(directory) / f".nsn_jax_shared-{token}"
+  if me == 0:
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(token)
-    _client().key_value_set(f"{_PREFIX}/shared_token", token)
   barrier("shared-written")
-  token = _client().blocking_key_value_get(f"{_PREFIX}/shared_token", 10_000)
   seen = marker.exists() and marker.read_text() == token
   _client().key_value_set(f"{_PREFIX}/shared/{me}", "1" if seen else "0")
   barrier("shared-read")

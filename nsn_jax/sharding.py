@@ -256,7 +256,7 @@ def constrain(x: jax.Array, *spec) -> jax.Array:
   for entry, dim in zip(spec, x.shape):
     axes = tuple(a for a in _axes(entry) if a in mesh.axis_names)
     devices = math.prod(mesh.shape[a] for a in axes)
-    fitted.append(axes if axes and dim % devices == 0 else None)
+    fitted.append(axes if axes and dim % devices == 0 else P.UNCONSTRAINED)
   return jax.lax.with_sharding_constraint(x, P(*fitted))
 
 

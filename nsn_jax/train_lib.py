@@ -75,6 +75,7 @@ def train_and_evaluate(
       local = (os.path.realpath(d) for d in (workdir, metrics_dir) if "://" not in d)
       for directory in dict.fromkeys(local):
         stack.enter_context(WorkdirLock(directory))
+    distributed.barrier("locked")  # a refused lock stops every host now, not after loading
     # ----- Mesh, then input: the rows of each global batch this process's devices hold
     # (replays on resume).
     mesh = sharding.make_mesh(config.mesh)

@@ -34,7 +34,7 @@ case $action in
     set -- "${flags[@]}"
     ;;
   logs) on_workers "echo \"== \$(hostname)\"; tail -n 20 ~/$log"; exit ;;
-  stop) on_workers "pkill -TERM -f 'train.py --multihost' || true"; exit ;;
+  stop) on_workers "pkill -TERM -f '[t]rain.py --multihost' || true"; exit ;;  # [t]: not itself
   *) usage ;;
 esac
 

@@ -102,9 +102,12 @@ print("cache", jax.config.jax_compilation_cache_dir)
 
 
 def test_launch_flags_serve_the_profiler_and_set_the_compilation_cache(tmp_path):
-  port = cluster.free_port()
+  port, coordinator = cluster.free_port(), cluster.free_port()
+  # Joined to a (one-process) cluster: the profiler must start after jax.distributed does.
+  joined = [f"--coordinator_address=127.0.0.1:{coordinator}", "--num_processes=1", "--process_id=0"]
   proc = subprocess.run(
-    [sys.executable, "-c", PROFILED, f"--profiler_port={port}", f"--compilation_cache={tmp_path}"],
+    [sys.executable, "-c", PROFILED, f"--profiler_port={port}", f"--compilation_cache={tmp_path}"]
+    + joined,
     cwd=REPO,
     capture_output=True,
     text=True,
