@@ -37,7 +37,7 @@ from nsn_jax.build import text_encoder
 from nsn_jax.data import pipeline
 from nsn_jax.methods import build_method
 from nsn_jax.tasks import get_task
-from nsn_jax.train_step import abstract_train_state, make_train_step, trainable
+from nsn_jax.train_step import abstract_train_state, config_train_step
 
 LEGACY_RULES = (
   (r"(^|/)a$", ("fsdp", None)),
@@ -105,14 +105,7 @@ def measure(config, mesh_spec: str, rules: str) -> dict:
   encoder = text_encoder(config)
   real = pipeline.train_batches(config.data, config.train.batch_size, 0, encoder=encoder)[0]
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed) for k, v in real.items()}
-  step = make_train_step(
-    graphdef,
-    method.loss,
-    trainable(config),
-    state_sharding,
-    placed,
-    remat_policy=config_lib.remat_policy(config),
-  )
+  step = config_train_step(config, graphdef, method.loss, state_sharding, placed)
   inputs = method.step_inputs(1)
   start = time.perf_counter()
   ranks = jax.ShapeDtypeStruct(inputs.shape, inputs.dtype)

@@ -38,11 +38,10 @@ from nsn_jax.metrics import MetricWriter, Progress, say
 from nsn_jax.restore import restore_dense_twin
 from nsn_jax.tasks import Task, get_task
 from nsn_jax.train_step import (
+  config_train_step,
   create_train_state,
   join_checkpoint,
-  make_train_step,
   split_for_checkpoint,
-  trainable,
 )
 from nsn_jax.workdir import WorkdirLock
 
@@ -101,14 +100,8 @@ def train_and_evaluate(
 
     # ----- The update step: jitted once, state donated, shardings bound here.
     extra, extra_sharding = method.extra(mesh, config)
-    step_fn = make_train_step(
-      graphdef,
-      method.loss,
-      trainable(config),
-      state_sharding,
-      batch_sharding,
-      extra_sharding,
-      config_lib.remat_policy(config),
+    step_fn = config_train_step(
+      config, graphdef, method.loss, state_sharding, batch_sharding, extra_sharding
     )
     evaluator = RankEvaluator(nnx.graphdef(model), config.eval.batch_size, task, mesh)
 

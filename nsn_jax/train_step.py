@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import optax
 
+from nsn_jax import config as config_lib
 from nsn_jax import flops, remat, sharding
 from nsn_jax.build import build_model
 from nsn_jax.objective import LogVariance, RankWeights
@@ -156,6 +157,27 @@ def make_train_step(
     donate_argnums=0,
     in_shardings=(state_sharding, batch_sharding, replicated, extra_sharding),
     out_shardings=(state_sharding, replicated),
+  )
+
+
+def config_train_step(
+  config: ml_collections.ConfigDict,
+  graphdef: nnx.GraphDef,
+  loss_fn: LossFn,
+  state_sharding: Any,
+  batch_sharding: NamedSharding,
+  extra_sharding: Any = None,
+):
+  """`make_train_step` with what `config` decides: the parameters that train
+  (`train.trainable`) and the remat policy (`train.remat`)."""
+  return make_train_step(
+    graphdef,
+    loss_fn,
+    trainable(config),
+    state_sharding,
+    batch_sharding,
+    extra_sharding,
+    config_lib.remat_policy(config),
   )
 
 

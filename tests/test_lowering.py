@@ -18,7 +18,7 @@ from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.llm.decode import Decoder
 from nsn_jax.methods import build_method
 from nsn_jax.tasks import get_task
-from nsn_jax.train_step import abstract_train_state, make_train_step, trainable
+from nsn_jax.train_step import abstract_train_state, config_train_step
 
 PLATFORMS = ("tpu", "cuda")
 MESH = ml_collections.ConfigDict({"data": 2, "fsdp": 2, "tensor": 2})
@@ -49,7 +49,7 @@ def _lower_train_and_eval(config, encoder=None) -> None:
   placed = sharding.batch_sharding(mesh)
   real = pipeline.train_batches(config.data, config.train.batch_size, 0, encoder=encoder)[0]
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed) for k, v in real.items()}
-  step = make_train_step(graphdef, method.loss, trainable(config), state_sharding, placed)
+  step = config_train_step(config, graphdef, method.loss, state_sharding, placed)
   inputs = method.step_inputs(1)
   exported = _export(step, state, batch, jax.ShapeDtypeStruct(inputs.shape, inputs.dtype), None)
   assert exported.nr_devices == 8

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 
 from configs import smollm2_lm
-from nsn_jax import config as config_lib
 from nsn_jax import sharding
 from nsn_jax.build import text_encoder
 from nsn_jax.config import ConfigError, validate
 from nsn_jax.data import pipeline
 from nsn_jax.methods import build_method
 from nsn_jax.tasks import get_task
-from nsn_jax.train_step import create_train_state, make_train_step, trainable
+from nsn_jax.train_step import config_train_step, create_train_state
 
 
 def _step(config, mesh):
@@ -23,14 +22,7 @@ def _step(config, mesh):
   placed = sharding.batch_sharding(mesh)
   real = pipeline.train_batches(config.data, 8, 0, encoder=text_encoder(config))[0]
   batch = {k: jax.device_put(v, placed) for k, v in real.items()}
-  step = make_train_step(
-    graphdef,
-    method.loss,
-    trainable(config),
-    state_sharding,
-    placed,
-    remat_policy=config_lib.remat_policy(config),
-  )
+  step = config_train_step(config, graphdef, method.loss, state_sharding, placed)
   ranks = jnp.asarray(method.step_inputs(1))
   return step.lower(state, batch, ranks, None).compile(), state, batch, ranks
 

@@ -264,7 +264,7 @@ def test_the_decoder_step_compiles_without_resharding(tiny_gguf, data_dir):
   from nsn_jax.data import pipeline
   from nsn_jax.methods import build_method
   from nsn_jax.tasks import get_task
-  from nsn_jax.train_step import abstract_train_state, make_train_step, trainable
+  from nsn_jax.train_step import abstract_train_state, config_train_step
 
   config = smollm2_lm.get_config("smoke")
   config.model.path, config.data.data_dir = tiny_gguf, data_dir
@@ -275,7 +275,7 @@ def test_the_decoder_step_compiles_without_resharding(tiny_gguf, data_dir):
   placed = sharding.batch_sharding(mesh)
   real = pipeline.train_batches(config.data, 8, 0, encoder=text_encoder(config))[0]
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed) for k, v in real.items()}
-  step = make_train_step(graphdef, method.loss, trainable(config), state_sharding, placed)
+  step = config_train_step(config, graphdef, method.loss, state_sharding, placed)
   ranks = jax.ShapeDtypeStruct(method.step_inputs(1).shape, jnp.int32)
   text = step.lower(state, batch, ranks, None).compile().as_text()
   assert "all-to-all" not in text and "collective-permute" not in text
