@@ -17,7 +17,9 @@ _API = {
   # the layer
   "NSNDense": "nsn_jax.layers",
   "NSNFactor": "nsn_jax.layers",
-  "project": "nsn_jax.layers",
+  "at_rank": "nsn_jax.layers",
+  "current_rank": "nsn_jax.layers",
+  "apply": "nsn_jax.layers",
   "nsn_layers": "nsn_jax.layers",
   # pretrained models into nested ones
   "decompose_and_replace": "nsn_jax.surgery",
@@ -26,6 +28,9 @@ _API = {
   "ATTENTION_RULES": "nsn_jax.surgery",
   "load_gguf": "nsn_jax.llm",
   "load_hf_bert": "nsn_jax.llm",
+  "load_hf_decoder": "nsn_jax.llm",
+  "load_pretrained": "nsn_jax.llm",
+  "render_chat": "nsn_jax.llm",
   "generate": "nsn_jax.llm.decode",
   "Decoder": "nsn_jax.llm.decode",
   "Sampling": "nsn_jax.llm.decode",

@@ -2,12 +2,15 @@
 
   nsn_mlp      the paper's from-scratch MLP (`model.hidden`, `model.max_rank`)
   llama_gguf   a Llama-family decoder from a GGUF file (`model.path`; default SmolLM2-135M)
+  hf_decoder   a Llama / Mistral / Qwen2 / Gemma decoder from a Hugging Face directory
   bert_hf      a BERT encoder from a Hugging Face directory (default all-MiniLM-L6-v2)
+  custom       your own Flax NNX model: `model.factory(**model.kwargs, rngs=nnx.Rngs(seed))`
 
 A pretrained backbone gets the task's head (`task`: text_classification adds
 `SequenceClassifier`; language_modelling keeps the decoder's own head), then `surgery` turns the
-layers its rules select into NSN layers of rank `model.max_rank` (`nsn_jax.surgery`). With
-`model.dense` every model keeps plain dense layers: the baseline twin.
+layers its rules select into NSN layers of rank `model.max_rank` (`nsn_jax.surgery`); a custom
+model gets the same surgery at its random init (its nnx.Linear layers' SVD). With `model.dense`
+every model keeps plain dense layers: the baseline twin.
 """
 
 from __future__ import annotations
@@ -19,22 +22,27 @@ import pathlib
 import re
 
 from flax import nnx
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tokenizers
 
 from nsn_jax import surgery
-from nsn_jax.config import PRETRAINED, ConfigError
+from nsn_jax.config import DECODERS, PRETRAINED, SURGERY, ConfigError, model_factory
 from nsn_jax.data.pipeline import TextEncoder
 from nsn_jax.llm import (
   GGUFTokenizer,
+  HFTokenizer,
   config_from_gguf,
   config_from_hf,
+  config_from_hf_decoder,
   gguf_metadata,
   load_gguf,
   load_hf_bert,
+  load_hf_decoder,
   minilm_path,
+  pretrained_kind,
   smollm2_path,
 )
 from nsn_jax.models.bert import BertModel
@@ -67,6 +75,9 @@ def mismatches(config: ml_collections.ConfigDict, other: ml_collections.ConfigDi
   ]
   if config.model.name in PRETRAINED and other.model.name == config.model.name:
     pairs.insert(1, ("model file", model_path(config), model_path(other)))
+  if config.model.name == "custom":
+    pairs.append(("model.factory", config.model.factory, other.model.factory))
+    pairs.append(("model.kwargs", config.model.kwargs.to_dict(), other.model.kwargs.to_dict()))
   if config.model.name == "nsn_mlp":
     pairs.append(("model.hidden", tuple(config.model.hidden), tuple(other.model.hidden)))
     pairs.append(
@@ -77,17 +88,43 @@ def mismatches(config: ml_collections.ConfigDict, other: ml_collections.ConfigDi
 
 def _backbone(config: ml_collections.ConfigDict, pretrained: bool, seed: int) -> nnx.Module:
   """The pretrained model, or with `pretrained=False` the same architecture with random weights
-  (read from the file's metadata only: what restoring a checkpoint needs)."""
+  (read from the file's metadata only: what restoring a checkpoint needs). A custom model is
+  always built at its random init."""
+  if config.model.name == "custom":
+    return model_factory(config)(**config.model.kwargs.to_dict(), rngs=nnx.Rngs(seed))
   path, dtype = model_path(config), _dtype(config)
-  if config.model.name == "llama_gguf":
-    if pretrained:
-      return load_gguf(path, dtype)[1]
-    return LlamaModel(config_from_gguf(gguf_metadata(path)), dtype=dtype, rngs=nnx.Rngs(seed))
   if pretrained:
-    return load_hf_bert(path, dtype)[1]
-  return BertModel(
-    config_from_hf(json.loads((path / "config.json").read_text())), dtype=dtype, rngs=nnx.Rngs(seed)
-  )
+    return _LOADERS[config.model.name](path, dtype)[1]
+  if config.model.name == "llama_gguf":
+    return LlamaModel(config_from_gguf(gguf_metadata(path)), dtype=dtype, rngs=nnx.Rngs(seed))
+  hf_config = json.loads((path / "config.json").read_text())
+  if config.model.name == "hf_decoder":
+    return LlamaModel(config_from_hf_decoder(hf_config), dtype=dtype, rngs=nnx.Rngs(seed))
+  return BertModel(config_from_hf(hf_config), dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+_LOADERS = {"llama_gguf": load_gguf, "hf_decoder": load_hf_decoder, "bert_hf": load_hf_bert}
+# What `pretrained_kind` must find at model.path for each family.
+_KINDS = {"llama_gguf": "gguf", "hf_decoder": "hf_decoder", "bert_hf": "bert"}
+
+
+def check_model_file(config: ml_collections.ConfigDict) -> None:
+  """A ConfigError naming model.path unless it holds what the family reads (a GGUF file, a
+  Hugging Face decoder or BERT directory)."""
+  path = model_path(config)
+  try:
+    kind = pretrained_kind(path)
+  except (OSError, ValueError) as e:
+    raise ConfigError(
+      "model.path", str(path), f"what model.name={config.model.name} reads", str(e)
+    ) from None
+  if kind != _KINDS[config.model.name]:
+    raise ConfigError(
+      "model.path",
+      str(path),
+      f"what model.name={config.model.name} reads",
+      f"it holds a {kind} model; use model.name={dict(zip(_KINDS.values(), _KINDS))[kind]}",
+    )
 
 
 def _dtype(config: ml_collections.ConfigDict):
@@ -139,10 +176,14 @@ def check_model_fits(config: ml_collections.ConfigDict) -> None:
   matching no layer, `model.max_rank` above min(d_in, d_out) of a chosen layer (a global rank
   above it could not run), `data.seq_len` above a BERT's positions, `train.trainable` matching
   no parameter."""
-  if config.model.name not in PRETRAINED:
+  if config.model.name not in SURGERY:
     model = nnx.eval_shape(lambda: build_model(config, seed=0, pretrained=False))
     return _check_trainable(config, _param_paths(model))
+  if config.model.name in PRETRAINED:
+    check_model_file(config)
   model = nnx.eval_shape(lambda: _task_model(config, pretrained=False, seed=0))
+  if config.model.name == "custom":
+    _check_custom_output(config, model)
   positions = getattr(
     getattr(getattr(model, "backbone", None), "config", None), "max_positions", None
   )
@@ -158,6 +199,22 @@ def check_model_fits(config: ml_collections.ConfigDict) -> None:
     paths = [p for p in paths if p not in replaced]
     paths += [f"{path}/{factor}" for path, _, _ in chosen for factor in ("a", "b")]
   _check_trainable(config, paths)
+
+
+def _check_custom_output(config: ml_collections.ConfigDict, model: nnx.Module) -> None:
+  """A custom model must map images (B, *data.image_shape) to logits (B, data.num_classes)."""
+  graphdef, state = nnx.split(model)
+  images = jax.ShapeDtypeStruct((2, *config.data.image_shape), jnp.float32)
+  expected = f"a model mapping images (B, {', '.join(map(str, config.data.image_shape))}) "
+  expected += f"to logits (B, {config.data.num_classes})"
+  try:
+    out = jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, images)
+  except Exception as e:  # the user's code: any error it raises on this input
+    problem = f"on that input it raised {type(e).__name__}: {str(e).splitlines()[0]}"
+    raise ConfigError("model.factory", config.model.factory, expected, problem) from None
+  if getattr(out, "shape", None) != (2, config.data.num_classes):
+    shown = getattr(out, "shape", type(out).__name__)
+    raise ConfigError("model.factory", config.model.factory, expected, f"it returned {shown}")
 
 
 def _param_paths(model: nnx.Module) -> list[str]:
@@ -255,15 +312,24 @@ def _task_model(config: ml_collections.ConfigDict, *, pretrained: bool, seed: in
   return model  # language_modelling: the decoder's own head
 
 
+def tokenizer(config: ml_collections.ConfigDict) -> GGUFTokenizer | HFTokenizer:
+  """The tokenizer a pretrained decoder brings (encode, decode, eos_id, chat)."""
+  if config.model.name == "llama_gguf":
+    return GGUFTokenizer.from_metadata(gguf_metadata(model_path(config)))
+  if config.model.name == "hf_decoder" and (model_path(config) / "tokenizer.json").is_file():
+    return HFTokenizer.from_directory(model_path(config))
+  raise ValueError(f"model.name={config.model.name} at {model_path(config)} brings no tokenizer.")
+
+
 def text_encoder(config: ml_collections.ConfigDict) -> TextEncoder | None:
   """The tokenizer of a pretrained text model as a TextEncoder; None for image models."""
-  if config.model.name == "llama_gguf":
-    tokenizer = GGUFTokenizer.from_metadata(gguf_metadata(model_path(config)))
-    return TextEncoder(tokenizer.encode, tokenizer.eos_id or 0)
+  if config.model.name in DECODERS:
+    decoder = tokenizer(config)
+    return TextEncoder(decoder.encode, decoder.eos_id or 0)
   if config.model.name == "bert_hf":
-    tokenizer = tokenizers.Tokenizer.from_file(str(model_path(config) / "tokenizer.json"))
-    tokenizer.no_padding()  # the pipeline pads and truncates to data.seq_len itself
-    tokenizer.no_truncation()
-    pad = tokenizer.token_to_id("[PAD]")
-    return TextEncoder(lambda text: tokenizer.encode(text).ids, 0 if pad is None else pad)
+    bert = tokenizers.Tokenizer.from_file(str(model_path(config) / "tokenizer.json"))
+    bert.no_padding()  # the pipeline pads and truncates to data.seq_len itself
+    bert.no_truncation()
+    pad = bert.token_to_id("[PAD]")
+    return TextEncoder(lambda text: bert.encode(text).ids, 0 if pad is None else pad)
   return None

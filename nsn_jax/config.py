@@ -13,9 +13,12 @@ dense layers (the baseline twin), trained with one loss and evaluated as one mod
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import os
 import re
+import sys
 from typing import Any
 
 from etils import epath
@@ -24,8 +27,11 @@ from ml_collections import config_dict
 
 from nsn_jax import remat
 
-MODELS = ("nsn_mlp", "llama_gguf", "bert_hf")
-PRETRAINED = ("llama_gguf", "bert_hf")
+MODELS = ("nsn_mlp", "llama_gguf", "hf_decoder", "bert_hf", "custom")
+PRETRAINED = ("llama_gguf", "hf_decoder", "bert_hf")
+DECODERS = ("llama_gguf", "hf_decoder")
+SURGERY = (*PRETRAINED, "custom")  # families whose NSN layers come from surgery on dense ones
+FREE_FORM = ("model.kwargs",)  # sections whose fields the user names (a factory's arguments)
 TASKS = ("image_classification", "text_classification", "language_modelling")
 OBJECTIVES = (
   "anchor_only",
@@ -77,7 +83,11 @@ def _data_and_model(c: ml_collections.ConfigDict) -> None:
   c.data.eval_examples = 0  # a fixed random cap on the eval split; 0 = all
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "nsn_mlp"  # | llama_gguf (GGUF file) | bert_hf (Hugging Face directory)
+  c.model.name = "nsn_mlp"  # | llama_gguf (GGUF file) | bert_hf (Hugging Face BERT directory)
+  # | hf_decoder (Hugging Face Llama / Mistral / Qwen2 / Gemma directory, given as model.path)
+  # | custom: your own Flax NNX model, built by model.factory(**model.kwargs, rngs=nnx.Rngs(seed))
+  c.model.factory = ""  # custom: "package.module:callable", imported from sys.path or the cwd
+  c.model.kwargs = ml_collections.ConfigDict()  # custom: the factory's keyword arguments
   c.model.max_rank = 64  # R: the NSN MLP's rank (64 < both demo layers' break-even
   # ranks, 193 and 128), or the rank surgery gives
   c.model.dense = False  # True: plain dense layers (the baseline twin), no ranks
@@ -176,6 +186,11 @@ def _merge(config: ml_collections.ConfigDict, saved: dict, prefix: str) -> None:
   for key, value in saved.items():
     if key not in config:
       continue  # a field retired since: nothing reads it
+    if f"{prefix}{key}" in FREE_FORM:
+      config[key] = ml_collections.ConfigDict(
+        {k: tuple(_tuples(v)) if isinstance(v, list) else v for k, v in value.items()}
+      )
+      continue
     if isinstance(config[key], ml_collections.ConfigDict):
       _merge(config[key], value, f"{prefix}{key}.")
       continue
@@ -267,7 +282,8 @@ def _check_fields(config, schema, prefix: str) -> None:
     if isinstance(schema[key], ml_collections.ConfigDict):
       if not isinstance(config[key], ml_collections.ConfigDict):
         raise ConfigError(f"{prefix}{key}", str(config[key]), "a section", "not a section")
-      _check_fields(config[key], schema[key], f"{prefix}{key}.")
+      if f"{prefix}{key}" not in FREE_FORM:
+        _check_fields(config[key], schema[key], f"{prefix}{key}.")
 
 
 def _one_of(field: str, value: Any, choices: tuple) -> None:
@@ -309,8 +325,15 @@ def _check_task(config) -> None:
     raise ConfigError("task", task, "image_classification for model.name=nsn_mlp")
   if name == "bert_hf" and task != "text_classification":
     raise ConfigError("task", task, "text_classification for model.name=bert_hf")
-  if name == "llama_gguf" and task == "image_classification":
-    raise ConfigError("task", task, "text_classification | language_modelling for llama_gguf")
+  if name in DECODERS and task == "image_classification":
+    raise ConfigError("task", task, f"text_classification | language_modelling for {name}")
+  if name == "custom" and task != "image_classification":
+    raise ConfigError(
+      "task",
+      task,
+      "image_classification for model.name=custom",
+      "text tasks need a tokenizer, which only the pretrained families bring",
+    )
 
 
 def _check_data(config) -> None:
@@ -367,6 +390,24 @@ def _check_model(config, check_init_from: bool = True) -> None:
       _integer("model.max_rank", model.max_rank, 1, width)
   elif not model.dense:
     _integer("model.max_rank", model.max_rank, 1)
+  if model.name == "hf_decoder" and not model.path:
+    raise ConfigError(
+      "model.path", model.path, "a Hugging Face decoder directory (config.json + safetensors)"
+    )
+  if model.name == "custom":
+    if model.dtype != "float32":
+      raise ConfigError(
+        "model.dtype", model.dtype, '"float32" for custom', "the factory picks its dtypes"
+      )
+    if model.path:
+      raise ConfigError(
+        "model.path", model.path, '"" for custom', "model.kwargs carry what the factory reads"
+      )
+    model_factory(config)
+  elif model.factory or model.kwargs:
+    raise ConfigError(
+      "model.factory", model.factory, '"" and no model.kwargs unless model.name=custom'
+    )
   _check_surgery(config)  # also where no surgery runs: a set field is never silently ignored
   for field in ("path", "init_from") if check_init_from else ("path",):
     if (
@@ -375,6 +416,25 @@ def _check_model(config, check_init_from: bool = True) -> None:
       and not epath.Path(model[field]).exists()
     ):
       raise ConfigError(f"model.{field}", model[field], "an existing path", "not found")
+
+
+def model_factory(config: ml_collections.ConfigDict):
+  """The callable `model.factory` names ("package.module:callable"), imported from sys.path or
+  the working directory; a ConfigError naming what is wrong otherwise."""
+  spec = config.model.factory
+  module, _, name = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+  valid = "'package.module:callable' building an nnx.Module, importable from sys.path or the cwd"
+  if not module or not name:
+    raise ConfigError("model.factory", spec, valid)
+  if os.getcwd() not in sys.path:  # as `python -m` would: the user's own package is found
+    sys.path.append(os.getcwd())
+  try:
+    factory = getattr(importlib.import_module(module), name)
+  except (ImportError, AttributeError) as e:
+    raise ConfigError("model.factory", spec, valid, f"{type(e).__name__}: {e}") from None
+  if not callable(factory):
+    raise ConfigError("model.factory", spec, valid, f"{name} is not callable")
+  return factory
 
 
 def _check_surgery(config) -> None:
@@ -501,12 +561,11 @@ def _check_flexrank(config) -> None:
     _number("flexrank.budgets", budget, 0.0, 1.0, low_open=True)
   if len(set(flex.budgets)) != len(flex.budgets):
     raise ConfigError("flexrank.budgets", flex.budgets, "distinct fractions", "repeated budget")
-  if flex.budgets and (config.model.name not in PRETRAINED or config.model.dense):
+  if flex.budgets and (config.model.name not in SURGERY or config.model.dense):
     raise ConfigError(
       "flexrank.budgets",
       flex.budgets,
-      "() unless a pretrained model gets surgery "
-      "(model.name llama_gguf / bert_hf, model.dense=False)",
+      f"() unless a model gets surgery (model.name {' / '.join(SURGERY)}, model.dense=False)",
     )
   if flex.probabilities and not distill:
     raise ConfigError(

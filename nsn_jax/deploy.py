@@ -12,8 +12,8 @@ of each form is `flops.form_flops`.) `deploy` picks one per layer — by default
 (`flops.cheapest_form`), so a layer above its break-even rank is folded into one dense kernel
 and no layer costs more than dense — and stores only what that form reads, so parameters and
 FLOPs both shrink. Each form is an ordinary module called as `layer(x)` that reports its cost
-through `flops_per_row()`; models route projections through `layers.project`, so a deployed
-model runs with `rank=None`.
+through `flops_per_row()`, so a deployed model runs with `rank=None` (no NSN layer is left for
+a rank scope to reach).
 
 The policy "matmul" picks between dense and factorised only (the break-even rank
 r* = d_in·d_out/(d_in + d_out)), never GAR. GAR saves 2r² FLOPs per row but first gathers every

@@ -14,11 +14,20 @@ A rank reaches a layer in one of four forms (see `resolve_rank`):
   its widest rank (`nsn_jax.ranks.BucketPlan`).
 - a mapping from layer path to rank: a per-layer *profile* (FlexRank); each layer looks up its own
   path, set by `name_nsn_layers`.
+
+A rank reaches the layers of a whole model through a *rank scope*, not through the model's code:
+inside `with at_rank(rank):` every NSNDense called without a rank of its own runs at `rank`. So
+any Flax NNX model runs at any rank after `decompose_and_replace`, although it was written with
+plain `nnx.Linear` and knows nothing of ranks. The scope is read while a function is traced:
+set it inside the function you `jax.jit` and pass a static rank as a static argument, so each
+rank gets its own compiled program (see docs/design.md, "One way for ranks to reach layers").
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+import contextlib
+import contextvars
 import dataclasses
 import numbers
 from typing import Any
@@ -39,6 +48,35 @@ class WidthRank:
 
 
 Rank = int | jax.Array | WidthRank | Mapping[str, Any] | None
+_SCOPE: contextvars.ContextVar[Rank] = contextvars.ContextVar("nsn_rank", default=None)
+
+
+@contextlib.contextmanager
+def at_rank(rank: Rank) -> Iterator[None]:
+  """Every NSNDense called inside (at trace time) without its own rank runs at `rank`.
+
+  `rank=None` leaves the enclosing scope as it is (no scope at all: the max rank R), so a model
+  that takes a `rank` argument can always open a scope with it.
+  """
+  if rank is None:
+    yield
+    return
+  token = _SCOPE.set(rank)
+  try:
+    yield
+  finally:
+    _SCOPE.reset(token)
+
+
+def current_rank() -> Rank:
+  """The rank of the innermost `at_rank` scope, None outside any."""
+  return _SCOPE.get()
+
+
+def apply(model: Any, *args, rank: Rank = None, **kwargs) -> Any:
+  """`model(*args, **kwargs)` with every NSN layer in it at `rank` (see `at_rank`)."""
+  with at_rank(rank):
+    return model(*args, **kwargs)
 
 
 class NSNFactor(nnx.Param):
@@ -191,8 +229,8 @@ class NSNDense(nnx.Module):
     return layer
 
   def __call__(self, x: jax.Array, rank: Rank = None) -> jax.Array:
-    """x: (..., d_in) → (..., d_out) at `rank` (None = R; see the module docstring)."""
-    rank = resolve_rank(rank, self.path)
+    """x: (..., d_in) → (..., d_out) at `rank`; None: the enclosing `at_rank` scope's, else R."""
+    rank = resolve_rank(current_rank() if rank is None else rank, self.path)
     a, b = self.a[...], self.b[...]
     bias = None if self.bias is None else self.bias[...]
     x, a, b, bias = nnx.nn.dtypes.promote_dtype((x, a, b, bias), dtype=self.dtype)
@@ -254,12 +292,3 @@ def set_submodule(model: nnx.Module, path: str | tuple, child: nnx.Module) -> No
     parent[keys[-1]] = child
   else:
     setattr(parent, keys[-1], child)
-
-
-def project(layer: nnx.Module, x: jax.Array, rank: Rank = None) -> jax.Array:
-  """Applies a projection that is either a plain `nnx.Linear` or an `NSNDense` (given `rank`).
-
-  Models call every replaceable projection through this, so `decompose_and_replace` can swap
-  dense layers for NSN layers without the model's code changing.
-  """
-  return layer(x, rank) if isinstance(layer, NSNDense) else layer(x)

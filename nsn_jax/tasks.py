@@ -3,10 +3,14 @@
 Every task reduces to weighted token- or example-level classification, so one objective, one
 evaluator and one sweep serve them all:
 
-  image_classification  model(image (B, H, W, C), rank) → (B, C) against label (B,)
-  text_classification   model(tokens, mask (B, T), rank) → (B, C) against label (B,)
-  language_modelling    model(tokens (B, T), rank) → next-token logits (B, T−1, V) against
-                        tokens[:, 1:], weighted by mask[:, 1:] (padding never scored)
+  image_classification  model(image (B, H, W, C)) → (B, C) against label (B,)
+  text_classification   model(tokens, mask (B, T)) → (B, C) against label (B,)
+  language_modelling    model(tokens (B, T)) → logits (B, T, V), or (logits, cache) as a
+                        decoder with a KV cache returns; the next-token logits (B, T−1, V) are
+                        scored against tokens[:, 1:], weighted by mask[:, 1:] (padding never)
+
+The model runs inside a rank scope (`nsn_jax.layers.apply`), so any NNX model works, whether or
+not it takes a `rank` argument of its own.
 """
 
 from __future__ import annotations
@@ -19,19 +23,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nsn_jax.layers import apply
+
 Batch = dict[str, jax.Array]
 
 
 def _image_logits(model, batch: Batch, rank) -> jax.Array:
-  return model(batch["image"], rank=rank)
+  return apply(model, batch["image"], rank=rank)
 
 
 def _text_logits(model, batch: Batch, rank) -> jax.Array:
-  return model(batch["tokens"], batch["mask"], rank=rank)
+  return apply(model, batch["tokens"], batch["mask"], rank=rank)
 
 
 def _next_token_logits(model, batch: Batch, rank) -> jax.Array:
-  return model(batch["tokens"], rank=rank)[0][:, :-1]
+  out = apply(model, batch["tokens"], rank=rank)
+  return (out[0] if isinstance(out, tuple) else out)[:, :-1]
 
 
 def _label_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:

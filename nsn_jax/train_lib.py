@@ -148,7 +148,7 @@ def _model_and_method(config, task: Task, global_batches) -> tuple[nnx.Module | 
   FlexRank (flexrank.budgets): nested profiles searched on the calibration batches; with
   objective flexrank_distill the dense model before surgery is the frozen teacher.
   """
-  if config.model.name not in config_lib.PRETRAINED:  # from scratch, or a dense twin's SVD
+  if config.model.name not in config_lib.SURGERY:  # from scratch, or a dense twin's SVD
     dense = restore_dense_twin(config)
     model = None if dense is None else nsn_from_dense(config, dense)
     return model, build_method(config, task, config.model.max_rank)

@@ -100,9 +100,15 @@ MLP_CASES = [
   ({"objective.name": "focal"}, r"objective.name='focal': valid: anchor_only \| uniform"),
   ({"objective.logits_weight": -1.0}, r"objective.logits_weight=-1.0"),
   ({"objective.name": "flexrank_distill"}, r"flexrank.budgets=\(\): valid: one or more fractions"),
-  ({"flexrank.budgets": (0.5,)}, r"flexrank.budgets=\(0.5,\): valid: \(\) unless a pretrained"),
+  (
+    {"flexrank.budgets": (0.5,)},
+    r"flexrank.budgets=\(0.5,\): valid: \(\) unless a model gets surgery",
+  ),
   ({"flexrank.budget_unit": "bytes"}, r"flexrank.budget_unit='bytes': valid: flops \| params"),
-  ({"model.name": "resnet"}, r"model.name='resnet': valid: nsn_mlp \| llama_gguf \| bert_hf"),
+  (
+    {"model.name": "resnet"},
+    r"model.name='resnet': valid: nsn_mlp \| llama_gguf \| hf_decoder \| bert_hf \| custom",
+  ),
   ({"model.dtype": "float16"}, r"model.dtype='float16': valid: float32 \| bfloat16"),
   ({"model.hidden": ()}, r"model.hidden=\(\): valid: one or more positive widths"),
   ({"model.hidden": (32, 0)}, r"model.hidden=\(32, 0\)"),

@@ -13,7 +13,7 @@ import pytest
 from nsn_jax import flops
 from nsn_jax.deploy import FORM_CLASSES, FORMS, deploy
 from nsn_jax.export import export
-from nsn_jax.layers import NSNDense, project
+from nsn_jax.layers import NSNDense, apply
 from nsn_jax.models.mlp import NSNMLP
 from nsn_jax.restore import restore_model
 from nsn_jax.train_lib import train_and_evaluate
@@ -22,13 +22,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Wrapper(nnx.Module):
-  """One NSN layer at path "layer", called through the model's rank argument."""
+  """One NSN layer at path "layer", reached through the model's rank argument."""
 
   def __init__(self, layer):
     self.layer = layer
 
   def __call__(self, x, rank=None):
-    return project(self.layer, x, rank)
+    return apply(self.layer, x, rank=rank)
 
 
 def _relative(a, b):

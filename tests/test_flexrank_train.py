@@ -308,7 +308,7 @@ def test_bad_flexrank_configs_are_refused(
   with pytest.raises(CheckpointError, match="no checkpoint in"):
     run("smoke", "k", model__init_from=str(tmp_path))  # exists, holds no checkpoint
   smoke_config.flexrank.budgets = (0.5,)
-  with pytest.raises(ValueError, match="pretrained model gets surgery"):
+  with pytest.raises(ValueError, match="unless a model gets surgery"):
     train_and_evaluate(smoke_config, str(tmp_path / "e"))
   smoke_config.flexrank.budgets, smoke_config.model.init_from = (), dense_twin
   with pytest.raises(ValueError, match="model.init_from=.*another model.name, task"):

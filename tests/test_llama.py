@@ -376,7 +376,7 @@ def test_generate_cli_on_a_gguf_file(tmp_path):
         sys.executable,
         "-m",
         "nsn_jax.llm.generate",
-        f"--gguf={path}",
+        f"--model={path}",
         "--prompt=ab",
         "--max_new_tokens=3",
         *flags,

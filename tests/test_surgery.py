@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsn_jax.layers import nsn_layers, project
+from nsn_jax.layers import at_rank, nsn_layers
 from nsn_jax.surgery import ATTENTION_RULES, MLP_RULES, decompose_and_replace, format_report
 
 
@@ -14,10 +14,10 @@ class Attn(nnx.Module):
   def __init__(self, d, rngs):
     self.q, self.k, self.v, self.o = (nnx.Linear(d, d, rngs=rngs) for _ in range(4))
 
-  def __call__(self, x, rank):
-    q, k, v = (project(p, x, rank) for p in (self.q, self.k, self.v))
+  def __call__(self, x):
+    q, k, v = (p(x) for p in (self.q, self.k, self.v))
     weights = jax.nn.softmax(q @ k.swapaxes(-1, -2) / np.sqrt(q.shape[-1]))
-    return project(self.o, weights @ v, rank)
+    return self.o(weights @ v)
 
 
 class MLP(nnx.Module):
@@ -26,22 +26,22 @@ class MLP(nnx.Module):
     self.up = nnx.Linear(d, hidden, use_bias=False, rngs=rngs)
     self.down = nnx.Linear(hidden, d, use_bias=False, rngs=rngs)
 
-  def __call__(self, x, rank):
-    h = jax.nn.silu(project(self.gate, x, rank)) * project(self.up, x, rank)
-    return project(self.down, h, rank)
+  def __call__(self, x):
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
 class Block(nnx.Module):
   def __init__(self, d, hidden, rngs):
     self.attn, self.mlp = Attn(d, rngs), MLP(d, hidden, rngs)
 
-  def __call__(self, x, rank):
-    x = x + self.attn(x, rank)
-    return x + self.mlp(x, rank)
+  def __call__(self, x):
+    x = x + self.attn(x)
+    return x + self.mlp(x)
 
 
 class Toy(nnx.Module):
-  """Llama-style module paths: layers/N/attn/{q,k,v,o}, layers/N/mlp/{gate,up,down}."""
+  """Llama-style module paths: layers/N/attn/{q,k,v,o}, layers/N/mlp/{gate,up,down}; no code
+  of its own for ranks (a `rank` argument opens a scope, as the project's models do)."""
 
   def __init__(self, d=16, hidden=24, n=2, seed=0):
     rngs = nnx.Rngs(seed)
@@ -49,9 +49,10 @@ class Toy(nnx.Module):
     self.head = nnx.Linear(d, 5, rngs=rngs)
 
   def __call__(self, x, rank=None):
-    for block in self.layers:
-      x = block(x, rank)
-    return self.head(x)
+    with at_rank(rank):
+      for block in self.layers:
+        x = block(x)
+      return self.head(x)
 
 
 def test_default_rules_replace_exactly_the_mlp_projections():

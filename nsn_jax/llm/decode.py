@@ -161,11 +161,13 @@ class Decoder:
     stop: Sequence[str] | Sequence[Sequence[str]] = (),
     tokenizer: Any = None,
     batch_size: int | None = None,
+    on_token: Callable[[int, int], None] | None = None,
   ) -> list[Completion]:
     """One Completion per prompt (token ids); max_new_tokens and sampling are one for all or
     one per prompt. Rows stop at eos_id, at a stop string (needs `tokenizer`, anything with
     decode(ids) → str) or at their max_new_tokens; the batch stops when every row has. `stop`
-    is one list of strings for every row, or one list per prompt."""
+    is one list of strings for every row, or one list per prompt. `on_token(row, token)` is
+    called for each token a row keeps, as it arrives (streaming)."""
     request = _Request.check(self, prompts, max_new_tokens, sampling, stop, tokenizer, batch_size)
     static_rank = _static_rank(rank)
     batch = request.batch_size
@@ -188,8 +190,9 @@ class Decoder:
       # checks stops (one step is wasted when every row has just finished).
       if i + 1 < steps:
         token, cache = step(self._leaves, current, cache, starts, np.int32(i + 1), params)
-      for row, t in zip(rows, np.asarray(current).tolist()):
-        row.add(t)
+      for index, (row, t) in enumerate(zip(rows, np.asarray(current).tolist())):
+        if row.add(t) and on_token is not None:
+          on_token(index, t)
       if all(row.finish_reason for row in rows):
         break
     return [row.completion() for row in rows]
@@ -381,22 +384,24 @@ class _Row:
     self.text: str | None = None
     self.finish_reason: str | None = None
 
-  def add(self, token: int) -> None:
-    """Takes the row's next token; tokens after it has finished are ignored."""
+  def add(self, token: int) -> bool:
+    """Takes the row's next token; True if it is part of the row's text (False for EOS, for the
+    token that completes a stop string and for any token after the row finished)."""
     if self.finish_reason:
-      return
+      return False
     if token == self.eos_id:
       self.finish_reason = "eos"
-      return
+      return False
     self.tokens.append(token)
     if self.stop:
       text = self.tokenizer.decode(self.tokens)
       found = [i for i in (text.find(s) for s in self.stop) if i >= 0]
       if found:
         self.text, self.finish_reason = text[: min(found)], "stop"
-        return
+        return False
     if len(self.tokens) >= self.max_new_tokens:
       self.finish_reason = "length"
+    return True
 
   def completion(self) -> Completion:
     text = self.text

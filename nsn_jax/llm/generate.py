@@ -1,13 +1,18 @@
-"""Generation (KV cache) from a GGUF model or a fine-tuned nested decoder, at a chosen rank.
+"""Generation (KV cache) from a pretrained decoder or a fine-tuned nested one, at a chosen rank.
 
   python -m nsn_jax.llm.generate --prompt="The capital of France is"            # SmolLM2, dense
   python -m nsn_jax.llm.generate --prompt="..." --nsn_max_rank=576 --rank=288   # NSN MLPs at r=288
   python -m nsn_jax.llm.generate --workdir=runs/smollm2_lm --rank=136 --prompt="To be, or"
   python -m nsn_jax.llm.generate --prompt="Once upon" --prompt="The sea" --temperature=0.8 \
       --top_p=0.9 --stop=.                                                      # a sampled batch
+  python -m nsn_jax.llm.generate --chat --stream --prompt="Name three rivers."  # chat, streamed
+  python -m nsn_jax.llm.generate --model=path/to/hf_dir --prompt="..."           # HF Llama/Qwen2/..
 
 Each `--prompt` is one row of a single batch (`nsn_jax.llm.decode.Decoder`); greedy unless
-`--temperature` > 0. Row i samples with seed `--seed` + i.
+`--temperature` > 0. Row i samples with seed `--seed` + i. `--model` is a GGUF file or a Hugging
+Face decoder directory (default: the offline SmolLM2-135M-Instruct GGUF). `--chat` sends each
+prompt as a user message through the model's chat template; `--stream` prints one prompt's
+tokens as they are generated.
 
 `--nsn_max_rank` applies `decompose_and_replace` (SVD, MLP projections only) before generating;
 `--rank` then picks the budget. Without multi-rank fine-tuning, low ranks degrade quickly: that
@@ -23,14 +28,18 @@ import time
 from absl import flags
 
 from nsn_jax import cli, flops
-from nsn_jax.build import model_path
+from nsn_jax.build import tokenizer as config_tokenizer
 from nsn_jax.layers import nsn_layers
+from nsn_jax.llm import load_pretrained, pretrained_kind, smollm2_path
 from nsn_jax.llm.decode import Decoder, Sampling
-from nsn_jax.llm.gguf import GGUFTokenizer, gguf_metadata, load_gguf, smollm2_path
 from nsn_jax.restore import restore_model
 from nsn_jax.surgery import decompose_and_replace, format_report
 
-_GGUF = flags.DEFINE_string("gguf", None, "GGUF file (default: SmolLM2-135M-Instruct, offline).")
+_MODEL = flags.DEFINE_string(
+  "model", None, "GGUF file or Hugging Face decoder directory (default: SmolLM2-135M-Instruct)."
+)
+_CHAT = flags.DEFINE_bool("chat", False, "Send each prompt as a user message (chat template).")
+_STREAM = flags.DEFINE_bool("stream", False, "Print the tokens of one prompt as they come.")
 _PROMPT = flags.DEFINE_multi_string(
   "prompt", ["The capital of France is"], "Text to continue; repeat for a batch."
 )
@@ -63,12 +72,42 @@ def _load():
         f"--workdir={_WORKDIR.value} was trained for {config.task!r}; generate "
         "needs a language_modelling run."
       )
-    return restored.model, GGUFTokenizer.from_metadata(gguf_metadata(model_path(config)))
-  _, model, tokenizer = load_gguf(_GGUF.value or smollm2_path())
+    return restored.model, config_tokenizer(config)
+  path = _MODEL.value or smollm2_path()
+  try:
+    kind = pretrained_kind(path)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"--model={path}: {e}") from None
+  if kind == "bert":
+    raise ValueError(f"--model={path} is a BERT encoder; generation needs a decoder")
+  _, model, tokenizer = load_pretrained(path)
+  if tokenizer is None:
+    raise ValueError(f"--model={path} has no tokenizer.json to encode the prompts with")
   if _NSN_MAX_RANK.value is not None:
     model, report = decompose_and_replace(model, max_rank=_NSN_MAX_RANK.value)
     print(format_report(report), file=sys.stderr)
   return model, tokenizer
+
+
+def _encode(tokenizer, prompt: str) -> list[int]:
+  if _CHAT.value:
+    return tokenizer.chat([{"role": "user", "content": prompt}])
+  return tokenizer.encode(prompt)
+
+
+def _streamer(tokenizer):
+  """on_token for Decoder.generate: prints the new text of row 0 as each token arrives."""
+  tokens, shown = [], [0]
+
+  def on_token(row: int, token: int) -> None:
+    tokens.append(token)
+    text = tokenizer.decode(tokens)
+    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+      sys.stdout.write(text[shown[0] :])
+      sys.stdout.flush()
+      shown[0] = len(text)
+
+  return on_token
 
 
 def main():
@@ -76,13 +115,15 @@ def main():
     raise ValueError(
       f"--rank={_RANK.value}: needs --nsn_max_rank or --workdir (a dense model has no ranks)"
     )
+  if _STREAM.value and len(_PROMPT.value) != 1:
+    raise ValueError(f"--stream prints one prompt's tokens; got {len(_PROMPT.value)} prompts")
   start = time.perf_counter()
   model, tokenizer = _load()
   print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
   rank = None
   if nsn_layers(model):
     rank = _RANK.value or flops.max_rank(model)
-    context = max(len(tokenizer.encode(p)) for p in _PROMPT.value) + _MAX_NEW.value
+    context = max(len(_encode(tokenizer, p)) for p in _PROMPT.value) + _MAX_NEW.value
     # model_flops checks the rank against every NSN layer before anything compiles.
     fraction = flops.model_flops(model, rank, seq_len=context) / flops.dense_model_flops(
       model, seq_len=context
@@ -93,7 +134,7 @@ def main():
       file=sys.stderr,
     )
   start = time.perf_counter()
-  prompts = [tokenizer.encode(p) for p in _PROMPT.value]
+  prompts = [_encode(tokenizer, p) for p in _PROMPT.value]
   sampling = [
     Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value + i)
     for i in range(len(prompts))
@@ -107,12 +148,16 @@ def main():
     eos_id=tokenizer.eos_id,
     stop=_STOP.value,
     tokenizer=tokenizer,
+    on_token=_streamer(tokenizer) if _STREAM.value else None,
   )
   seconds = time.perf_counter() - start
   count = sum(len(c.tokens) for c in completions)
   print(f"{count} tokens in {seconds:.1f} s (compile included)", file=sys.stderr)
+  if _STREAM.value:
+    print()
+    return
   for prompt, completion in zip(_PROMPT.value, completions):
-    print(prompt + completion.text)
+    print(completion.text if _CHAT.value else prompt + completion.text)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
+from nsn_jax.llm.tokenizer import Message, render_chat
 from nsn_jax.models.llama import LlamaConfig, LlamaModel
 
 _REQUIRED = object()
@@ -277,6 +278,19 @@ class GGUFTokenizer:
   def decode(self, ids: list[int]) -> str:
     """The text of token ids (special tokens included)."""
     return self._tok.decode(list(ids), skip_special_tokens=False)
+
+  def chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of `messages` rendered by the file's chat template (`render_chat`); the
+    template writes any BOS itself."""
+    name = lambda i: None if i is None else self._tok.id_to_token(i)
+    text = render_chat(
+      self.chat_template,
+      messages,
+      add_generation_prompt=add_generation_prompt,
+      bos_token=name(self.bos_id),
+      eos_token=name(self.eos_id),
+    )
+    return self._tok.encode(text, add_special_tokens=False).ids
 
 
 def smollm2_path() -> pathlib.Path:

@@ -1,8 +1,9 @@
 """A BERT encoder in Flax NNX: learned absolute positions, post-LN blocks, exact (erf) GELU.
 
-Every dense projection (`attn/q|k|v|o`, `mlp/up|down`) is an `nnx.Linear`
-called through `nsn_jax.layers.project`, so `decompose_and_replace` can swap any of them for an
-NSN layer by path ("layers/3/mlp/up") and `rank` reaches it unchanged. There is no dropout.
+Every dense projection (`attn/q|k|v|o`, `mlp/up|down`) is a plain `nnx.Linear`, so
+`decompose_and_replace` can swap any of them for an NSN layer by path ("layers/3/mlp/up"); the
+model's `rank` argument opens a rank scope (`nsn_jax.layers.at_rank`) that reaches them. There
+is no dropout.
 
 `nsn_jax.models.heads.mean_pool` with `normalize=True` is the sentence-transformers pooling of
 models such as all-MiniLM-L6-v2: the mean of the unpadded tokens' hidden states, scaled to unit
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nsn_jax import remat
-from nsn_jax.layers import Rank, project
+from nsn_jax.layers import Rank, at_rank
 from nsn_jax.sharding import BATCH_AXES, constrain
 
 
@@ -87,19 +88,16 @@ class Attention(nnx.Module):
     self.v = linear(c.dim, c.dim)
     self.o = linear(c.dim, c.dim)
 
-  def __call__(self, x: jax.Array, mask: jax.Array, rank: Rank = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     """x: (B, T, dim), mask: bool (B, T), True for real tokens → (B, T, dim)."""
     c, (b, t, _) = self.config, x.shape
-    q, k, v = (
-      project(layer, x, rank).reshape(b, t, c.n_heads, c.head_dim)
-      for layer in (self.q, self.k, self.v)
-    )
+    q, k, v = (layer(x).reshape(b, t, c.n_heads, c.head_dim) for layer in (self.q, self.k, self.v))
     scores = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / np.sqrt(c.head_dim)
     # A finite fill, not -inf: an all-padding row then averages instead of producing NaN.
     scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(b, t, c.dim)
-    return project(self.o, out, rank)
+    return self.o(out)
 
 
 class MLP(nnx.Module):
@@ -109,8 +107,8 @@ class MLP(nnx.Module):
     self.up = linear(config.dim, config.ffn_dim)
     self.down = linear(config.ffn_dim, config.dim)
 
-  def __call__(self, x: jax.Array, rank: Rank = None) -> jax.Array:
-    return project(self.down, jax.nn.gelu(project(self.up, x, rank), approximate=False), rank)
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down(jax.nn.gelu(self.up(x), approximate=False))
 
 
 class Block(nnx.Module):
@@ -122,9 +120,9 @@ class Block(nnx.Module):
     self.mlp = MLP(config, linear)
     self.mlp_norm = layer_norm()
 
-  def __call__(self, x: jax.Array, mask: jax.Array, rank: Rank = None) -> jax.Array:
-    h = self.attn_norm(x + self.attn(x, mask, rank))
-    return self.mlp_norm(h + self.mlp(h, rank))
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    h = self.attn_norm(x + self.attn(x, mask))
+    return self.mlp_norm(h + self.mlp(h))
 
 
 class BertModel(nnx.Module):
@@ -167,9 +165,10 @@ class BertModel(nnx.Module):
     mask = jnp.asarray(mask).astype(bool)
     x = self.embeddings(tokens, jnp.zeros_like(tokens) if token_types is None else token_types)
     x = constrain(x, BATCH_AXES, None, None)  # the batch over data × fsdp inside a mesh
-    run = remat.block(lambda layer, x: layer(x, mask, rank))
-    for layer in self.layers:
-      x = constrain(run(layer, x), BATCH_AXES, None, None)
+    run = remat.block(lambda layer, x: layer(x, mask))
+    with at_rank(rank):
+      for layer in self.layers:
+        x = constrain(run(layer, x), BATCH_AXES, None, None)
     return x
 
   def encode(self, tokens: jax.Array, mask: jax.Array, rank: Rank = None) -> jax.Array:

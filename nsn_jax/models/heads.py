@@ -1,6 +1,7 @@
 """Task heads on a pretrained backbone: mean pooling and a sequence classifier.
 
-A backbone (`BertModel`, `LlamaModel`) offers `encode(tokens, mask, rank) → hidden (B, T, dim)`,
+A backbone (`BertModel`, `LlamaModel`) offers `encode(tokens, mask) → hidden (B, T, dim)` (its
+NSN layers at the enclosing rank scope, `nsn_jax.layers.at_rank`),
 `config.dim` and `attention_flops(seq_len)`; the head reads nothing else, so one classifier
 serves encoders and decoders alike.
 """
@@ -11,7 +12,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from nsn_jax.layers import Rank, project
+from nsn_jax.layers import Rank, at_rank
 
 
 def mean_pool(hidden: jax.Array, mask: jax.Array, normalize: bool = False) -> jax.Array:
@@ -41,8 +42,9 @@ class SequenceClassifier(nnx.Module):
 
   def __call__(self, tokens: jax.Array, mask: jax.Array, rank: Rank = None) -> jax.Array:
     """tokens int32, mask bool or 0/1 (B, T) → logits float32 (B, num_classes)."""
-    pooled = mean_pool(self.backbone.encode(tokens, mask, rank), mask)
-    return project(self.head, pooled, rank).astype(jnp.float32)
+    with at_rank(rank):
+      pooled = mean_pool(self.backbone.encode(tokens, mask), mask)
+      return self.head(pooled).astype(jnp.float32)
 
   def context_flops(self, seq_len: int) -> int:
     """Per-token FLOPs outside the linear layers (`nsn_jax.flops`): the backbone's attention."""

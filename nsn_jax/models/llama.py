@@ -1,8 +1,13 @@
-"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, gated MLP.
 
-Every dense projection (`attn/q|k|v|o`, `mlp/gate|up|down`, an untied `lm_head`) is an
-`nnx.Linear` called through `nsn_jax.layers.project`, so `decompose_and_replace` can swap any of
-them for an NSN layer by path ("layers/3/mlp/gate") and `rank` reaches it unchanged.
+One model covers Llama (incl. Llama-3's RoPE scaling), Mistral, Qwen2 (q/k/v biases) and Gemma
+(an explicit head_dim, a scaled embedding, the tanh-GELU gate; its (1 + w) norm scales are
+folded into the weights by the loader): `LlamaConfig` holds what differs.
+
+Every dense projection (`attn/q|k|v|o`, `mlp/gate|up|down`, an untied `lm_head`) is a plain
+`nnx.Linear`, so `decompose_and_replace` can swap any of them for an NSN layer by path
+("layers/3/mlp/gate"); the model's `rank` argument opens a rank scope (`nsn_jax.layers.at_rank`)
+that reaches them.
 
 RoPE rotates *interleaved* pairs (x[..., 2i], x[..., 2i+1]): the layout of GGUF files, whose
 converter permutes each head's Q/K rows so that llama.cpp can rotate adjacent pairs. Weights in
@@ -21,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nsn_jax import remat
-from nsn_jax.layers import Rank, project
+from nsn_jax.layers import Rank, at_rank
 from nsn_jax.sharding import BATCH_AXES, constrain
 
 # Activation layouts inside a mesh (`sharding.constrain`; no-ops without one): the batch over
@@ -32,8 +37,30 @@ FEATURES = (BATCH_AXES, None, "tensor")  # (B, T, ffn_dim or vocab)
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3's RoPE frequency scaling (`rope_type: llama3` in a Hugging Face config): wavelengths
+  above original_max / low_freq_factor are stretched by `factor`, those below original_max /
+  high_freq_factor are kept, and those between are interpolated. `kind="linear"` divides every
+  frequency by `factor` (the other fields unused)."""
+
+  kind: str  # "llama3" | "linear"
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max: int = 8192
+
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
+@dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Sizes of a Llama-family decoder; each head has head_dim = dim // n_heads features."""
+  """Sizes of a Llama-family decoder. Each head has head_dim features (0: dim // n_heads).
+
+  qkv_bias: q/k/v projections with biases (Qwen2). activation: the MLP gate's (silu, or
+  gelu_tanh for Gemma). embed_scale: the embedding is multiplied by it (Gemma: sqrt(dim)).
+  rope_scaling: None or a `RopeScaling`.
+  """
 
   vocab_size: int
   dim: int
@@ -45,16 +72,44 @@ class LlamaConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   max_seq_len: int = 2048
+  head_dim: int = 0
+  qkv_bias: bool = False
+  activation: str = "silu"
+  embed_scale: float = 1.0
+  rope_scaling: RopeScaling | None = None
 
   def __post_init__(self):
-    if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or self.head_dim % 2:
+    if not self.head_dim and not self.dim % self.n_heads:
+      object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+    if not self.head_dim or self.n_heads % self.n_kv_heads or self.head_dim % 2:
       raise ValueError(
-        f"LlamaConfig needs n_heads | dim, n_kv_heads | n_heads and an even head_dim; got {self}."
+        "LlamaConfig needs n_heads | dim (or an explicit head_dim), n_kv_heads | n_heads and an "
+        f"even head_dim; got {self}."
       )
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"LlamaConfig.activation {self.activation!r}; known: {sorted(ACTIVATIONS)}")
 
-  @property
-  def head_dim(self) -> int:
-    return self.dim // self.n_heads
+
+def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+  """The rotation frequency of each of the head_dim / 2 pairs: θ^(-2i/hd), rescaled by
+  `config.rope_scaling` → float32 (hd/2,)."""
+  half = config.head_dim // 2
+  freqs = config.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+  scaling = config.rope_scaling
+  if scaling is None:
+    return freqs.astype(np.float32)
+  if scaling.kind == "linear":
+    return (freqs / scaling.factor).astype(np.float32)
+  wavelength = 2 * np.pi / freqs
+  long_wave = scaling.original_max / scaling.low_freq_factor
+  short_wave = scaling.original_max / scaling.high_freq_factor
+  smooth = (scaling.original_max / wavelength - scaling.low_freq_factor) / (
+    scaling.high_freq_factor - scaling.low_freq_factor
+  )
+  scaled = np.where(wavelength > long_wave, freqs / scaling.factor, freqs)
+  between = (wavelength <= long_wave) & (wavelength >= short_wave)
+  interpolated = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  return np.where(between, interpolated, scaled).astype(np.float32)
 
 
 class KVCache(NamedTuple):
@@ -74,11 +129,9 @@ class KVCache(NamedTuple):
     return cls(empty, empty, jnp.zeros((), jnp.int32))
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """x: (B, T, H, hd) with pair i = (x[..., 2i], x[..., 2i+1]) rotated by angle pos · θ^(-2i/hd),
-  pos from positions (B, T)."""
-  half = x.shape[-1] // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+def rope(x: jax.Array, positions: jax.Array, freqs: np.ndarray) -> jax.Array:
+  """x: (B, T, H, hd) with pair i = (x[..., 2i], x[..., 2i+1]) rotated by angle pos · freqs[i]
+  (`rope_frequencies`), pos from positions (B, T)."""
   angle = positions[:, :, None, None].astype(jnp.float32) * freqs  # (B, T, 1, hd/2)
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   x1, x2 = x[..., 0::2].astype(jnp.float32), x[..., 1::2].astype(jnp.float32)
@@ -104,22 +157,23 @@ class Attention(nnx.Module):
 
   def __init__(self, config: LlamaConfig, linear):
     c = self.config = config
-    self.q = linear(c.dim, c.n_heads * c.head_dim)
-    self.k = linear(c.dim, c.n_kv_heads * c.head_dim)
-    self.v = linear(c.dim, c.n_kv_heads * c.head_dim)
+    self.q = linear(c.dim, c.n_heads * c.head_dim, use_bias=c.qkv_bias)
+    self.k = linear(c.dim, c.n_kv_heads * c.head_dim, use_bias=c.qkv_bias)
+    self.v = linear(c.dim, c.n_kv_heads * c.head_dim, use_bias=c.qkv_bias)
     self.o = linear(c.n_heads * c.head_dim, c.dim)
 
-  def __call__(self, x, positions, mask, kv, index, rank: Rank = None):
+  def __call__(self, x, positions, mask, kv, index):
     """x: (B, T, dim), positions: (B, T), mask: (T, S) or per row (B, T, S) → (B, T, dim) and
     the keys/values (B, S, n_kv_heads, hd) attended to: x's own (S = T) if kv is None, else kv
     with x's written at slot `index`."""
     c, (b, t, _) = self.config, x.shape
 
     def heads(layer, n):  # (B, T, n, hd), heads over tensor (Megatron: attention per device)
-      return constrain(project(layer, x, rank).reshape(b, t, n, c.head_dim), *HEADS)
+      return constrain(layer(x).reshape(b, t, n, c.head_dim), *HEADS)
 
-    q = rope(heads(self.q, c.n_heads), positions, c.rope_theta)
-    k = rope(heads(self.k, c.n_kv_heads), positions, c.rope_theta)
+    freqs = rope_frequencies(c)
+    q = rope(heads(self.q, c.n_heads), positions, freqs)
+    k = rope(heads(self.k, c.n_kv_heads), positions, freqs)
     v = heads(self.v, c.n_kv_heads)
     if kv is not None:
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
@@ -130,20 +184,21 @@ class Attention(nnx.Module):
     mask = mask[:, None, None] if mask.ndim == 3 else mask  # against scores (b, k, g, t, s)
     probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.n_heads * c.head_dim)
-    return project(self.o, out, rank), (k, v)
+    return self.o(out), (k, v)
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) · up(x)), dim → ffn_dim → dim."""
+  """Gated: down(act(gate(x)) · up(x)), dim → ffn_dim → dim (act: silu = SwiGLU, or tanh-GELU)."""
 
   def __init__(self, config: LlamaConfig, linear):
+    self.activation = config.activation
     self.gate = linear(config.dim, config.ffn_dim)
     self.up = linear(config.dim, config.ffn_dim)
     self.down = linear(config.ffn_dim, config.dim)
 
-  def __call__(self, x: jax.Array, rank: Rank = None) -> jax.Array:
-    h = jax.nn.silu(project(self.gate, x, rank)) * project(self.up, x, rank)
-    return project(self.down, constrain(h, *FEATURES), rank)
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = ACTIVATIONS[self.activation](self.gate(x)) * self.up(x)
+    return self.down(constrain(h, *FEATURES))
 
 
 class Block(nnx.Module):
@@ -155,10 +210,10 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config.dim, config.norm_eps, param_dtype)
     self.mlp = MLP(config, linear)
 
-  def __call__(self, x, positions, mask, kv, index, rank: Rank = None):
-    a, kv = self.attn(self.attn_norm(x), positions, mask, kv, index, rank)
+  def __call__(self, x, positions, mask, kv, index):
+    a, kv = self.attn(self.attn_norm(x), positions, mask, kv, index)
     h = constrain(x + a, *RESIDUAL)
-    return constrain(h + self.mlp(self.mlp_norm(h), rank), *RESIDUAL), kv
+    return constrain(h + self.mlp(self.mlp_norm(h)), *RESIDUAL), kv
 
 
 class LlamaModel(nnx.Module):
@@ -207,19 +262,27 @@ class LlamaModel(nnx.Module):
     else:
       default_positions = query_slots
     positions = jnp.broadcast_to(default_positions if positions is None else positions, (b, t))
-    x = constrain(self.embed(tokens), *RESIDUAL)
+    with at_rank(rank):
+      x, keys, values = self._blocks(tokens, positions, mask, cache, start)
+      logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+    logits = constrain(logits, *FEATURES)  # vocabulary-parallel, as the embedding
+    new_cache = None if cache is None else KVCache(tuple(keys), tuple(values), cache.index + t)
+    return logits.astype(jnp.float32), new_cache
+
+  def _blocks(self, tokens, positions, mask, cache, start):
+    """The embedding, every block and the final norm → (x (B, T, dim), keys, values)."""
+    x = self.embed(tokens)
+    if self.config.embed_scale != 1.0:
+      x = x * jnp.asarray(self.config.embed_scale, x.dtype)
+    x = constrain(x, *RESIDUAL)
     keys, values = [], []
-    run = remat.block(lambda layer, x, kv: layer(x, positions, mask, kv, start, rank))
+    run = remat.block(lambda layer, x, kv: layer(x, positions, mask, kv, start))
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.keys[i], cache.values[i])
       x, (k, v) = run(layer, x, kv)
       keys.append(k)
       values.append(v)
-    x = self.norm(x)
-    logits = self.embed.attend(x) if self.lm_head is None else project(self.lm_head, x, rank)
-    logits = constrain(logits, *FEATURES)  # vocabulary-parallel, as the embedding
-    new_cache = None if cache is None else KVCache(tuple(keys), tuple(values), cache.index + t)
-    return logits.astype(jnp.float32), new_cache
+    return self.norm(x), keys, values
 
   def encode(self, tokens: jax.Array, mask: jax.Array, rank: Rank = None) -> jax.Array:
     """The backbone interface of `nsn_jax.models.heads`: the final normed hidden states
@@ -229,11 +292,8 @@ class LlamaModel(nnx.Module):
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
-    x = constrain(self.embed(tokens), *RESIDUAL)
-    run = remat.block(lambda layer, x: layer(x, positions, causal, None, 0, rank)[0])
-    for layer in self.layers:
-      x = run(layer, x)
-    return self.norm(x)
+    with at_rank(rank):
+      return self._blocks(tokens, positions, causal, None, 0)[0]
 
   def attention_flops(self, seq_len: int) -> int:
     """Per-token FLOPs of attention scores and weighted sums over seq_len positions (as run:

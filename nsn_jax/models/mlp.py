@@ -8,7 +8,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from nsn_jax.layers import NSNDense, Rank, name_nsn_layers, project
+from nsn_jax.layers import NSNDense, Rank, at_rank, name_nsn_layers
 from nsn_jax.sharding import BATCH_AXES, constrain
 
 
@@ -45,6 +45,7 @@ class NSNMLP(nnx.Module):
   def __call__(self, x: jax.Array, rank: Rank = None) -> jax.Array:
     """x: (B, ...) images → logits (B, num_classes) at `rank` (int, jax int array or profile)."""
     x = x.reshape(x.shape[0], -1)
-    for layer in self.hidden:  # inside a mesh: the batch over data × fsdp, features over tensor
-      x = constrain(jax.nn.relu(project(layer, x, rank)), BATCH_AXES, "tensor")
+    with at_rank(rank):
+      for layer in self.hidden:  # inside a mesh: the batch over data × fsdp, features over tensor
+        x = constrain(jax.nn.relu(layer(x)), BATCH_AXES, "tensor")
     return self.head(x)

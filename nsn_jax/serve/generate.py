@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from nsn_jax.build import model_path
+from nsn_jax.build import tokenizer
 from nsn_jax.config import ConfigError
 from nsn_jax.llm.decode import Decoder, Sampling, default_prompt_buckets
-from nsn_jax.llm.gguf import GGUFTokenizer, gguf_metadata
 from nsn_jax.restore import Restored
 from nsn_jax.serve.engine import MAX_TEXT_CHARS, Engine, Parsed, RequestError, field, json_repr
 
@@ -46,7 +45,7 @@ class Generator(Engine):
       )
     # FLOPs per generated token are counted at a full context: attention over every slot.
     super().__init__(restored, ranks, batch_sizes, context, budget_reference, profiles, store=store)
-    self.tokenizer = GGUFTokenizer.from_metadata(gguf_metadata(model_path(restored.config)))
+    self.tokenizer = tokenizer(restored.config)
     # Rows of a batch share the cache's write index, so any prompt must fit beside any request's
     # new tokens: prompts get what --max_new_tokens leaves of the context.
     self.max_new_tokens, self.max_prompt = max_new_tokens, context - max_new_tokens

@@ -1,0 +1,198 @@
+"""Hugging Face decoder checkpoints (Llama incl. Llama-3 RoPE scaling, Mistral, Qwen2/2.5, Gemma)
+→ `LlamaModel` and their tokenizer.
+
+A directory with config.json and safetensors weights (one file, or shards with an index), read
+one tensor at a time from memory-mapped files (`safetensors_io`). HF keeps each head's RoPE pairs
+as (i, i + hd/2); `LlamaModel` rotates interleaved pairs (2i, 2i+1), the GGUF layout, so the
+q/k rows (and Qwen2's q/k biases) are permuted per head on the way in (`to_interleaved`) and back
+on the way out: q and k share the permutation, so attention is unchanged. Gemma's norms scale by
+(1 + w): the loader stores 1 + w. Another architecture, a variant this model does not implement
+(Gemma 2/3, sliding-window attention shorter than the positions, other RoPE scalings, biases
+elsewhere) or a missing, unexpected or misshapen tensor raises ValueError naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import json
+import os
+import pathlib
+from typing import Any
+
+from flax import nnx
+import jax.numpy as jnp
+import numpy as np
+
+from nsn_jax.llm.safetensors_io import SafetensorsFiles
+from nsn_jax.llm.tokenizer import HFTokenizer
+from nsn_jax.models.llama import LlamaConfig, LlamaModel, RopeScaling
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma")
+# Our (module, name) in block N → the HF module under `model.layers.N.`.
+_BLOCK = {
+  ("attn", "q"): "self_attn.q_proj",
+  ("attn", "k"): "self_attn.k_proj",
+  ("attn", "v"): "self_attn.v_proj",
+  ("attn", "o"): "self_attn.o_proj",
+  ("mlp", "gate"): "mlp.gate_proj",
+  ("mlp", "up"): "mlp.up_proj",
+  ("mlp", "down"): "mlp.down_proj",
+  ("attn_norm",): "input_layernorm",
+  ("mlp_norm",): "post_attention_layernorm",
+}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some older checkpoints saved
+_REQUIRED = (
+  "vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+)
+
+
+def _refuse(key: str, value: Any, supported: str) -> None:
+  raise ValueError(f"config.json {key} is {value!r}; LlamaModel implements {supported}.")
+
+
+def _rope_scaling(config: Mapping) -> RopeScaling | None:
+  scaling = config.get("rope_scaling")
+  if not scaling:
+    return None
+  kind = scaling.get("rope_type", scaling.get("type"))
+  if kind == "linear":
+    return RopeScaling("linear", float(scaling["factor"]))
+  if kind != "llama3":
+    _refuse("rope_scaling.rope_type", kind, "none, linear or llama3")
+  return RopeScaling(
+    "llama3",
+    float(scaling["factor"]),
+    float(scaling["low_freq_factor"]),
+    float(scaling["high_freq_factor"]),
+    int(scaling["original_max_position_embeddings"]),
+  )
+
+
+def _check_variant(config: Mapping, family: str) -> None:
+  """Refuses what LlamaModel would compute differently from transformers."""
+  if config.get("mlp_bias") or (family != "qwen2" and config.get("attention_bias")):
+    _refuse("mlp_bias / attention_bias", True, "biases on Qwen2's q/k/v only")
+  activation = config.get("hidden_activation") or config.get("hidden_act", "silu")
+  expected = "gelu_pytorch_tanh" if family == "gemma" else "silu"
+  if activation != expected and not (family == "gemma" and activation == "gelu"):
+    _refuse("hidden_act", activation, f"{expected} for {family}")
+  if family == "qwen2" and config.get("use_sliding_window"):
+    _refuse("use_sliding_window", True, "full attention (use_sliding_window false)")
+
+
+def config_from_hf_decoder(config: Mapping) -> LlamaConfig:
+  """The LlamaConfig that a Hugging Face decoder's config.json (as a dict) describes."""
+  family = config.get("model_type")
+  if family not in FAMILIES:
+    raise ValueError(
+      f"config.json has model_type {family!r}; supported decoders: {', '.join(FAMILIES)} "
+      "(gemma2 / gemma3 add norms and soft-capping LlamaModel does not implement)."
+    )
+  missing = [key for key in _REQUIRED if key not in config]
+  if missing:
+    raise ValueError(f"config.json lacks {missing}.")
+  _check_variant(config, family)
+  heads = config["num_attention_heads"]
+  positions = config.get("max_position_embeddings", 2048)
+  window = config.get("sliding_window") if family == "mistral" else None
+  dim = config["hidden_size"]
+  return LlamaConfig(
+    vocab_size=config["vocab_size"],
+    dim=dim,
+    n_layers=config["num_hidden_layers"],
+    n_heads=heads,
+    n_kv_heads=config.get("num_key_value_heads") or heads,
+    ffn_dim=config["intermediate_size"],
+    rope_theta=float(config.get("rope_theta", 10000.0)),
+    norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+    tie_embeddings=bool(config.get("tie_word_embeddings", family == "gemma")),
+    max_seq_len=min(positions, window) if window else positions,
+    head_dim=config.get("head_dim") or 0,
+    qkv_bias=family == "qwen2",
+    activation="gelu_tanh" if family == "gemma" else "silu",
+    embed_scale=float(np.float32(dim**0.5)) if family == "gemma" else 1.0,
+    rope_scaling=_rope_scaling(config),
+  )
+
+
+def to_interleaved(rows: np.ndarray, n_heads: int) -> np.ndarray:
+  """HF q/k rows (n_heads·hd, ...) with RoPE pairs (i, i + hd/2) → pairs at (2i, 2i+1)."""
+  head = rows.reshape(n_heads, 2, rows.shape[0] // n_heads // 2, *rows.shape[1:])
+  return head.swapaxes(1, 2).reshape(rows.shape)
+
+
+def to_halves(rows: np.ndarray, n_heads: int) -> np.ndarray:
+  """The inverse of `to_interleaved`: our q/k rows back to HF's layout."""
+  head = rows.reshape(n_heads, rows.shape[0] // n_heads // 2, 2, *rows.shape[1:])
+  return head.swapaxes(1, 2).reshape(rows.shape)
+
+
+def hf_name(param_path: tuple) -> str:
+  """Our parameter path ("layers", 3, "mlp", "up", "kernel") → its HF tensor name."""
+  *module, param = param_path
+  suffix = "bias" if param == "bias" else "weight"
+  if module == ["embed"]:
+    return "model.embed_tokens.weight"
+  if module == ["norm"]:
+    return "model.norm.weight"
+  if module == ["lm_head"]:
+    return "lm_head.weight"
+  return f"model.layers.{module[1]}.{_BLOCK[tuple(module[2:])]}.{suffix}"
+
+
+def to_ours(param_path: tuple, array: np.ndarray, config: LlamaConfig, gemma: bool) -> np.ndarray:
+  """An HF tensor in our layout: kernels transposed, q/k rows interleaved, Gemma norms 1 + w."""
+  module, param = param_path[-2], param_path[-1]
+  if module in ("q", "k"):
+    array = to_interleaved(array, config.n_heads if module == "q" else config.n_kv_heads)
+  if param == "kernel":
+    return array.T
+  if param == "scale" and gemma:
+    return 1.0 + array
+  return array
+
+
+def load_hf_decoder(
+  directory: str | os.PathLike, dtype=None
+) -> tuple[LlamaConfig, LlamaModel, HFTokenizer | None]:
+  """Reads a Hugging Face Llama / Mistral / Qwen2 / Gemma directory into a LlamaModel with
+  float32 parameters computing in `dtype` (None: float32), with its config and tokenizer (None
+  without tokenizer.json)."""
+  directory = pathlib.Path(directory)
+  config_path = directory / "config.json"
+  if not config_path.is_file():
+    raise FileNotFoundError(f"no config.json in {directory} (a Hugging Face model directory)")
+  raw = json.loads(config_path.read_text())
+  config = config_from_hf_decoder(raw)
+  files = SafetensorsFiles(directory)
+  graphdef, state = nnx.split(
+    nnx.eval_shape(lambda: LlamaModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  )
+  flat = nnx.to_flat_state(state)
+  names = {param_path: hf_name(param_path) for param_path, _ in flat}
+  unexpected = sorted(
+    n for n in set(files.names()) - set(names.values()) if not n.endswith(_IGNORED_SUFFIXES)
+  )
+  if config.tie_embeddings:  # some tied checkpoints also save the shared head
+    unexpected = [n for n in unexpected if n != "lm_head.weight"]
+  if unexpected:
+    raise ValueError(f"{directory}: tensors {unexpected} have no place in LlamaModel.")
+  for param_path, variable in flat:
+    name = names[param_path]
+    if name not in files.names():
+      raise ValueError(f"{directory}: tensor {name!r} is missing.")
+    array = to_ours(param_path, files.read(name), config, raw["model_type"] == "gemma")
+    if array.shape != variable.shape:
+      raise ValueError(
+        f"{directory}: tensor {name!r} has shape {files.shape(name)}, which does not fit "
+        f"{'/'.join(map(str, param_path))} {variable.shape} of {config}."
+      )
+    variable.set_value(jnp.asarray(array))
+  tokenizer = (
+    HFTokenizer.from_directory(directory) if (directory / "tokenizer.json").is_file() else None
+  )
+  return config, nnx.merge(graphdef, state), tokenizer
