@@ -1,17 +1,20 @@
 """Restoring a trained model from the one checkpoint that serves every rank.
 
 `restore_model(path)` takes what the CLIs take: a training workdir (its `checkpoints/`), a
-checkpoint directory, or an export (`python -m nsn_jax.export`); local or gs://. It rebuilds the
-model as shapes from the checkpoint's own (validated) config and restores only the parameters.
+checkpoint directory, or an export (`python -m nsn_jax.export`: an orbax checkpoint, local or
+gs://, or a safetensors / Hugging Face directory with nsn_export.json). It rebuilds the model as
+shapes from the checkpoint's own (validated) config and restores only the parameters.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, NamedTuple
 
 from etils import epath
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from nsn_jax import config as config_lib
@@ -19,7 +22,11 @@ from nsn_jax import sharding
 from nsn_jax.build import build_model, mismatches
 from nsn_jax.checkpoint import CheckpointError, Checkpoints, abstract_tree
 from nsn_jax.deploy import DeployedLayer, empty_like
+from nsn_jax.llm.hf_decoder import load_hf_decoder
+from nsn_jax.llm.safetensors_io import SafetensorsFiles
 from nsn_jax.metrics import say
+
+EXPORT_FILE = "nsn_export.json"  # the metadata of an export written as files (not orbax)
 
 
 class Restored(NamedTuple):
@@ -61,28 +68,62 @@ def restore_model(
   them; without, onto this process's first device. Raises CheckpointError (no or unreadable
   checkpoint, another model) or ConfigError (a config that no longer validates).
   """
+  if (epath.Path(path) / EXPORT_FILE).exists():
+    return _restore_file_export(epath.Path(path), mesh)
   checkpoints = Checkpoints(checkpoint_directory(path))
   try:
     metadata = checkpoints.metadata(step)
-    config = config_lib.from_json(metadata["config"])
-    config_lib.validate(config, restoring=True)
-    deployed = [DeployedLayer(**entry) for entry in metadata.get("deployed", [])]
-    model = nnx.eval_shape(
-      lambda: empty_like(build_model(config, seed=config.seed, pretrained=False), deployed)
-    )
-    state = nnx.state(model)
+    model, state, layout = _target(metadata, mesh)
     shapes = nnx.to_pure_dict(state)
-    if mesh is None:  # not the writer's layout: that mesh may not exist here
-      one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      layout = jax.tree.map(lambda _: one_device, shapes)
-    else:
-      layout = sharding.config_shardings(shapes, mesh, config.sharding)
     step, params, _, metadata = checkpoints.restore(abstract_tree(shapes, layout), step=step)
   finally:
     checkpoints.close()
   nnx.replace_by_pure_dict(state, params)
   nnx.update(model, state)
   return Restored(model, metadata, step)
+
+
+def _target(metadata: dict, mesh: jax.sharding.Mesh | None):
+  """(abstract model, its state, the layout each parameter is restored in) of a checkpoint's
+  metadata: the config's model, with an export's deployed forms."""
+  config = config_lib.from_json(metadata["config"])
+  config_lib.validate(config, restoring=True)
+  deployed = [DeployedLayer(**entry) for entry in metadata.get("deployed", [])]
+  model = nnx.eval_shape(
+    lambda: empty_like(build_model(config, seed=config.seed, pretrained=False), deployed)
+  )
+  state = nnx.state(model)
+  shapes = nnx.to_pure_dict(state)
+  if mesh is None:  # not the writer's layout: that mesh may not exist here
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return model, state, jax.tree.map(lambda _: one_device, shapes)
+  return model, state, sharding.config_shardings(shapes, mesh, config.sharding)
+
+
+def _restore_file_export(path: epath.Path, mesh: jax.sharding.Mesh | None) -> Restored:
+  """A safetensors or Hugging Face export (`nsn_jax.export --format`), read whole."""
+  metadata = json.loads((path / EXPORT_FILE).read_text())
+  if metadata.get("layout") == "hf":
+    config = config_lib.from_json(metadata["config"])
+    dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.model.dtype]
+    return Restored(load_hf_decoder(path, dtype)[1], metadata, metadata["step"])
+  model, state, layout = _target(metadata, mesh)
+  files = SafetensorsFiles(path)
+  flat = dict(nnx.to_flat_state(state))
+  for key, variable in flat.items():
+    name = "/".join(map(str, key))
+    if name not in files.names() or files.shape(name) != variable.shape:
+      raise CheckpointError(f"{path}: tensor {name!r} {variable.shape} is missing or misshapen.")
+    value = files.read(name, variable.dtype)
+    variable.set_value(jax.device_put(value, _leaf(layout, key)))
+  nnx.update(model, state)
+  return Restored(model, metadata, metadata["step"])
+
+
+def _leaf(tree: dict, key: tuple):
+  for part in key:
+    tree = tree[part]
+  return tree
 
 
 def restore_dense_twin(config: ml_collections.ConfigDict) -> nnx.Module | None:

@@ -130,11 +130,13 @@ def trained(tmp_path_factory, data_dir):
   return str(workdir)
 
 
-@pytest.mark.parametrize("rank,form", [(4, "gar"), (16, "dense")])
-def test_export_reloads_smaller_and_reproduces_the_rank(trained, tmp_path, rank, form):
+@pytest.mark.parametrize(
+  "rank,form,fmt", [(4, "gar", "orbax"), (16, "dense", "orbax"), (4, "gar", "safetensors")]
+)
+def test_export_reloads_smaller_and_reproduces_the_rank(trained, tmp_path, rank, form, fmt):
   model, _, step = restore_model(trained)
   out = str(tmp_path / f"r{rank}")
-  metadata = export(trained, out, rank=rank)
+  metadata = export(trained, out, rank=rank, fmt=fmt)
   reloaded, saved, saved_step = restore_model(out)
   assert saved_step == step and [e["form"] for e in saved["deployed"]] == [form]
   x = jnp.asarray(np.random.default_rng(0).random((8, 28, 28, 1)), jnp.float32)
@@ -153,9 +155,15 @@ def test_export_by_budget_and_refusals(trained, tmp_path):
   with pytest.raises(ValueError, match="already exists"):
     export(trained, str(existing), rank=2)
   assert sorted(os.listdir(existing)) == listing  # nothing overwritten
-  with pytest.raises(ValueError, match="exactly one"):
+  with pytest.raises(ValueError, match="at most one"):
     export(trained, str(tmp_path / "x"), rank=2, budget=0.5)
-  assert not (tmp_path / "x").exists()
+  with pytest.raises(ValueError, match="exactly one of --rank .* for a nested run"):
+    export(trained, str(tmp_path / "x"))
+  with pytest.raises(ValueError, match="--format=hf writes decoders"):
+    export(trained, str(tmp_path / "x"), rank=2, form="dense", fmt="hf")
+  with pytest.raises(ValueError, match="--format=hf needs --form=dense"):
+    export(trained, str(tmp_path / "x"), rank=2, fmt="hf")
+  assert not (tmp_path / "x").exists() and sorted(os.listdir(tmp_path)) == ["half"]
 
 
 def test_export_cli(trained, tmp_path):

@@ -193,6 +193,17 @@ def test_a_hugging_face_decoder_fine_tunes_multi_rank_and_restores(llama_dir, da
   assert sorted(nsn.nsn_layers(restored.model))[0] == "layers/0/mlp/down"
   rows = nsn.run_sweep(str(tmp_path / "run"), "4,16", verbose=False)
   assert [row.rank for row in rows] == [4, 16] and rows[0].flops < rows[1].flops
+  # Rank 8 folded dense, out in Hugging Face's layout: the library reloads it (and
+  # scripts/check_hf_export.py checks it in transformers), with the tokenizer beside it.
+  out = tmp_path / "hf8"
+  nsn.export_model(str(tmp_path / "run"), str(out), rank=8, form="dense", fmt="hf")
+  tokens = jnp.asarray(np.load(out / "hf_check.npz")["tokens"])
+  expected = restored.model(tokens, rank=8)[0]
+  _, reloaded, tokenizer = load_pretrained(out)
+  assert _relative(np.asarray(reloaded(tokens)[0]), np.asarray(expected)) < 1e-5
+  assert _relative(np.asarray(nsn.restore_model(str(out)).model(tokens)[0]), expected) < 1e-5
+  assert tokenizer.chat([{"role": "user", "content": "hi"}])[0] == 1
+  assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
 
 
 def test_a_hugging_face_config_pointing_at_the_wrong_thing_is_one_error(data_dir):

@@ -32,6 +32,7 @@ def _study(name, workdir, data_dir, *flags):
     return json.load(f), proc.stdout, proc.stderr
 
 
+@pytest.mark.slow  # 60 s of three CLIs; `make test-slow` runs it
 def test_studies_run_and_share_their_runs(tmp_path, data_dir):
   truncation, table, _ = _study("truncation", tmp_path, data_dir, "--native_ranks=2,8")
   assert truncation["ranks"] == list(range(1, 9))

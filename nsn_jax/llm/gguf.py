@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
-from nsn_jax.llm.tokenizer import Message, render_chat
+from nsn_jax.llm.tokenizer import Message, render_chat, save_tokenizer
 from nsn_jax.models.llama import LlamaConfig, LlamaModel
 
 _REQUIRED = object()
@@ -278,6 +278,17 @@ class GGUFTokenizer:
   def decode(self, ids: list[int]) -> str:
     """The text of token ids (special tokens included)."""
     return self._tok.decode(list(ids), skip_special_tokens=False)
+
+  def save(self, directory: str | os.PathLike) -> None:
+    """tokenizer.json + tokenizer_config.json of this tokenizer, as Hugging Face tools read them;
+    a file that asks for BOS gets a post-processor adding it."""
+    name = lambda i: None if i is None else self._tok.id_to_token(i)
+    tokenizer = tokenizers.Tokenizer.from_str(self._tok.to_str())
+    if self.add_bos and self.bos_id is not None:
+      tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{name(self.bos_id)} $A", special_tokens=[(name(self.bos_id), self.bos_id)]
+      )
+    save_tokenizer(tokenizer, directory, name(self.bos_id), name(self.eos_id), self.chat_template)
 
   def chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `messages` rendered by the file's chat template (`render_chat`); the

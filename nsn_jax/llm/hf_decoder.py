@@ -1,5 +1,5 @@
 """Hugging Face decoder checkpoints (Llama incl. Llama-3 RoPE scaling, Mistral, Qwen2/2.5, Gemma)
-→ `LlamaModel` and their tokenizer.
+→ `LlamaModel` and their tokenizer, and a dense `LlamaModel` back out (`save_hf_decoder`).
 
 A directory with config.json and safetensors weights (one file, or shards with an index), read
 one tensor at a time from memory-mapped files (`safetensors_io`). HF keeps each head's RoPE pairs
@@ -23,6 +23,7 @@ from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 
+from nsn_jax.llm import safetensors_io
 from nsn_jax.llm.safetensors_io import SafetensorsFiles
 from nsn_jax.llm.tokenizer import HFTokenizer
 from nsn_jax.models.llama import LlamaConfig, LlamaModel, RopeScaling
@@ -59,6 +60,8 @@ def _rope_scaling(config: Mapping) -> RopeScaling | None:
   if not scaling:
     return None
   kind = scaling.get("rope_type", scaling.get("type"))
+  if kind in (None, "default"):
+    return None
   if kind == "linear":
     return RopeScaling("linear", float(scaling["factor"]))
   if kind != "llama3":
@@ -82,6 +85,8 @@ def _check_variant(config: Mapping, family: str) -> None:
     _refuse("hidden_act", activation, f"{expected} for {family}")
   if family == "qwen2" and config.get("use_sliding_window"):
     _refuse("use_sliding_window", True, "full attention (use_sliding_window false)")
+  if config.get("partial_rotary_factor", 1.0) != 1.0:
+    _refuse("partial_rotary_factor", config["partial_rotary_factor"], "RoPE on whole heads (1.0)")
 
 
 def config_from_hf_decoder(config: Mapping) -> LlamaConfig:
@@ -154,6 +159,84 @@ def to_ours(param_path: tuple, array: np.ndarray, config: LlamaConfig, gemma: bo
   if param == "scale" and gemma:
     return 1.0 + array
   return array
+
+
+def to_hf(param_path: tuple, array: np.ndarray, config: LlamaConfig) -> np.ndarray:
+  """The inverse of `to_ours`: one of our parameters in the HF layout."""
+  module, param = param_path[-2], param_path[-1]
+  if param == "kernel":
+    array = array.T
+  if param == "scale" and family_of(config) == "gemma":
+    array = array - 1.0
+  if module in ("q", "k"):
+    array = to_halves(array, config.n_heads if module == "q" else config.n_kv_heads)
+  return array
+
+
+def family_of(config: LlamaConfig) -> str:
+  """The HF model_type whose config.json reproduces `config`."""
+  if config.activation == "gelu_tanh" or config.embed_scale != 1.0:
+    return "gemma"
+  return "qwen2" if config.qkv_bias else "llama"
+
+
+def hf_config(config: LlamaConfig) -> dict[str, Any]:
+  """config.json for `config`, as transformers reads it."""
+  family = family_of(config)
+  out = {
+    "architectures": [
+      {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}[
+        family
+      ]
+    ],
+    "model_type": family,
+    "vocab_size": config.vocab_size,
+    "hidden_size": config.dim,
+    "intermediate_size": config.ffn_dim,
+    "num_hidden_layers": config.n_layers,
+    "num_attention_heads": config.n_heads,
+    "num_key_value_heads": config.n_kv_heads,
+    "head_dim": config.head_dim,
+    "max_position_embeddings": config.max_seq_len,
+    "rms_norm_eps": config.norm_eps,
+    "rope_theta": config.rope_theta,
+    "tie_word_embeddings": config.tie_embeddings,
+    "hidden_act": "gelu_pytorch_tanh" if family == "gemma" else "silu",
+    "torch_dtype": "float32",
+  }
+  scaling = config.rope_scaling
+  if scaling is not None:
+    out["rope_scaling"] = {"rope_type": scaling.kind, "factor": scaling.factor}
+    if scaling.kind == "llama3":
+      out["rope_scaling"] |= {
+        "low_freq_factor": scaling.low_freq_factor,
+        "high_freq_factor": scaling.high_freq_factor,
+        "original_max_position_embeddings": scaling.original_max,
+      }
+  return out
+
+
+def save_hf_decoder(model: nnx.Module, directory: str | os.PathLike, tokenizer=None) -> None:
+  """Writes a dense decoder (a LlamaModel whose projections are all dense: nnx.Linear or folded
+  `deploy` DenseForm layers) as config.json + model.safetensors in its family's Hugging Face
+  layout, and the tokenizer's files when given (anything with `save(directory)`). Raises
+  ValueError naming a layer that is not dense (an NSN layer, a factorised or GAR form)."""
+  config = model.config
+  tensors = {}
+  for param_path, variable in nnx.to_flat_state(nnx.state(model)):
+    if param_path[-1] not in ("kernel", "bias", "scale", "embedding"):
+      where = "/".join(map(str, param_path[:-1]))
+      raise ValueError(
+        f"layer {where!r} is not dense ({param_path[-1]!r}); export it with every layer "
+        "folded to a dense kernel (deploy form 'dense')."
+      )
+    tensors[hf_name(param_path)] = to_hf(param_path, np.asarray(variable[...], np.float32), config)
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / "config.json").write_text(json.dumps(hf_config(config), indent=2))
+  safetensors_io.save(directory / safetensors_io.SINGLE, tensors, {"format": "pt"})
+  if tokenizer is not None:
+    tokenizer.save(directory)
 
 
 def load_hf_decoder(

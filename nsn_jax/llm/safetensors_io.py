@@ -71,19 +71,17 @@ class SafetensorsFiles:
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._entries[name][1]["shape"])
 
-  def read(self, name: str) -> np.ndarray:
-    """The tensor `name` as float32 (numpy order), read from its memory-mapped file."""
+  def read(self, name: str, dtype=np.float32) -> np.ndarray:
+    """The tensor `name` as `dtype` (None: as stored), numpy order, from its memory-mapped file."""
     path, entry, data_start = self._entries[name]
     if entry["dtype"] not in _DTYPES:
       raise ValueError(
         f"{path}: tensor {name!r} has dtype {entry['dtype']}; known: {list(_DTYPES)}"
       )
     begin, end = entry["data_offsets"]
-    dtype = np.dtype(_DTYPES[entry["dtype"]])
-    view = np.memmap(
-      path, dtype=np.uint8, mode="r", offset=data_start + begin, shape=(end - begin,)
-    )
-    return view.view(dtype).reshape(entry["shape"]).astype(np.float32)
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start + begin, shape=(end - begin,))
+    stored = raw.view(np.dtype(_DTYPES[entry["dtype"]])).reshape(entry["shape"])
+    return np.array(stored) if dtype is None else stored.astype(dtype)
 
 
 def _header(path: pathlib.Path) -> tuple[dict, int]:

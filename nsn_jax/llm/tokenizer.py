@@ -63,6 +63,21 @@ def render_chat(
     raise ValueError(f"chat template failed: {e}") from None
 
 
+def save_tokenizer(
+  tokenizer: tokenizers.Tokenizer,
+  directory: str | os.PathLike,
+  bos_token: str | None,
+  eos_token: str | None,
+  chat_template: str | None,
+) -> None:
+  """Writes tokenizer.json and a tokenizer_config.json naming the special tokens and template."""
+  directory = pathlib.Path(directory)
+  tokenizer.save(str(directory / "tokenizer.json"))
+  settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos_token}
+  settings |= {"eos_token": eos_token, "chat_template": chat_template}
+  (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+
+
 def _token(value: Any) -> str | None:
   """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
   return value.get("content") if isinstance(value, Mapping) else value
@@ -107,6 +122,10 @@ class HFTokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     """The text of token ids (special tokens included)."""
     return self._tok.decode(list(ids), skip_special_tokens=False)
+
+  def save(self, directory: str | os.PathLike) -> None:
+    """tokenizer.json and tokenizer_config.json, as `from_directory` (and transformers) read."""
+    save_tokenizer(self._tok, directory, self.bos_token, self.eos_token, self.chat_template)
 
   def chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `messages` rendered by the chat template (no tokens added beyond it)."""
