@@ -57,6 +57,25 @@ def _exit(code: int, message: str) -> None:
     os._exit(code)
 
 
+# JAX's persistent compilation cache, on by default in every CLI: a rerun (a new prompt length,
+# a resumed run, another sweep) loads its programs instead of compiling them.
+DEFAULT_CACHE = os.path.join(
+  os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+  "nsn_jax",
+  "xla",
+)
+
+
+def compilation_cache_flag(help_text: str) -> flags.FlagHolder:
+  """--compilation_cache, DEFAULT_CACHE unless given ('' turns it off)."""
+  return flags.DEFINE_string("compilation_cache", DEFAULT_CACHE, f"{help_text} ('' = off)")
+
+
+def use_compilation_cache(directory: str) -> None:
+  if directory:
+    jax.config.update("jax_compilation_cache_dir", directory)
+
+
 def launch_flags() -> Callable[[], None]:
   """Defines the flags every process of a launch shares (cluster membership, the persistent
   compilation cache, the profiler server); returns the function that applies them (call it
@@ -76,11 +95,9 @@ def launch_flags() -> Callable[[], None]:
   heartbeat = flags.DEFINE_integer(
     "heartbeat_timeout", 100, "Seconds before JAX declares a silent process dead."
   )
-  cache = flags.DEFINE_string(
-    "compilation_cache",
-    None,
+  cache = compilation_cache_flag(
     "JAX's persistent compilation cache directory (local or gs://, shared by every host): a "
-    "relaunch loads its programs instead of compiling them.",
+    "relaunch loads its programs instead of compiling them"
   )
   profiler_port = flags.DEFINE_integer(
     "profiler_port",
@@ -91,8 +108,7 @@ def launch_flags() -> Callable[[], None]:
   )
 
   def apply() -> None:
-    if cache.value:
-      jax.config.update("jax_compilation_cache_dir", cache.value)
+    use_compilation_cache(cache.value)
     distributed.initialize(  # before anything starts a JAX backend (the profiler does)
       multihost.value,
       coordinator.value,

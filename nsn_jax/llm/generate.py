@@ -40,6 +40,7 @@ _MODEL = flags.DEFINE_string(
 )
 _CHAT = flags.DEFINE_bool("chat", False, "Send each prompt as a user message (chat template).")
 _STREAM = flags.DEFINE_bool("stream", False, "Print the tokens of one prompt as they come.")
+_CACHE = cli.compilation_cache_flag("JAX's persistent compilation cache directory")
 _PROMPT = flags.DEFINE_multi_string(
   "prompt", ["The capital of France is"], "Text to continue; repeat for a batch."
 )
@@ -117,6 +118,7 @@ def main():
     )
   if _STREAM.value and len(_PROMPT.value) != 1:
     raise ValueError(f"--stream prints one prompt's tokens; got {len(_PROMPT.value)} prompts")
+  cli.use_compilation_cache(_CACHE.value)
   start = time.perf_counter()
   model, tokenizer = _load()
   print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)

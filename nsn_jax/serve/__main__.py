@@ -92,7 +92,7 @@ def main():
   # parsing; the default 5 ms switch interval made a 2 ms batch take 10 ms under load.
   sys.setswitchinterval(5e-4)
   if options.compilation_cache:
-    jax.config.update("jax_compilation_cache_dir", options.compilation_cache)
+    cli.use_compilation_cache(options.compilation_cache)
     # Every program: a server's small programs are exactly the ones worth not recompiling.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
+from nsn_jax.cli import DEFAULT_CACHE
 from nsn_jax.config import ConfigError
 from nsn_jax.sweep import parse_ranks
 
 POLICIES = ("fixed", "slo")
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "nsn_jax", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
