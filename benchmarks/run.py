@@ -73,6 +73,7 @@ def environment(argv: list[str]) -> dict:
     "jaxlib": jaxlib.__version__,
     "flax": flax.__version__,
     "python": platform.python_version(),
+    "cpu_model": cpu_model(),
     "cpu_count": os.cpu_count(),
     "cpus_usable": len(os.sched_getaffinity(0)),
     "load_average_1m": os.getloadavg()[0],  # > cpus_usable: someone else shares the CPUs
@@ -85,6 +86,15 @@ def environment(argv: list[str]) -> dict:
     },
     "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo ("unknown" where there is none)."""
+  cpuinfo = pathlib.Path("/proc/cpuinfo")
+  for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+    if line.startswith("model name"):
+      return line.split(":", 1)[1].strip()
+  return "unknown"
 
 
 def _git(*args: str) -> str | None:

@@ -160,3 +160,18 @@ def test_sharded_step_benchmark_reports_memory_and_collectives(tiny_gguf, data_d
   for row in rows:
     assert _positive(row["state_mib"]) and _positive(row["temp_mib"])
     assert row["all-gather"] > 0 and row["all-to-all"] == 0  # sharded, and no resharding
+
+
+def test_generation_benchmark_counts_compiles_per_prompt_length(tmp_path):
+  from benchmarks import generation
+
+  out = tmp_path / "generation.json"
+  report = generation.main(["--size", "tiny", "--out", str(out), "--torch_python", "/nowhere"])
+  assert json.loads(out.read_text())["summary"] == report["summary"]
+  calls = {mode: [c for c in report["buckets"] if c["mode"] == mode] for mode in report["summary"]}
+  assert [c["prompt_tokens"] for c in calls["pow2"]] == list(generation.LENGTHS["tiny"])
+  # Every new length compiles a prefill without buckets; the first call also compiles the step.
+  assert [c["compiles"] for c in calls["per_length"]] == [2, 1, 1]
+  assert report["summary"]["pow2"]["compiles"] <= report["summary"]["per_length"]["compiles"]
+  assert report["tokens_per_s"] == [] and "skipped: no /nowhere" in report["notes"][0]
+  assert report["environment"]["cpu_model"]

@@ -124,6 +124,16 @@ def test_stop_strings_cut_the_text(decoder, greedy):
   assert out[0].text == Letters().decode(greedy[0]) and out[0].finish_reason == "length"
 
 
+def test_streamed_tokens_are_each_rows_completion_as_it_arrives(decoder, greedy):
+  streamed = []
+  eos = greedy[1][2]
+  out = decoder.generate(PROMPTS, 6, eos_id=eos, on_token=lambda row, t: streamed.append((row, t)))
+  for row, completion in enumerate(out):
+    assert [t for r, t in streamed if r == row] == completion.tokens  # EOS never streamed
+  steps = [t for r, t in streamed if r == 0]
+  assert streamed[:3] == [(0, steps[0]), (1, greedy[1][0]), (2, greedy[2][0])]  # step by step
+
+
 def test_sampling_is_seeded_per_row_and_greedy_when_cold(decoder, greedy):
   def run(*samplings, prompts=PROMPTS):
     return [c.tokens for c in decoder.generate(prompts, 6, sampling=list(samplings))]

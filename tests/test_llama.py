@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsn_jax.llm import load_gguf, smollm2_path
+from nsn_jax.llm import HFTokenizer, load_gguf, smollm2_path
 from nsn_jax.llm.decode import generate
 from nsn_jax.models.llama import KVCache, LlamaConfig, LlamaModel
 from nsn_jax.surgery import decompose_and_replace
@@ -89,6 +89,11 @@ def gguf_weights(model: LlamaModel) -> dict[str, np.ndarray]:
   return weights
 
 
+CHAT_TEMPLATE = (
+  "{% for m in messages %}{{ bos_token }}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+)
+
+
 def write_gguf(path, config, weights, arch="llama"):
   """A float32 GGUF file as llama.cpp's converter lays it out, with the tiny tokenizer."""
   writer = gguf.GGUFWriter(str(path), arch)
@@ -107,6 +112,7 @@ def write_gguf(path, config, weights, arch="llama"):
   writer.add_token_types([gguf.TokenType.CONTROL] * 2 + [gguf.TokenType.NORMAL] * 48)
   writer.add_bos_token_id(0)
   writer.add_eos_token_id(1)
+  writer.add_chat_template(CHAT_TEMPLATE)
   for name, array in weights.items():
     writer.add_tensor(name, np.asarray(array, np.float32))
   writer.write_header_to_file()
@@ -259,6 +265,14 @@ def test_gguf_file_loads_and_reproduces_the_model(tmp_path):
   ids = tokenizer.encode("hello the cab</s>")
   assert [TOKENS[i] for i in ids] == ["hello", "Ġthe", "Ġc", "a", "b", "</s>"]
   assert tokenizer.decode(ids) == "hello the cab</s>" and tokenizer.eos_id == 1
+  # The chat template renders with the file's special tokens, and the tokenizer saved as
+  # tokenizer.json / tokenizer_config.json (what an HF export ships) encodes the same.
+  chat = tokenizer.chat([{"role": "user", "content": "the cab"}])
+  assert [TOKENS[i] for i in chat] == ["<s>", "the", "Ġc", "a", "b", "</s>"]
+  tokenizer.save(tmp_path)
+  saved = HFTokenizer.from_directory(tmp_path)
+  assert saved.encode("hello the cab") == tokenizer.encode("hello the cab")
+  assert saved.chat([{"role": "user", "content": "the cab"}]) == chat
 
 
 def test_gguf_errors_name_the_key_or_tensor(tmp_path):
@@ -391,6 +405,8 @@ def test_generate_cli_on_a_gguf_file(tmp_path):
   assert dense.returncode == 0 and dense.stdout.startswith("ab"), dense.stderr[-2000:]
   nsn = cli("--nsn_max_rank=8", "--rank=4")
   assert nsn.returncode == 0 and "rank 4:" in nsn.stderr and "layers/0/mlp/gate" in nsn.stderr
+  chat = cli("--chat", "--stream")  # the prompt as a user message, the text as it comes
+  assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
   bad = cli("--nsn_max_rank=8", "--rank=99")
   assert bad.returncode == 2 and "valid ranks are 1..8" in bad.stderr
   assert "Traceback" not in bad.stderr
