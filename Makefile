@@ -32,7 +32,7 @@ format: setup  # rewrites the code into the checked layout and applies safe lint
 	$(PY) -m ruff check --fix .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

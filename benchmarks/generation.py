@@ -35,7 +35,7 @@ from benchmarks.common import Column, write_report
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LENGTHS = {"full": (5, 9, 14, 20, 27, 35, 44, 54, 65, 77), "tiny": (3, 6, 11)}
 ONE_THREAD = {
-  "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+  "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
   "OMP_NUM_THREADS": "1",
   "MKL_NUM_THREADS": "1",
   "JAX_PLATFORMS": "cpu",
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
   report = {
     "environment": {
       **bench_run.environment(["-m", "benchmarks.generation", *(argv or sys.argv[1:])]),
-      "pinned": "taskset -c 0, one thread each side (tokens/s); buckets: unpinned",
+      "pinned": "every worker: taskset -c 0; tokens/s: one thread each side",
     },
     "buckets": calls,
     "tokens_per_s": tps,

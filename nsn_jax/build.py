@@ -77,7 +77,8 @@ def mismatches(config: ml_collections.ConfigDict, other: ml_collections.ConfigDi
     pairs.insert(1, ("model file", model_path(config), model_path(other)))
   if config.model.name == "custom":
     pairs.append(("model.factory", config.model.factory, other.model.factory))
-    pairs.append(("model.kwargs", config.model.kwargs.to_dict(), other.model.kwargs.to_dict()))
+    plain = lambda kwargs: json.dumps(kwargs.to_dict(), sort_keys=True)  # tuples == lists
+    pairs.append(("model.kwargs", plain(config.model.kwargs), plain(other.model.kwargs)))
   if config.model.name == "nsn_mlp":
     pairs.append(("model.hidden", tuple(config.model.hidden), tuple(other.model.hidden)))
     pairs.append(
@@ -181,9 +182,11 @@ def check_model_fits(config: ml_collections.ConfigDict) -> None:
     return _check_trainable(config, _param_paths(model))
   if config.model.name in PRETRAINED:
     check_model_file(config)
-  model = nnx.eval_shape(lambda: _task_model(config, pretrained=False, seed=0))
   if config.model.name == "custom":
+    model = _built_custom(config)
     _check_custom_output(config, model)
+  else:
+    model = nnx.eval_shape(lambda: _task_model(config, pretrained=False, seed=0))
   positions = getattr(
     getattr(getattr(model, "backbone", None), "config", None), "max_positions", None
   )
@@ -199,6 +202,17 @@ def check_model_fits(config: ml_collections.ConfigDict) -> None:
     paths = [p for p in paths if p not in replaced]
     paths += [f"{path}/{factor}" for path, _, _ in chosen for factor in ("a", "b")]
   _check_trainable(config, paths)
+
+
+def _built_custom(config: ml_collections.ConfigDict) -> nnx.Module:
+  """The custom model as shapes; a ConfigError if its factory raises on model.kwargs."""
+  try:
+    return nnx.eval_shape(lambda: _task_model(config, pretrained=False, seed=0))
+  except Exception as e:  # the user's code: whatever it raises on these arguments
+    problem = f"model.factory(**model.kwargs) raised {type(e).__name__}: {str(e).splitlines()[0]}"
+    raise ConfigError(
+      "model.kwargs", str(config.model.kwargs.to_dict()), "the factory's arguments", problem
+    ) from None
 
 
 def _check_custom_output(config: ml_collections.ConfigDict, model: nnx.Module) -> None:

@@ -186,10 +186,8 @@ def _merge(config: ml_collections.ConfigDict, saved: dict, prefix: str) -> None:
   for key, value in saved.items():
     if key not in config:
       continue  # a field retired since: nothing reads it
-    if f"{prefix}{key}" in FREE_FORM:
-      config[key] = ml_collections.ConfigDict(
-        {k: tuple(_tuples(v)) if isinstance(v, list) else v for k, v in value.items()}
-      )
+    if f"{prefix}{key}" in FREE_FORM:  # lists back to the tuples a config file writes
+      config[key] = ml_collections.ConfigDict(_tuples_in(value))
       continue
     if isinstance(config[key], ml_collections.ConfigDict):
       _merge(config[key], value, f"{prefix}{key}.")
@@ -203,6 +201,15 @@ def _merge(config: ml_collections.ConfigDict, saved: dict, prefix: str) -> None:
         f"a {type(config[key]).__name__}",
         "a saved config field this version cannot read",
       ) from None
+
+
+def _tuples_in(value: Any) -> Any:
+  """`value` (parsed JSON) with every list, at any depth, a tuple."""
+  if isinstance(value, dict):
+    return {k: _tuples_in(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples_in(v) for v in value)
+  return value
 
 
 def _tuples(values: list) -> list:
@@ -430,7 +437,7 @@ def model_factory(config: ml_collections.ConfigDict):
     sys.path.append(os.getcwd())
   try:
     factory = getattr(importlib.import_module(module), name)
-  except (ImportError, AttributeError) as e:
+  except Exception as e:  # the user's module: whatever importing it raises
     raise ConfigError("model.factory", spec, valid, f"{type(e).__name__}: {e}") from None
   if not callable(factory):
     raise ConfigError("model.factory", spec, valid, f"{name} is not callable")

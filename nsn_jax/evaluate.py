@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 import numpy as np
 
 from nsn_jax import sharding
+from nsn_jax.layers import effective_rank
 from nsn_jax.tasks import Task
 
 
@@ -59,7 +60,7 @@ class RankEvaluator:
 
   def compiled(self, params, arrays: dict[str, np.ndarray], rank):
     """The rank's XLA executable for one batch shaped like `arrays`, compiled once, reused."""
-    example = self._example(arrays)
+    example, rank = self._example(arrays), effective_rank(rank)
     key = (rank, tuple((k, v.shape, str(v.dtype)) for k, v in example.items()))
     if key not in self._compiled:
       rows = jax.ShapeDtypeStruct((self.batch_size,), jnp.float32, sharding=self.sharding)
@@ -69,7 +70,8 @@ class RankEvaluator:
   def forward_flops(self, params, arrays: dict[str, np.ndarray], rank) -> float:
     """XLA's FLOP count of the model's forward pass (logits, no loss) at `rank` for one batch:
     the cross-check of the analytic count. Read from the lowered program, so nothing compiles."""
-    return float(self._forward.lower(params, self._example(arrays), rank).cost_analysis()["flops"])
+    lowered = self._forward.lower(params, self._example(arrays), effective_rank(rank))
+    return float(lowered.cost_analysis()["flops"])
 
   def __call__(self, params, arrays: dict[str, np.ndarray], rank) -> dict[str, float]:
     """arrays: the split, {key: (N, ...)} for the task's keys → accuracy, loss (mean CE over

@@ -148,6 +148,11 @@ def _staged(out: str) -> Iterator[pathlib.Path]:
   staging = pathlib.Path(tempfile.mkdtemp(prefix=".export-", dir=parent))
   try:
     yield staging
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from others
+    if os.path.exists(out):
+      raise ValueError(f"--out={out} appeared while exporting; an export never overwrites.")
     os.rename(staging, out)
   finally:
     shutil.rmtree(staging, ignore_errors=True)

@@ -73,6 +73,12 @@ def current_rank() -> Rank:
   return _SCOPE.get()
 
 
+def effective_rank(rank: Rank) -> Rank:
+  """`rank`, or for None the enclosing scope's: what a program compiled now must be keyed by
+  (a cache keyed by None would otherwise keep a program traced under some outer scope)."""
+  return current_rank() if rank is None else rank
+
+
 def apply(model: Any, *args, rank: Rank = None, **kwargs) -> Any:
   """`model(*args, **kwargs)` with every NSN layer in it at `rank` (see `at_rank`)."""
   with at_rank(rank):

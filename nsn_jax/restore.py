@@ -106,13 +106,19 @@ def _restore_file_export(path: epath.Path, mesh: jax.sharding.Mesh | None) -> Re
   if metadata.get("layout") == "hf":
     config = config_lib.from_json(metadata["config"])
     dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.model.dtype]
-    return Restored(load_hf_decoder(path, dtype)[1], metadata, metadata["step"])
+    model = load_hf_decoder(path, dtype)[1]
+    if mesh is not None:  # the config's layout on that mesh, as for a checkpoint
+      state = nnx.state(model)
+      layout = sharding.config_shardings(nnx.to_pure_dict(state), mesh, config.sharding)
+      nnx.replace_by_pure_dict(state, jax.device_put(nnx.to_pure_dict(state), layout))
+      nnx.update(model, state)
+    return Restored(model, metadata, metadata["step"])
   model, state, layout = _target(metadata, mesh)
   files = SafetensorsFiles(path)
-  flat = dict(nnx.to_flat_state(state))
-  for key, variable in flat.items():
+  available = set(files.names())
+  for key, variable in nnx.to_flat_state(state):
     name = "/".join(map(str, key))
-    if name not in files.names() or files.shape(name) != variable.shape:
+    if name not in available or files.shape(name) != variable.shape:
       raise CheckpointError(f"{path}: tensor {name!r} {variable.shape} is missing or misshapen.")
     value = files.read(name, variable.dtype)
     variable.set_value(jax.device_put(value, _leaf(layout, key)))

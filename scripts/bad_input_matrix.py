@@ -157,8 +157,8 @@ def cases(workdir: str, scratch: str) -> list[list[str]]:
   out += [
     ["-m", "nsn_jax.llm.generate", "--rank=4"],
     ["-m", "nsn_jax.llm.generate", f"--workdir={workdir}"],
-    ["-m", "nsn_jax.llm.generate", "--gguf=/nowhere.gguf"],
-    ["-m", "nsn_jax.llm.generate", f"--gguf={REPO}/README.md"],
+    ["-m", "nsn_jax.llm.generate", "--model=/nowhere.gguf"],
+    ["-m", "nsn_jax.llm.generate", f"--model={REPO}/README.md"],
   ]
   return out
 

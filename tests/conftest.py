@@ -4,7 +4,9 @@ PJRT_NPROC=16 keeps collectives on 2-core machines from deadlocking (see environ
 terminate timeout turns such a hang into a fast failure.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault(
@@ -13,10 +15,13 @@ os.environ.setdefault(
 )
 os.environ.setdefault("PJRT_NPROC", "16")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Caches (parsed GGUF metadata) go to a directory of this run, never the user's ~/.cache.
+# Caches (parsed GGUF metadata, the CLIs' compilation cache) go to a directory of this run,
+# never the user's ~/.cache, and are removed with it.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="nsn_jax_test_cache_")
 
 import pytest
+
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,9 @@ from configs import custom_mlp
 from examples.user_models import MLP, PatchTransformer
 import nsn_jax as nsn
 from nsn_jax import build, objective
+from nsn_jax import config as config_lib
 from nsn_jax.config import ConfigError
+from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.ranks import BucketPlan
 from nsn_jax.tasks import get_task
 
@@ -98,6 +100,7 @@ def test_the_vmapped_multi_rank_logits_of_a_custom_model_equal_each_rank_alone()
     ({"factory": "examples.nowhere:MLP"}, "model.factory", "ModuleNotFoundError"),
     ({"factory": "examples.user_models:Nothing"}, "model.factory", "AttributeError"),
     ({"kwargs": {"din": 100, "dmid": 8, "dout": 10}}, "model.factory", "it raised TypeError"),
+    ({"kwargs": {"din": 784, "dmidd": 8, "dout": 10}}, "model.kwargs", "unexpected keyword"),
     ({"kwargs": {"din": 784, "dmid": 8, "dout": 7}}, "model.factory", r"returned \(2, 7\)"),
     ({"path": "/tmp"}, "model.path", "model.kwargs carry"),
     ({"dtype": "bfloat16"}, "model.dtype", "the factory picks its dtypes"),
@@ -118,6 +121,28 @@ def test_rules_matching_no_layer_of_a_custom_model_list_its_layers():
   config.surgery.rules = ("mlp",)
   with pytest.raises(ConfigError, match="linear1, linear2, linear3"):
     build.check_model_fits(config)
+
+
+def test_kwargs_survive_the_saved_config_with_tuples_and_nested_values():
+  config = custom_mlp.get_config("smoke")
+  config.model.kwargs.extra = {"sizes": (3, (4, 5))}
+  restored = config_lib.from_json(json.loads(config.to_json()))
+  assert restored.model.kwargs.extra.sizes == (3, (4, 5))
+  assert build.mismatches(config, restored) == []
+
+
+def test_a_scope_open_around_a_library_entry_point_is_its_rank_not_a_cached_none():
+  """RankEvaluator keys its programs by rank: rank None inside a scope is that scope's rank."""
+  model = _models()[0]
+  graphdef, params = nnx.split(model)
+  task = get_task("image_classification")
+  evaluator = RankEvaluator(graphdef, 4, task)
+  arrays = {"image": np.asarray(IMAGES), "label": np.zeros(4, np.int32)}
+  with nsn.at_rank(1):
+    scoped = evaluator(params, arrays, None)["loss"]
+  assert scoped == evaluator(params, arrays, 1)["loss"]
+  assert evaluator(params, arrays, None)["loss"] == evaluator(params, arrays, 12)["loss"]
+  assert scoped != evaluator(params, arrays, 12)["loss"]
 
 
 def test_factory_fields_are_refused_for_the_built_in_models():

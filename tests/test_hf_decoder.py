@@ -59,6 +59,7 @@ def llama_dir(tmp_path_factory) -> pathlib.Path:
   directory = tmp_path_factory.mktemp("hf") / "llama"
   shutil.copytree(FIXTURES / "llama", directory)
   write_char_tokenizer(directory)
+  (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
   return directory
 
 
@@ -119,6 +120,7 @@ def test_cached_decoding_equals_the_full_forward(name):
 def test_tokenizer_and_chat_template(llama_dir):
   _, _, tokenizer = load_pretrained(llama_dir)
   assert isinstance(tokenizer, HFTokenizer)
+  assert tokenizer.eos_id == 2 and tokenizer.eos_ids == (2, 5)  # + generation_config.json's
   assert tokenizer.encode("hi") == [1, 4 + ord("h") - 32, 4 + ord("i") - 32]  # BOS added
   assert tokenizer.decode(tokenizer.encode("hi", add_special_tokens=False)) == "hi"
   ids = tokenizer.chat([{"role": "user", "content": "hi"}])
@@ -203,7 +205,9 @@ def test_a_hugging_face_decoder_fine_tunes_multi_rank_and_restores(llama_dir, da
   assert _relative(np.asarray(reloaded(tokens)[0]), np.asarray(expected)) < 1e-5
   assert _relative(np.asarray(nsn.restore_model(str(out)).model(tokens)[0]), expected) < 1e-5
   assert tokenizer.chat([{"role": "user", "content": "hi"}])[0] == 1
-  assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+  exported = json.loads((out / "config.json").read_text())
+  assert exported["model_type"] == "llama" and exported["eos_token_id"] == [2, 5]
+  assert json.loads((out / "generation_config.json").read_text())["bos_token_id"] == 1
 
 
 def test_a_hugging_face_config_pointing_at_the_wrong_thing_is_one_error(data_dir):

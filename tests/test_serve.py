@@ -439,7 +439,8 @@ def test_parse_keeps_what_eval_reads(workdir):
 
   engine = Classifier(restore_model(workdir), (8,), (1,))
   parsed = engine.parse({"inputs": [[[255] * 28] * 28]}, 8)
-  assert parsed.inputs["image"].shape == (1, 784) and parsed.inputs["image"].max() == 1.0
+  # Shaped as the dataset's images, as eval.py feeds them (any image model, not only the MLP).
+  assert parsed.inputs["image"].shape == (1, 28, 28, 1) and parsed.inputs["image"].max() == 1.0
   results, _ = engine.run(8, 1, [parsed])
   model = restore_model(workdir).model
   expected = nnx.jit(lambda m, x: jax.nn.softmax(m(x, rank=8)))(

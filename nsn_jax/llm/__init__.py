@@ -43,7 +43,11 @@ def pretrained_kind(path: str | os.PathLike) -> str:
   config = path / "config.json"
   if not config.is_file():
     raise ValueError(f"{path} has no config.json; expected {EXPECTED}.")
-  model_type = json.loads(config.read_text()).get("model_type")
+  try:
+    settings = json.loads(config.read_text())
+  except ValueError as e:
+    raise ValueError(f"{config} is not JSON ({e}); expected {EXPECTED}.") from None
+  model_type = settings.get("model_type") if isinstance(settings, dict) else None
   if model_type == "bert":
     return "bert"
   if model_type in FAMILIES:

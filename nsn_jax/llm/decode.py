@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nsn_jax.layers import Rank, is_static_rank
+from nsn_jax.layers import Rank, effective_rank, is_static_rank
 from nsn_jax.models.llama import KVCache, LlamaModel
 
 
@@ -157,17 +157,18 @@ class Decoder:
     max_new_tokens: int | Sequence[int],
     rank: Rank = None,
     sampling: Sampling | Sequence[Sampling] = Sampling(),
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     stop: Sequence[str] | Sequence[Sequence[str]] = (),
     tokenizer: Any = None,
     batch_size: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
   ) -> list[Completion]:
     """One Completion per prompt (token ids); max_new_tokens and sampling are one for all or
-    one per prompt. Rows stop at eos_id, at a stop string (needs `tokenizer`, anything with
-    decode(ids) → str) or at their max_new_tokens; the batch stops when every row has. `stop`
-    is one list of strings for every row, or one list per prompt. `on_token(row, token)` is
-    called for each token a row keeps, as it arrives (streaming)."""
+    one per prompt. Rows stop at eos_id (one id or several), at a stop string (needs
+    `tokenizer`, anything with decode(ids) → str) or at their max_new_tokens; the batch stops
+    when every row has. `stop` is one list of strings for every row, or one list per prompt.
+    `on_token(row, token)` is called for each token of a row's text as it arrives (streaming).
+    """
     request = _Request.check(self, prompts, max_new_tokens, sampling, stop, tokenizer, batch_size)
     static_rank = _static_rank(rank)
     batch = request.batch_size
@@ -254,7 +255,9 @@ def _avals(leaves) -> tuple:
 
 
 def _static_rank(rank: Rank):
-  """None, an int, or a profile {path: int} as a hashable sorted tuple of items."""
+  """None, an int, or a profile {path: int} as a hashable sorted tuple of items (None: the
+  enclosing rank scope's, if any)."""
+  rank = effective_rank(rank)
   if isinstance(rank, Mapping):
     return tuple(sorted(rank.items()))
   if rank is None or is_static_rank(rank):
@@ -378,7 +381,8 @@ class _Row:
   """One prompt's progress on the host: its tokens so far and why it finished."""
 
   def __init__(self, max_new_tokens: int, eos_id, stop: tuple[str, ...], tokenizer):
-    self.max_new_tokens, self.eos_id = max_new_tokens, eos_id
+    self.max_new_tokens = max_new_tokens
+    self.eos_ids = set() if eos_id is None else {eos_id} if _is_int(eos_id) else set(eos_id)
     self.stop, self.tokenizer = stop, tokenizer
     self.tokens: list[int] = []
     self.text: str | None = None
@@ -389,7 +393,7 @@ class _Row:
     token that completes a stop string and for any token after the row finished)."""
     if self.finish_reason:
       return False
-    if token == self.eos_id:
+    if token in self.eos_ids:
       self.finish_reason = "eos"
       return False
     self.tokens.append(token)

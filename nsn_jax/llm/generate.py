@@ -96,19 +96,29 @@ def _encode(tokenizer, prompt: str) -> list[int]:
   return tokenizer.encode(prompt)
 
 
-def _streamer(tokenizer):
-  """on_token for Decoder.generate: prints the new text of row 0 as each token arrives."""
-  tokens, shown = [], [0]
+class _Streamer:
+  """on_token for Decoder.generate: prints row 0's new text as its tokens arrive, holding back
+  what could still become a stop string (and an unfinished multi-byte character); `finish`
+  prints the rest of the completion's text."""
 
-  def on_token(row: int, token: int) -> None:
-    tokens.append(token)
-    text = tokenizer.decode(tokens)
-    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-      sys.stdout.write(text[shown[0] :])
+  def __init__(self, tokenizer, stops: list[str]):
+    self.tokenizer, self.tokens, self.shown = tokenizer, [], 0
+    self.hold = max(map(len, stops), default=1) - 1
+
+  def __call__(self, row: int, token: int) -> None:
+    self.tokens.append(token)
+    text = self.tokenizer.decode(self.tokens).rstrip("\ufffd")
+    self._show(text[: len(text) - self.hold])
+
+  def finish(self, text: str) -> None:
+    self._show(text)
+    print()
+
+  def _show(self, text: str) -> None:
+    if len(text) > self.shown:
+      sys.stdout.write(text[self.shown :])
       sys.stdout.flush()
-      shown[0] = len(text)
-
-  return on_token
+      self.shown = len(text)
 
 
 def main():
@@ -137,6 +147,9 @@ def main():
     )
   start = time.perf_counter()
   prompts = [_encode(tokenizer, p) for p in _PROMPT.value]
+  streamer = _Streamer(tokenizer, _STOP.value) if _STREAM.value else None
+  if streamer is not None and not _CHAT.value:
+    sys.stdout.write(_PROMPT.value[0])  # as without --stream: the prompt, then its continuation
   sampling = [
     Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value + i)
     for i in range(len(prompts))
@@ -147,16 +160,16 @@ def main():
     _MAX_NEW.value,
     rank,
     sampling=sampling,
-    eos_id=tokenizer.eos_id,
+    eos_id=tokenizer.eos_ids if hasattr(tokenizer, "eos_ids") else tokenizer.eos_id,
     stop=_STOP.value,
     tokenizer=tokenizer,
-    on_token=_streamer(tokenizer) if _STREAM.value else None,
+    on_token=streamer,
   )
   seconds = time.perf_counter() - start
   count = sum(len(c.tokens) for c in completions)
   print(f"{count} tokens in {seconds:.1f} s (compile included)", file=sys.stderr)
-  if _STREAM.value:
-    print()
+  if streamer is not None:
+    streamer.finish(completions[0].text)
     return
   for prompt, completion in zip(_PROMPT.value, completions):
     print(completion.text if _CHAT.value else prompt + completion.text)

@@ -66,13 +66,11 @@ def _rope_scaling(config: Mapping) -> RopeScaling | None:
     return RopeScaling("linear", float(scaling["factor"]))
   if kind != "llama3":
     _refuse("rope_scaling.rope_type", kind, "none, linear or llama3")
-  return RopeScaling(
-    "llama3",
-    float(scaling["factor"]),
-    float(scaling["low_freq_factor"]),
-    float(scaling["high_freq_factor"]),
-    int(scaling["original_max_position_embeddings"]),
-  )
+  fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+  missing = [field for field in fields if field not in scaling]
+  if missing:
+    raise ValueError(f"config.json rope_scaling (llama3) lacks {missing}.")
+  return RopeScaling("llama3", *(float(scaling[f]) for f in fields[:3]), int(scaling[fields[3]]))
 
 
 def _check_variant(config: Mapping, family: str) -> None:
@@ -233,10 +231,15 @@ def save_hf_decoder(model: nnx.Module, directory: str | os.PathLike, tokenizer=N
     tensors[hf_name(param_path)] = to_hf(param_path, np.asarray(variable[...], np.float32), config)
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  (directory / "config.json").write_text(json.dumps(hf_config(config), indent=2))
-  safetensors_io.save(directory / safetensors_io.SINGLE, tensors, {"format": "pt"})
-  if tokenizer is not None:
+  settings = hf_config(config)
+  if tokenizer is not None:  # transformers' generate stops at these, not its class defaults
+    eos = list(getattr(tokenizer, "eos_ids", ())) or tokenizer.eos_id
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos}
+    settings |= ids
+    (directory / "generation_config.json").write_text(json.dumps(ids, indent=2))
     tokenizer.save(directory)
+  (directory / "config.json").write_text(json.dumps(settings, indent=2))
+  safetensors_io.save(directory / safetensors_io.SINGLE, tensors, {"format": "pt"})
 
 
 def load_hf_decoder(
@@ -264,16 +267,18 @@ def load_hf_decoder(
     unexpected = [n for n in unexpected if n != "lm_head.weight"]
   if unexpected:
     raise ValueError(f"{directory}: tensors {unexpected} have no place in LlamaModel.")
+  available = set(files.names())
   for param_path, variable in flat:
     name = names[param_path]
-    if name not in files.names():
+    if name not in available:
       raise ValueError(f"{directory}: tensor {name!r} is missing.")
-    array = to_ours(param_path, files.read(name), config, raw["model_type"] == "gemma")
-    if array.shape != variable.shape:
+    theirs = variable.shape[::-1] if param_path[-1] == "kernel" else variable.shape
+    if files.shape(name) != theirs:
       raise ValueError(
-        f"{directory}: tensor {name!r} has shape {files.shape(name)}, which does not fit "
-        f"{'/'.join(map(str, param_path))} {variable.shape} of {config}."
+        f"{directory}: tensor {name!r} has shape {files.shape(name)}, expected {theirs} for "
+        f"{'/'.join(map(str, param_path))} of {config}."
       )
+    array = to_ours(param_path, files.read(name), config, raw["model_type"] == "gemma")
     variable.set_value(jnp.asarray(array))
   tokenizer = (
     HFTokenizer.from_directory(directory) if (directory / "tokenizer.json").is_file() else None

@@ -5,7 +5,8 @@ A Hugging Face directory holds `model.safetensors`, or shards listed by
 little-endian header length, a JSON header {name: {dtype, shape, data_offsets}} and the raw
 data. `safetensors.numpy` cannot read bfloat16 (what most released LLMs ship), so the reader is
 this module's own: `np.memmap` views typed with ml_dtypes, converted to float32 one tensor at a
-time, so a model larger than host memory still streams. Writing uses the `safetensors` package.
+time, so a checkpoint is never read whole into memory beside the model it fills (host memory
+still holds that model in float32). Writing uses the `safetensors` package.
 """
 
 from __future__ import annotations

@@ -101,6 +101,10 @@ class HFTokenizer:
     )
     self.bos_id = None if self.bos_token is None else tokenizer.token_to_id(self.bos_token)
     self.eos_id = None if self.eos_token is None else tokenizer.token_to_id(self.eos_token)
+    # Every id that ends a turn: the EOS token and generation_config.json's eos_token_id
+    # (Llama-3 and Gemma-it list several, e.g. Gemma's <end_of_turn>).
+    extra = settings.get("generation_eos_ids", ())
+    self.eos_ids = tuple(dict.fromkeys(i for i in (self.eos_id, *extra) if i is not None))
     template = settings.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
       template = {t.get("name"): t.get("template") for t in template}.get("default")
@@ -111,10 +115,18 @@ class HFTokenizer:
     directory = pathlib.Path(directory)
     settings_path = directory / "tokenizer_config.json"
     settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    generation = directory / "generation_config.json"
+    if generation.is_file():
+      eos = json.loads(generation.read_text()).get("eos_token_id")
+      settings["generation_eos_ids"] = [eos] if isinstance(eos, int) else list(eos or ())
     template_path = directory / "chat_template.jinja"  # newer transformers save it apart
     if template_path.is_file() and not settings.get("chat_template"):
       settings["chat_template"] = template_path.read_text()
-    return cls(tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")), settings)
+    try:
+      tokenizer = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+    except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
+      raise ValueError(f"{directory / 'tokenizer.json'} is not a tokenizer file: {e}") from None
+    return cls(tokenizer, settings)
 
   def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
     return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

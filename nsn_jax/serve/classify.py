@@ -54,8 +54,9 @@ class Classifier(Engine):
     self.encoder = text_encoder(config) if self.text else None
     inputs = ("texts",) if self.text else ("inputs", "inputs_b64")
     self.keys = frozenset({*inputs, "rank", "budget"})
-    # The library's image model (NSNMLP) flattens each image before its first layer.
-    self.input_size = None if self.text else self.model.hidden[0].in_features
+    # Pixels arrive flat (N × input_size) and are shaped as the dataset's images.
+    self.image_shape = tuple(config.data.image_shape)
+    self.input_size = None if self.text else math.prod(self.image_shape)
     self.weights = {point: Weights.of(self.fixed_model(point)) for point in self.ranks}
     task = self.task
 
@@ -71,7 +72,7 @@ class Classifier(Engine):
         "tokens": np.zeros((batch_size, self.seq_len), np.int32),
         "mask": np.ones((batch_size, self.seq_len), bool),
       }
-    return {"image": np.zeros((batch_size, self.input_size), np.float32)}
+    return {"image": np.zeros((batch_size, *self.image_shape), np.float32)}
 
   def compile(self, rank, batch_size: int) -> None:
     example = self._example_batch(batch_size)
@@ -111,7 +112,7 @@ class Classifier(Engine):
     if not np.all(np.isfinite(images)) or images.min() < 0 or images.max() > 255:
       raise RequestError(422, f"inputs: values outside [0, 255] or not finite; valid: {valid}")
     # The dataset's uint8 pixels, preprocessed as training and eval.py preprocess them.
-    return preprocess({"image": images.reshape(len(images), -1).astype(np.float32)})
+    return preprocess({"image": images.reshape(-1, *self.image_shape).astype(np.float32)})
 
   def _parse_image_bytes(self, encoded) -> dict[str, np.ndarray]:
     """inputs_b64: base64 of the uint8 pixels of N examples, row-major (N · input_size bytes):
@@ -123,7 +124,7 @@ class Classifier(Engine):
       raise RequestError(422, f"inputs_b64: not base64; valid: {valid}") from None
     if not pixels.size or pixels.size % self.input_size:
       raise RequestError(422, f"inputs_b64: {pixels.size} bytes; valid: {valid}")
-    return preprocess({"image": pixels.reshape(-1, self.input_size)})
+    return preprocess({"image": pixels.reshape(-1, *self.image_shape)})
 
   def _parse_texts(self, body: dict) -> dict[str, np.ndarray]:
     texts = body.get("texts")
