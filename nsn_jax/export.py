@@ -24,6 +24,7 @@ import tempfile
 from absl import flags
 from etils import epath
 from flax import nnx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -159,14 +160,22 @@ def _staged(out: str) -> Iterator[pathlib.Path]:
 
 
 def _write_safetensors(deployed, restored: Restored, out: str, metadata: dict) -> None:
-  """model.safetensors keyed by parameter path ("layers/0/mlp/up/kernel") + nsn_export.json."""
+  """model.safetensors keyed by parameter path ("layers/0/mlp/up/kernel") + nsn_export.json.
+  RNG keys (a dropout's) are stored as their uint32 key data."""
   tensors = {
-    "/".join(map(str, path)): np.asarray(variable[...])
+    "/".join(map(str, path)): np.asarray(_plain(variable[...]))
     for path, variable in nnx.to_flat_state(nnx.state(deployed))
   }
   with _staged(out) as staging:
     safetensors_io.save(staging / safetensors_io.SINGLE, tensors, {"format": "nsn_jax"})
     _write_metadata(staging, restored, metadata | {"layout": "nsn_jax"})
+
+
+def _plain(value: jax.Array) -> jax.Array:
+  """A typed PRNG key as its key data (what safetensors can hold); other arrays as they are."""
+  return (
+    jax.random.key_data(value) if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) else value
+  )
 
 
 def _write_hf(deployed, restored: Restored, out: str, metadata: dict) -> None:

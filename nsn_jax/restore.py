@@ -118,9 +118,11 @@ def _restore_file_export(path: epath.Path, mesh: jax.sharding.Mesh | None) -> Re
   available = set(files.names())
   for key, variable in nnx.to_flat_state(state):
     name = "/".join(map(str, key))
-    if name not in available or files.shape(name) != variable.shape:
+    is_key = jax.dtypes.issubdtype(variable.dtype, jax.dtypes.prng_key)  # stored as key data
+    if name not in available or (not is_key and files.shape(name) != variable.shape):
       raise CheckpointError(f"{path}: tensor {name!r} {variable.shape} is missing or misshapen.")
-    value = files.read(name, variable.dtype)
+    value = files.read(name, None if is_key else variable.dtype)
+    value = jax.random.wrap_key_data(value) if is_key else value
     variable.set_value(jax.device_put(value, _leaf(layout, key)))
   nnx.update(model, state)
   return Restored(model, metadata, metadata["step"])
