@@ -175,3 +175,21 @@ def test_train_py_trains_and_eval_py_sweeps_a_custom_model_by_import_path(tmp_pa
   assert sorted(nsn.nsn_layers(restored.model)) == ["linear1", "linear2"]
   assert restored.model.linear1.max_rank == 8
   assert restored.config.model.kwargs.to_dict() == {"din": 784, "dmid": 32, "dout": 10}
+
+
+def test_the_server_classifies_with_a_custom_model(tmp_path, data_dir):
+  """The classifier engine shapes image requests as the dataset's images, so a user's model
+  (here the Flax-style MLP after surgery) serves as the built-in one does."""
+  from nsn_jax.serve.classify import Classifier
+  from nsn_jax.train_lib import train_and_evaluate
+
+  config = custom_mlp.get_config("smoke")
+  config.data.data_dir, config.train.steps = data_dir, 4
+  train_and_evaluate(config, str(tmp_path / "run"))
+  restored = nsn.restore_model(str(tmp_path / "run"))
+  engine = Classifier(restored, (4,), (1,))
+  pixels = np.random.default_rng(0).integers(0, 256, (28, 28)).tolist()
+  results, _ = engine.run(4, 1, [engine.parse({"inputs": [pixels]}, 4)])
+  image = np.asarray(pixels, np.float32).reshape(1, 28, 28, 1) / 255.0
+  expected = jax.nn.softmax(nsn.apply(restored.model, jnp.asarray(image), rank=4))
+  np.testing.assert_allclose(results[0]["probabilities"], expected, rtol=1e-5, atol=1e-6)
