@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
+import shlex
+import subprocess
 from typing import Any, NamedTuple
 
 from flax import nnx
@@ -14,6 +17,8 @@ import ml_collections
 
 from benchmarks.timing import Policy, Timing, time_fn
 from configs import default
+
+REPO = pathlib.Path(__file__).resolve().parents[1]  # where workers run
 
 
 class Column(NamedTuple):
@@ -139,6 +144,22 @@ def xla_flops(jitted, *args) -> float:
 def time_jax(fn, *args, policy: Policy) -> Timing:
   """Latency of `fn(*args)` to a ready result."""
   return time_fn(lambda: jax.block_until_ready(fn(*args)), policy)
+
+
+def run_json_worker(command: list[str], input_text: str | None = None, env=None) -> dict:
+  """Runs a worker process from the repository root (`env` added to this one's) and returns
+  the JSON of its last stdout line; a RuntimeError with its stderr if it fails."""
+  done = subprocess.run(
+    command,
+    cwd=REPO,
+    input=input_text,
+    env={**os.environ, **(env or {})},
+    capture_output=True,
+    text=True,
+  )
+  if done.returncode != 0:
+    raise RuntimeError(f"{shlex.join(command)} failed:\n{done.stderr[-3000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def write_report(path: str | pathlib.Path, report: dict) -> pathlib.Path:

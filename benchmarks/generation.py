@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from benchmarks.common import Column, write_report
+from benchmarks.common import REPO, Column, run_json_worker, write_report
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 LENGTHS = {"full": (5, 9, 14, 20, 27, 35, 44, 54, 65, 77), "tiny": (3, 6, 11)}
 ONE_THREAD = {
   "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
@@ -137,14 +133,8 @@ def _new_tokens(size: str) -> int:
 
 
 def _run_worker(argv: list[str], python: str = sys.executable, env=None) -> dict:
-  """One pinned worker process; its last stdout line is its JSON."""
-  command = ["taskset", "-c", "0", python, *argv]
-  done = subprocess.run(
-    command, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True
-  )
-  if done.returncode != 0:
-    raise RuntimeError(f"{shlex.join(command)} failed:\n{done.stderr[-3000:]}")
-  return json.loads(done.stdout.strip().splitlines()[-1])
+  """One worker process pinned to CPU 0; returns its JSON."""
+  return run_json_worker(["taskset", "-c", "0", python, *argv], env=env)
 
 
 def _tokens_per_s(args, model_dir: pathlib.Path) -> tuple[list[dict], list[str]]:

@@ -10,18 +10,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pathlib
-import subprocess
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import layer, model, train_step
-from benchmarks.common import Column, SuiteResult, mlp_config, summary_line, time_jax
+from benchmarks.common import (
+  REPO,
+  Column,
+  SuiteResult,
+  mlp_config,
+  run_json_worker,
+  summary_line,
+  time_jax,
+)
 from benchmarks.timing import Policy
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv-torch" / "bin" / "python"
 SETUP = (
   "python3 -m venv .venv-torch && .venv-torch/bin/pip install -r requirements/torch-reference.txt"
@@ -108,17 +113,9 @@ def run(size: str, policy: Policy, jax_results: dict[str, SuiteResult]) -> Suite
   if not available():
     return SuiteResult([], [], [missing_message()], COLUMNS, skipped=True)
   config = spec(size, policy)
-  done = subprocess.run(
-    [str(PYTHON), "-m", "benchmarks.torch_worker"],
-    cwd=REPO,
-    input=json.dumps(config),
-    capture_output=True,
-    text=True,
-    check=False,
+  reference = run_json_worker(
+    [str(PYTHON), "-m", "benchmarks.torch_worker"], input_text=json.dumps(config)
   )
-  if done.returncode:
-    raise RuntimeError(f"torch worker failed:\n{done.stderr}")
-  reference = json.loads(done.stdout.strip().splitlines()[-1])
   jax_matmul = {
     (row["batch"], row["rank"]): row["latency_s"] for row in _jax_matmul_rows(config["mlp"], policy)
   }

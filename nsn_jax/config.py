@@ -193,7 +193,7 @@ def _merge(config: ml_collections.ConfigDict, saved: dict, prefix: str) -> None:
       _merge(config[key], value, f"{prefix}{key}.")
       continue
     try:
-      config[key] = tuple(_tuples(value)) if isinstance(value, list) else value
+      config[key] = _tuples_in(value)
     except TypeError:
       raise ConfigError(
         f"{prefix}{key}",
@@ -210,10 +210,6 @@ def _tuples_in(value: Any) -> Any:
   if isinstance(value, list):
     return tuple(_tuples_in(v) for v in value)
   return value
-
-
-def _tuples(values: list) -> list:
-  return [tuple(_tuples(v)) if isinstance(v, list) else v for v in values]
 
 
 def seq_len(config: ml_collections.ConfigDict) -> int | None:

@@ -279,27 +279,34 @@ class GGUFTokenizer:
     """The text of token ids (special tokens included)."""
     return self._tok.decode(list(ids), skip_special_tokens=False)
 
+  @property
+  def bos_token(self) -> str | None:
+    """The BOS token's text (as `HFTokenizer.bos_token`), None without one."""
+    return None if self.bos_id is None else self._tok.id_to_token(self.bos_id)
+
+  @property
+  def eos_token(self) -> str | None:
+    return None if self.eos_id is None else self._tok.id_to_token(self.eos_id)
+
   def save(self, directory: str | os.PathLike) -> None:
     """tokenizer.json + tokenizer_config.json of this tokenizer, as Hugging Face tools read them;
     a file that asks for BOS gets a post-processor adding it."""
-    name = lambda i: None if i is None else self._tok.id_to_token(i)
     tokenizer = tokenizers.Tokenizer.from_str(self._tok.to_str())
     if self.add_bos and self.bos_id is not None:
       tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
-        single=f"{name(self.bos_id)} $A", special_tokens=[(name(self.bos_id), self.bos_id)]
+        single=f"{self.bos_token} $A", special_tokens=[(self.bos_token, self.bos_id)]
       )
-    save_tokenizer(tokenizer, directory, name(self.bos_id), name(self.eos_id), self.chat_template)
+    save_tokenizer(tokenizer, directory, self.bos_token, self.eos_token, self.chat_template)
 
   def chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `messages` rendered by the file's chat template (`render_chat`); the
     template writes any BOS itself."""
-    name = lambda i: None if i is None else self._tok.id_to_token(i)
     text = render_chat(
       self.chat_template,
       messages,
       add_generation_prompt=add_generation_prompt,
-      bos_token=name(self.bos_id),
-      eos_token=name(self.eos_id),
+      bos_token=self.bos_token,
+      eos_token=self.eos_token,
     )
     return self._tok.encode(text, add_special_tokens=False).ids
 

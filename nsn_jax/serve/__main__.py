@@ -23,7 +23,7 @@ import jax
 
 from nsn_jax import cli
 from nsn_jax.serve.metrics import log_event
-from nsn_jax.serve.options import DEFAULT_CACHE, POLICIES, ServeOptions
+from nsn_jax.serve.options import POLICIES, ServeOptions
 
 flags.DEFINE_string(
   "workdir",
@@ -54,10 +54,8 @@ flags.DEFINE_float("max_wait_ms", 5.0, "Longest a batch waits to fill, ms.")
 flags.DEFINE_integer("max_queue", 1024, "Most rows waiting; more get 503.")
 flags.DEFINE_float("slo_ms", None, "The slo policy's latency target, ms.")
 flags.DEFINE_float("slo_percentile", 99.0, "Which latency percentile it bounds.")
-flags.DEFINE_string(
-  "compilation_cache",
-  DEFAULT_CACHE,
-  "Cache directory: JAX's compilation cache, the server's executables and latencies ('' = off).",
+cli.compilation_cache_flag(
+  "Cache directory: JAX's compilation cache, the server's executables and latencies"
 )
 flags.DEFINE_integer("context", 512, "Generation: KV-cache slots per sequence.")
 flags.DEFINE_integer("max_new_tokens", 256, "Generation: most new tokens a request gets.")
