@@ -71,7 +71,9 @@ def defaults() -> ml_collections.ConfigDict:
 def _data_and_model(c: ml_collections.ConfigDict) -> None:
   """data, model, surgery."""
   c.data = ml_collections.ConfigDict()
-  c.data.name = "mnist5k"  # a TFDS dataset (mnist5k and shakespeare/* are built offline)
+  # a TFDS dataset (mnist5k and shakespeare/* are built offline), digits (scikit-learn's 8×8
+  # digits, built in) or npz:PATH (your arrays, nsn_jax.save_arrays)
+  c.data.name = "mnist5k"
   c.data.data_dir = config_dict.placeholder(str)  # None: TFDS's default (~/tensorflow_datasets)
   c.data.image_shape = (28, 28, 1)  # image tasks: must match the dataset
   c.data.num_classes = 10  # classification; None for language modelling
@@ -344,6 +346,8 @@ def _check_data(config) -> None:
   for field, example in (("name", "mnist5k"), ("train_split", "train"), ("eval_split", "test")):
     if not isinstance(data[field], str) or not data[field]:
       raise ConfigError(f"data.{field}", data[field], f"a TFDS name, e.g. {example}")
+  if data.name == "digits":
+    _check_digits(config)
   _integer("data.eval_examples", data.eval_examples, 0)
   if config.task == "image_classification":
     if not data.image_shape or any(not _is_int(d) or d < 1 for d in data.image_shape):
@@ -366,6 +370,22 @@ def _check_data(config) -> None:
       )
   else:
     _integer("data.num_classes", data.num_classes, 2)
+
+
+def _check_digits(config) -> None:
+  """data.name=digits (nsn_jax/data/digits.py, not imported here): scikit-learn's 8×8 grey
+  digits, 10 classes, splits train and test."""
+  data = config.data
+  for field, value, valid in (
+    ("task", config.task, "image_classification"),
+    ("data.image_shape", _tuples_in(data.image_shape), (8, 8, 1)),
+    ("data.num_classes", data.num_classes, 10),
+  ):
+    if value != valid:
+      raise ConfigError(field, value, f"{valid!r} with data.name='digits'")
+  for field in ("train_split", "eval_split"):
+    if data[field] not in ("train", "test"):
+      raise ConfigError(f"data.{field}", data[field], "train | test with data.name='digits'")
 
 
 def _check_model(config, check_init_from: bool = True) -> None:

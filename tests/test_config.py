@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from configs import cifar10_mlp, default, minilm_genre, smollm2_genre, smollm2_lm
+from configs import cifar10_mlp, default, digits_mlp, minilm_genre, smollm2_genre, smollm2_lm
 from nsn_jax import config as config_lib
 from nsn_jax.build import check_model_fits
 from nsn_jax.config import ConfigError, validate
@@ -146,6 +146,7 @@ def test_every_shipped_config_validates():
   for module, variants in (
     (default, (None, "smoke", "dense", "dense,smoke")),
     (cifar10_mlp, (None, "smoke")),
+    (digits_mlp, (None, "smoke", "dense")),
     (smollm2_genre, (None, "dense", "smoke", "dense,smoke")),
     (smollm2_lm, (None, "smoke")),
     (minilm_genre, (None, "compare")),
@@ -165,6 +166,25 @@ def test_bad_mlp_config_is_one_clear_line(overrides, message):
     validate(config, num_devices=8)
   text = str(error.value)
   assert "\n" not in text and "valid: " in text and error.value.field in text
+
+
+DIGITS_CASES = [
+  ({"data.image_shape": (28, 28, 1)}, r"data.image_shape=\(28, 28, 1\): valid: \(8, 8, 1\) with"),
+  ({"data.num_classes": 3}, r"data.num_classes=3: valid: 10 with data.name='digits'"),
+  ({"data.eval_split": "validation"}, r"data.eval_split='validation': valid: train \| test with"),
+  (
+    {"model.name": "bert_hf", "task": "text_classification"},
+    r"task='text_classification': valid: 'image_classification' with data.name='digits'",
+  ),
+]
+
+
+@pytest.mark.parametrize("overrides,message", DIGITS_CASES)
+def test_bad_digits_config_is_one_clear_line(overrides, message):
+  config = _set(digits_mlp.get_config(), overrides)
+  with pytest.raises(ConfigError, match=message) as error:
+    validate(config, num_devices=8)
+  assert "\n" not in str(error.value) and error.value.field in str(error.value)
 
 
 PRETRAINED_CASES = [

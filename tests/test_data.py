@@ -1,4 +1,7 @@
-"""Data layer: the offline mnist5k builder, the grain pipeline, and a prepared online dataset."""
+"""Data layer: the offline mnist5k builder, the built-in digits, the grain pipeline, and a prepared
+online dataset."""
+
+import sys
 
 from fakes import FakeCifar10, fake_cifar
 import numpy as np
@@ -231,3 +234,51 @@ def test_arrays_that_disagree_with_the_config_are_one_line_errors(tmp_path):
     pipeline.load_split(_config(tmp_path, name=name, image_shape=(8, 8, 1)), "test")
   with pytest.raises(FileNotFoundError, match="no such file"):
     pipeline.load_split(_config(tmp_path, name="npz:/nowhere.npz"), "train")
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+  """A data_dir with the built-in digits written once for the module (about 1 s)."""
+  data_dir = tmp_path_factory.mktemp("digits")
+  pipeline.data_source(_config(data_dir, "digits", (8, 8, 1)), "train")
+  return data_dir
+
+
+def test_digits_split_is_deterministic_disjoint_and_stratified(digits_dir):
+  from sklearn.datasets import load_digits
+
+  from nsn_jax.data import arrays, digits
+
+  labels = load_digits().target
+  rows = arrays.stratified_split(labels, 36, 0)
+  assert sorted(np.concatenate([rows["train"], rows["test"]])) == list(range(1797))  # disjoint
+  assert np.bincount(labels[rows["test"]]).tolist() == [36] * 10
+  config = _config(digits_dir, "digits", (8, 8, 1))
+  train, test = (pipeline.load_split(config, split) for split in ("train", "test"))
+  assert train["image"].shape == (1437, 8, 8, 1) and test["image"].shape == (360, 8, 8, 1)
+  assert train["image"].dtype == np.float32 and train["label"].dtype == np.int32
+  assert train["image"].min() == 0.0 and train["image"].max() == 1.0  # 16/16, as mnist5k's 255
+  assert np.bincount(test["label"]).tolist() == [36] * 10
+  np.testing.assert_array_equal(train["label"], labels[rows["train"]])
+  again = digits.splits()  # deterministic: a fresh build gives the file's arrays
+  np.testing.assert_array_equal(again["test"]["image"].astype(np.float32) / 255, test["image"])
+  pixels = load_digits().images[rows["test"]][..., None] / 16
+  np.testing.assert_allclose(test["image"], pixels, atol=0.5 / 255)
+
+
+def test_digits_written_once_then_reused(digits_dir, monkeypatch):
+  from nsn_jax.data import digits
+
+  def fail():
+    raise AssertionError("digits were rebuilt")
+
+  monkeypatch.setattr(digits, "splits", fail)
+  assert len(pipeline.data_source(_config(digits_dir, "digits", (8, 8, 1)), "test")) == 360
+  assert [p.name for p in (digits_dir / "digits").iterdir()] == ["digits-1.0.0.npz"]
+
+
+def test_digits_without_scikit_learn_says_make_setup(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # the import fails
+  with pytest.raises(FileNotFoundError, match=r"scikit-learn.*make setup"):
+    pipeline.data_source(_config(tmp_path, "digits", (8, 8, 1)), "train")
+  assert list((tmp_path / "digits").iterdir()) == []  # no partial file left

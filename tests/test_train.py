@@ -147,6 +147,23 @@ def test_cifar10_config_trains_on_a_prepared_dataset(tmp_path):
   assert metadata["nsn_layers"]["hidden/0"]["in_features"] == 32 * 32 * 3
 
 
+def test_digits_config_trains_and_evaluates(data_dir, tmp_path):
+  """configs/digits_mlp.py's model (64 → 128 → 128 → 10, R = 32): a few steps, then a sweep."""
+  from configs import digits_mlp
+  from nsn_jax.sweep import run_sweep
+
+  config = digits_mlp.get_config()
+  config.data.data_dir = data_dir
+  config.train.steps, config.optimizer.warmup_steps, config.train.log_every = 30, 2, 10
+  config.ranks.fixed, config.eval.ranks = (32, 8), (32,)  # few programs to compile
+  final = train_and_evaluate(config, str(tmp_path))
+  assert final["eval/rank_32/accuracy"] > 0.5  # 10 classes: chance is 0.1
+  layers = Checkpoints(str(tmp_path / "checkpoints")).metadata()["nsn_layers"]
+  assert layers["hidden/0"] == {"in_features": 64, "out_features": 128, "max_rank": 32}
+  (row,) = run_sweep(str(tmp_path), "32", verbose=False)  # eval.py's path
+  assert row.accuracy == final["eval/rank_32/accuracy"] and row.flops_frac_dense < 1
+
+
 def test_remote_workdir_needs_a_local_metrics_dir(smoke_config):
   with pytest.raises(ValueError, match="--metrics_dir=.*valid: a local directory"):
     train_and_evaluate(smoke_config, "gs://bucket/run")

@@ -40,6 +40,18 @@ def save_arrays(path: str | os.PathLike, **splits: dict[str, np.ndarray]) -> str
   return PREFIX + (path if path.endswith(".npz") else path + ".npz")
 
 
+def stratified_split(labels: np.ndarray, test_per_class: int, seed: int) -> dict[str, np.ndarray]:
+  """Row indices per split of `labels` (int (N,), classes 0..C-1): `test_per_class` rows of each
+  class, drawn with numpy seed `seed`, to "test", the rest to "train"; each sorted."""
+  rng = np.random.default_rng(seed)
+  train, test = [], []
+  for c in range(int(labels.max()) + 1):
+    rows = rng.permutation(np.flatnonzero(labels == c))
+    test.append(rows[:test_per_class])
+    train.append(rows[test_per_class:])
+  return {"train": np.sort(np.concatenate(train)), "test": np.sort(np.concatenate(test))}
+
+
 def _check_split(split: str, features: dict[str, np.ndarray]) -> None:
   unknown = sorted(set(features) - set(FEATURES))
   inputs = [k for k in ("image", "text") if k in features]

