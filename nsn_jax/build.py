@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import tokenizers
 
-from nsn_jax import surgery
+from nsn_jax import sharding, surgery
 from nsn_jax.config import DECODERS, PRETRAINED, SURGERY, ConfigError, model_factory
 from nsn_jax.data.pipeline import TextEncoder
 from nsn_jax.llm import (
@@ -49,6 +49,7 @@ from nsn_jax.models.bert import BertModel
 from nsn_jax.models.heads import SequenceClassifier
 from nsn_jax.models.llama import LlamaModel
 from nsn_jax.models.mlp import NSNMLP
+from nsn_jax.sharding import Layout
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RULES = {
@@ -87,15 +88,18 @@ def mismatches(config: ml_collections.ConfigDict, other: ml_collections.ConfigDi
   return [key for key, ours, theirs in pairs if ours != theirs]
 
 
-def _backbone(config: ml_collections.ConfigDict, pretrained: bool, seed: int) -> nnx.Module:
-  """The pretrained model, or with `pretrained=False` the same architecture with random weights
-  (read from the file's metadata only: what restoring a checkpoint needs). A custom model is
-  always built at its random init."""
+def _backbone(
+  config: ml_collections.ConfigDict, pretrained: bool, seed: int, layout: Layout | None = None
+) -> nnx.Module:
+  """The pretrained model (each parameter loaded straight into `layout`'s sharding; None: one
+  device), or with `pretrained=False` the same architecture with random weights (read from the
+  file's metadata only: what restoring a checkpoint needs). A custom model is always built at
+  its random init."""
   if config.model.name == "custom":
     return model_factory(config)(**config.model.kwargs.to_dict(), rngs=nnx.Rngs(seed))
   path, dtype = model_path(config), _dtype(config)
   if pretrained:
-    return _LOADERS[config.model.name](path, dtype)[1]
+    return _LOADERS[config.model.name](path, dtype, layout)[1]
   if config.model.name == "llama_gguf":
     return LlamaModel(config_from_gguf(gguf_metadata(path)), dtype=dtype, rngs=nnx.Rngs(seed))
   hf_config = json.loads((path / "config.json").read_text())
@@ -291,6 +295,7 @@ def build_pretrained(
   seed: int,
   calibrate: Callable[[nnx.Module], None] | None = None,
   dense: nnx.Module | None = None,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[nnx.Module, nnx.Module, dict[str, np.ndarray] | None]:
   """(dense, model, calibration) for a pretrained family: the pretrained backbone with the task's
   head before surgery (FlexRank's distillation teacher), the same after `config.surgery` (the
@@ -300,9 +305,12 @@ def build_pretrained(
   `dense`: start from this dense model instead (a fine-tuned twin, `model.init_from`).
   Activation-aware surgery (`surgery.init=activation_aware`) needs `calibrate`; plain SVD
   ignores the calibration inputs, which FlexRank's profile search still reads.
+  `mesh`: the weights load, and the surgery's factors land, straight into the layout the train
+  state gives them (`config.sharding`), so no device ever holds the whole model.
   """
+  layout = None if mesh is None else sharding.config_layout(mesh, config.sharding, "model/")
   if dense is None:
-    dense = _task_model(config, pretrained=True, seed=seed)
+    dense = _task_model(config, pretrained=True, seed=seed, layout=layout)
   if config.model.dense:
     return dense, dense, None
   rules, init = surgery_rules(config), config.surgery.init
@@ -314,16 +322,21 @@ def build_pretrained(
     rules,
     config.model.max_rank,
     calibration=calibration if init == "activation_aware" else None,
+    layout=layout,
   )[0]
   return dense, model, calibration
 
 
-def _task_model(config: ml_collections.ConfigDict, *, pretrained: bool, seed: int) -> nnx.Module:
-  """The backbone (pretrained or random) with the head `config.task` needs, before surgery."""
-  model = _backbone(config, pretrained, seed)
+def _task_model(
+  config: ml_collections.ConfigDict, *, pretrained: bool, seed: int, layout: Layout | None = None
+) -> nnx.Module:
+  """The backbone (pretrained or random) with the head `config.task` needs, before surgery;
+  `layout` as `build_pretrained` derives it, for the leaves' paths in the task model."""
   if config.task == "text_classification":
+    inner = None if layout is None else lambda path, shape: layout(f"backbone/{path}", shape)
+    model = _backbone(config, pretrained, seed, inner)
     return SequenceClassifier(model, config.data.num_classes, rngs=nnx.Rngs(params=seed))
-  return model  # language_modelling: the decoder's own head
+  return _backbone(config, pretrained, seed, layout)  # language_modelling: its own head
 
 
 def tokenizer(config: ml_collections.ConfigDict) -> GGUFTokenizer | HFTokenizer:

@@ -154,6 +154,10 @@ def _training(c: ml_collections.ConfigDict) -> None:
   # what remat_policy, a jax.checkpoint_policies name, saves): trades compute for activations.
   c.train.remat = "none"
   c.train.remat_policy = "nothing_saveable"
+  # Language modelling scores this many positions at a time (0: the whole sequence): the
+  # (batch, positions, vocabulary) logits of one chunk exist at once, recomputed in the backward
+  # pass, instead of every position's for every trained rank.
+  c.train.loss_chunk = 128
 
   c.optimizer = ml_collections.ConfigDict()  # AdamW, linear warm-up then cosine decay
   c.optimizer.learning_rate = 3e-3
@@ -641,6 +645,7 @@ def _check_train(config) -> None:
   _integer("train.batch_size", train.batch_size, 1)
   for field in ("log_every", "checkpoint_every", "max_to_keep"):
     _integer(f"train.{field}", train[field], 1)
+  _integer("train.loss_chunk", train.loss_chunk, 0)
   if isinstance(train.trainable, str) or not train.trainable:
     raise ConfigError("train.trainable", train.trainable, 'a tuple of path regexes; ("",) = all')
   for rule in train.trainable:

@@ -35,7 +35,7 @@ class RankEvaluator:
 
     @sharding.with_mesh(mesh)  # no mesh: a no-op
     def scores(params, batch, rows, rank):
-      return task.scores(task.logits(nnx.merge(graphdef, params), batch, rank), batch, rows)
+      return task.rank_scores(nnx.merge(graphdef, params), batch, rank, rows)
 
     self._scores = jax.jit(scores, static_argnums=3)
     self._forward = jax.jit(

@@ -15,9 +15,15 @@ import numpy as np
 import scipy.linalg
 
 from nsn_jax import flops
+from nsn_jax.sharding import to_host
 
 # One entry of a layer's table: (rank, cost in FLOPs per row, error); errors add across layers.
 Entry = tuple[int, float, float]
+
+
+def _host64(x) -> np.ndarray:
+  """x as float64 on the host (gathered when other processes hold parts of it)."""
+  return to_host(x).astype(np.float64)
 
 
 def activation_aware_factors(
@@ -29,8 +35,7 @@ def activation_aware_factors(
   the optimum is the truncated SVD of Sᵀ W = U Σ Vᵀ mapped back: a = S⁻ᵀ U √Σ, b = √Σ Vᵀ (the same
   √Σ split as `svd_factors`). R' = min(max_rank, d_in, d_out).
   """
-  w = np.asarray(kernel, np.float64)
-  x = np.asarray(activations, np.float64)
+  w, x = _host64(kernel), _host64(activations)
   lam, q = np.linalg.eigh(x.T @ x / x.shape[0])
   # Clipping keeps S invertible when the statistics are rank deficient (n < d_in, duplicated
   # features); directions the data never visits then get a tiny weight instead of none.
@@ -46,8 +51,8 @@ def activation_aware_factors(
 
 def output_error(kernel, a, b, activations, rank: int) -> float:
   """Relative output error ‖X(W − a[:, :r] b[:r])‖_F / ‖X W‖_F over the calibration rows."""
-  w, x = np.asarray(kernel, np.float64), np.asarray(activations, np.float64)
-  w_r = np.asarray(a, np.float64)[:, :rank] @ np.asarray(b, np.float64)[:rank]
+  w, x = _host64(kernel), _host64(activations)
+  w_r = _host64(a)[:, :rank] @ _host64(b)[:rank]
   return float(np.linalg.norm(x @ (w - w_r)) / np.linalg.norm(x @ w))
 
 
@@ -61,9 +66,8 @@ def layer_error_table(kernel, a, b, activations) -> list[Entry]:
   per rank (what makes the table affordable for SmolLM2's 90 layers of R = 576).
   """
   d_in, d_out = np.shape(kernel)
-  x = np.asarray(activations, np.float64)
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  y, p = x @ np.asarray(kernel, np.float64), x @ a
+  x, a, b = _host64(activations), _host64(a), _host64(b)
+  y, p = x @ _host64(kernel), x @ a
   total = np.sum(y * y)
   cross = np.cumsum(np.sum((p.T @ y) * b, axis=1))
   quadratic = np.diag(np.cumsum(np.cumsum((p.T @ p) * (b @ b.T), axis=0), axis=1))

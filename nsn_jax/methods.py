@@ -187,7 +187,7 @@ class Dense(Method):
 
   def loss(self, state, batch: dict, ranks: jax.Array, extra: Any):
     del ranks, extra
-    scores = self.task.scores(self.task.logits(state.model, batch, None), batch)
+    scores = self.task.rank_scores(state.model, batch, None)
     loss = scores["loss"] / scores["weight"]
     return loss, {"loss": loss, "accuracy": scores["correct"] / scores["weight"]}
 

@@ -16,7 +16,9 @@ distillation at one sampled profile per step: `distillation_loss`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
+from typing import Any
 
 from flax import nnx
 import jax
@@ -75,10 +77,9 @@ class Objective:
     return presets[name]
 
 
-def per_rank_logits(
-  model: nnx.Module, task: Task, batch: dict, ranks: jax.Array | BucketPlan
-) -> jax.Array:
-  """The task's logits at each rank → (k, B, ..., C), in the order of the ranks.
+def per_rank(fn: Callable[[Any], Any], ranks: jax.Array | BucketPlan) -> Any:
+  """fn(rank) at each rank, its leaves stacked on a leading axis (k, ...) in the order of the
+  ranks.
 
   ranks: an int32 array (k,) runs the masked path at full width R vmapped over ranks (one
   program for any rank values; `train.multi_rank=vmap_masked`); a `BucketPlan` of a fixed set
@@ -86,19 +87,28 @@ def per_rank_logits(
   a plain static slice (one program per plan; `bucketed`, and `loop_static` = one rank each).
   """
   if not isinstance(ranks, BucketPlan):
-    return jax.vmap(lambda r: task.logits(model, batch, r))(ranks)
-  logits = jnp.concatenate([_bucket_logits(model, task, batch, b) for b in ranks.buckets])
+    return jax.vmap(fn)(ranks)
+  parts = [_bucket(fn, bucket) for bucket in ranks.buckets]
+  stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
   order = ranks.order()
-  return logits if order == tuple(range(len(order))) else logits[np.asarray(order)]
+  if order == tuple(range(len(order))):
+    return stacked
+  return jax.tree.map(lambda x: x[np.asarray(order)], stacked)
 
 
-def _bucket_logits(model: nnx.Module, task: Task, batch: dict, bucket: tuple[int, ...]):
-  """(|bucket|, B, ..., C): a bucket's ranks (descending) at the static width of the first."""
+def _bucket(fn: Callable[[Any], Any], bucket: tuple[int, ...]) -> Any:
+  """fn at a bucket's ranks (descending), (|bucket|, ...), at the static width of the first."""
   width = bucket[0]
   if len(bucket) == 1:
-    return task.logits(model, batch, width)[None]
-  masked = lambda r: task.logits(model, batch, WidthRank(width, r))
-  return jax.vmap(masked)(jnp.asarray(bucket, jnp.int32))
+    return jax.tree.map(lambda x: x[None], fn(width))
+  return jax.vmap(lambda r: fn(WidthRank(width, r)))(jnp.asarray(bucket, jnp.int32))
+
+
+def per_rank_logits(
+  model: nnx.Module, task: Task, batch: dict, ranks: jax.Array | BucketPlan
+) -> jax.Array:
+  """The task's logits at each rank → (k, B, ..., C), in the order of the ranks (`per_rank`)."""
+  return per_rank(lambda rank: task.logits(model, batch, rank), ranks)
 
 
 def factor_orthogonality(model: nnx.Module) -> jax.Array:
@@ -153,13 +163,16 @@ def multi_rank_loss(
 
   Args:
     batch: the arrays `task` reads. ranks: the ranks of this step, int32 (k,) or the
-      `BucketPlan` of a fixed set (see `per_rank_logits`); the objective is the same for both.
+      `BucketPlan` of a fixed set (see `per_rank`); the objective is the same for both.
   Returns:
     (loss scalar, aux dict: per-rank `loss` (k,) (mean CE over scored examples or tokens),
     `accuracy` (k,), `log_var` (k,)).
   """
-  logits = per_rank_logits(model, task, batch, ranks)  # (k, B, ..., C)
-  scores = jax.vmap(lambda l: task.scores(l, batch))(logits)
+  if objective.logits_weight:  # the KL term reads every rank's whole logits
+    logits = per_rank_logits(model, task, batch, ranks)  # (k, B, ..., C)
+    scores = jax.vmap(lambda l: task.scores(l, batch))(logits)
+  else:  # summed per rank as they are computed (a language model's in chunks: `rank_scores`)
+    scores = per_rank(lambda rank: task.rank_scores(model, batch, rank), ranks)
   losses = scores["loss"] / scores["weight"]  # (k,)
   rank_values = jnp.asarray(ranks.ranks if isinstance(ranks, BucketPlan) else ranks, jnp.int32)
   log_var = rank_weights(rank_values)  # (k,)

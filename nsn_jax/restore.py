@@ -134,14 +134,17 @@ def _leaf(tree: dict, key: tuple):
   return tree
 
 
-def restore_dense_twin(config: ml_collections.ConfigDict) -> nnx.Module | None:
+def restore_dense_twin(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+) -> nnx.Module | None:
   """The dense model of the run in `model.init_from` (a twin fine-tuned on the same task with
   model.dense=True), which surgery then starts from instead of the pretrained file and a new
-  head; None when unset. Raises ConfigError if that run is not such a twin."""
+  head; None when unset. With `mesh` it is restored straight into its layout there. Raises
+  ConfigError if that run is not such a twin."""
   workdir = config.model.init_from
   if not workdir:
     return None
-  restored = restore_model(workdir)
+  restored = restore_model(workdir, mesh)
   source = restored.config
   if not source.model.dense:
     raise config_lib.ConfigError(

@@ -30,7 +30,7 @@ import re
 from typing import Any
 
 import jax
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import ml_collections
@@ -221,15 +221,55 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def _config_rules(sharding_config: ml_collections.ConfigDict) -> tuple:
+  """`config.sharding.rules` as rule tuples (the defaults when ())."""
+  if not sharding_config.rules:
+    return DEFAULT_RULES
+  return tuple(
+    (pattern, tuple(tuple(e) if isinstance(e, list) else e for e in spec))
+    for pattern, spec in sharding_config.rules
+  )
+
+
 def config_shardings(tree: Any, mesh: Mesh, sharding_config: ml_collections.ConfigDict) -> Any:
   """`tree_shardings` under `config.sharding`: its rules (the defaults when ()) and min_size."""
-  rules = DEFAULT_RULES
-  if sharding_config.rules:
-    rules = tuple(
-      (pattern, tuple(tuple(e) if isinstance(e, list) else e for e in spec))
-      for pattern, spec in sharding_config.rules
-    )
-  return tree_shardings(tree, mesh, rules, sharding_config.min_size)
+  return tree_shardings(tree, mesh, _config_rules(sharding_config), sharding_config.min_size)
+
+
+# (leaf path "layers/0/mlp/up/kernel", shape) → where that leaf lives. Loaders and surgery take
+# one, so a model too large for one device is built straight into its layout.
+Layout = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
+
+
+def config_layout(
+  mesh: Mesh, sharding_config: ml_collections.ConfigDict, prefix: str = ""
+) -> Layout:
+  """The `Layout` of `config.sharding` on `mesh` for leaves that will sit at `prefix` + path in
+  the train state (e.g. "model/" for a model's own parameters)."""
+  rules, min_size = _config_rules(sharding_config), sharding_config.min_size
+  return lambda path, shape: NamedSharding(
+    mesh, spec_for(prefix + path, tuple(shape), mesh, rules, min_size)
+  )
+
+
+def place(host: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+  """A host array as a jax.Array laid out by `sharding` (None: the default device). Each device
+  receives only its own shard, sliced from host memory (`jax.make_array_from_callback`; on a
+  cluster each process fills only its devices), so no device ever holds a whole array that its
+  sharding splits."""
+  if sharding is None:
+    return jax.numpy.asarray(host)
+  return jax.make_array_from_callback(
+    host.shape, sharding, lambda index: np.ascontiguousarray(host[index])
+  )
+
+
+def to_host(x: Any) -> np.ndarray:
+  """`x` as a numpy array on every process; an array other processes hold parts of is gathered
+  first (multihost_utils.process_allgather), where np.asarray alone would fail."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def bytes_per_device(tree: Any, shardings: Any) -> int:

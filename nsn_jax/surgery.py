@@ -25,6 +25,7 @@ import numpy as np
 from nsn_jax.flexrank import activation_aware_factors, output_error
 from nsn_jax.flops import break_even_rank
 from nsn_jax.layers import NSNDense, name_nsn_layers, set_submodule, svd_factors
+from nsn_jax.sharding import Layout, to_host
 
 MLP_RULES = (r"(^|/)mlp/[^/]+$",)  # every projection of a block's MLP / FFN
 ATTENTION_RULES = (r"(^|/)attn/(q|k|v|o)$",)  # the attention projections
@@ -92,7 +93,7 @@ def _keep_rows(kept: list[np.ndarray], max_rows: int, name: str, x: jax.Array) -
     )
   room = max_rows - sum(len(rows) for rows in kept)
   if room > 0:
-    kept.append(np.asarray(x, np.float32).reshape(-1, x.shape[-1])[:room])
+    kept.append(to_host(x).astype(np.float32).reshape(-1, x.shape[-1])[:room])
 
 
 def capture_inputs(
@@ -136,6 +137,7 @@ def decompose_and_replace(
   max_rank: int = 64,
   *,
   calibration: Mapping[str, Any] | None = None,
+  layout: Layout | None = None,
 ) -> tuple[nnx.Module, list[ReplacedLayer]]:
   """A copy of `model` whose `nnx.Linear` layers matching any of `rules` are NSN layers of rank
   min(max_rank, d_in, d_out), and a report of what was replaced.
@@ -146,6 +148,10 @@ def decompose_and_replace(
   The original model is left untouched. At full rank the new layers reproduce the dense kernels
   up to float32 error (see `error_at_max_rank`). Raises ValueError if no layer matches, listing
   the dense layers there are, or if `calibration` lacks a chosen layer, naming it.
+
+  `layout` (`nsn_jax.sharding.Layout`, paths "<layer path>/a") moves each layer's factors into
+  their sharding as soon as they are computed: one layer's SVD at a time is all that is ever
+  whole on a device, so a sharded model is decomposed without gathering it.
   """
   model = nnx.clone(model)
   chosen = chosen_linears(model, rules)
@@ -159,13 +165,8 @@ def decompose_and_replace(
   for name, path, linear in chosen:
     kernel = linear.kernel[...]
     bias = None if linear.bias is None else linear.bias[...]
-    if calibration is None:
-      init, factors = "svd", svd_factors(kernel, max_rank)
-    else:
-      init, factors = (
-        "activation_aware",
-        activation_aware_factors(kernel, calibration[name], max_rank),
-      )
+    rows = None if calibration is None else calibration[name]
+    init, factors = _factors(kernel, max_rank, rows, layout, name)
     layer = NSNDense.from_factors(
       *factors, bias, dtype=linear.dtype, param_dtype=linear.param_dtype
     )
@@ -182,12 +183,27 @@ def decompose_and_replace(
         error_at_half_rank=_relative_error(layer, kernel, half),
         init=init,
         output_error_at_half_rank=None
-        if calibration is None
-        else output_error(kernel, layer.a[...], layer.b[...], calibration[name], half),
+        if rows is None
+        else output_error(kernel, *factors, rows, half),
       )
     )
   name_nsn_layers(model)
   return model, report
+
+
+def _factors(kernel, max_rank: int, rows, layout, name: str) -> tuple[str, list[jax.Array]]:
+  """(init, [a, b]) of the kernel of layer `name`: its SVD, or activation-aware on calibration
+  `rows`; each factor moved into `layout("<name>/a", shape)` at once when given (no two layers'
+  factors are ever whole on a device together)."""
+  if rows is None:
+    init, factors = "svd", svd_factors(kernel, max_rank)
+  else:
+    init, factors = "activation_aware", activation_aware_factors(kernel, rows, max_rank)
+  if layout is None:
+    return init, list(factors)
+  return init, [
+    jax.device_put(f, layout(f"{name}/{leaf}", f.shape)) for f, leaf in zip(factors, "ab")
+  ]
 
 
 def nsn_skeleton(

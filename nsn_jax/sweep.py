@@ -31,7 +31,7 @@ from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.layers import nsn_layers
 from nsn_jax.restore import Restored, checkpoint_directory, restore_model
-from nsn_jax.tasks import get_task
+from nsn_jax.tasks import config_task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +120,7 @@ class _Rows:
     self.model, self.arrays, self.budgets = restored.model, arrays, budgets
     self.config = restored.config
     self.seq_len = config_lib.seq_len(self.config)
-    self.task = get_task(self.config.task)
+    self.task = config_task(self.config)
     self.trained = set(restored.metadata.get("trained_ranks", []))
     self.evaluator = RankEvaluator(nnx.graphdef(self.model), batch_size, self.task, mesh)
     per_example = self.seq_len or 1

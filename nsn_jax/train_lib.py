@@ -22,6 +22,8 @@ from flax import nnx
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
@@ -36,7 +38,7 @@ from nsn_jax.layers import nsn_layers
 from nsn_jax.methods import Method, build_method
 from nsn_jax.metrics import MetricWriter, Progress, say
 from nsn_jax.restore import restore_dense_twin
-from nsn_jax.tasks import Task, get_task
+from nsn_jax.tasks import Task, config_task
 from nsn_jax.train_step import (
   config_train_step,
   create_train_state,
@@ -85,7 +87,7 @@ def train_and_evaluate(
 
     # ----- Model (pretrained + surgery, or from scratch), method, and the sharded state.
     # Calibration reads whole global batches, so every process computes the same surgery.
-    pretrained_model, method = _model_and_method(config, task, lambda: batches(None))
+    pretrained_model, method = model_and_method(config, task, lambda: batches(None), mesh)
     if line := method.start_line():
       say(line)
     distributed.barrier("setup")  # a host that failed to read its data or weights is named
@@ -132,7 +134,7 @@ def train_and_evaluate(
 def _input(config) -> tuple[Task, Callable[[np.ndarray | None], Any], dict]:
   """(task, rows → training batches by step holding those rows of each global batch (None:
   all), the eval split's arrays)."""
-  task, encoder = get_task(config.task), text_encoder(config)
+  task, encoder = config_task(config), text_encoder(config)
 
   def batches(rows: np.ndarray | None):
     return pipeline.train_batches(config.data, config.train.batch_size, config.seed, rows, encoder)
@@ -140,23 +142,27 @@ def _input(config) -> tuple[Task, Callable[[np.ndarray | None], Any], dict]:
   return task, batches, pipeline.load_split(config.data, config.data.eval_split, encoder)
 
 
-def _model_and_method(config, task: Task, global_batches) -> tuple[nnx.Module | None, Method]:
+def model_and_method(
+  config, task: Task, global_batches, mesh: Mesh
+) -> tuple[nnx.Module | None, Method]:
   """(pretrained model after surgery, or None for a model trained from scratch; the method).
 
-  A pretrained family starts from its file, or from `model.init_from`'s fine-tuned dense twin;
+  A pretrained family loads from its file straight into `mesh`'s layout, or starts from
+  `model.init_from`'s fine-tuned dense twin;
   the MLP from scratch, or from its trained dense twin's SVD (`model.init_from`).
   FlexRank (flexrank.budgets): nested profiles searched on the calibration batches; with
   objective flexrank_distill the dense model before surgery is the frozen teacher.
   """
   if config.model.name not in config_lib.SURGERY:  # from scratch, or a dense twin's SVD
-    dense = restore_dense_twin(config)
+    dense = restore_dense_twin(config, mesh)
     model = None if dense is None else nsn_from_dense(config, dense)
     return model, build_method(config, task, config.model.max_rank)
   dense, model, calibration = build_pretrained(
     config,
     seed=config.seed,
-    calibrate=_calibration(config, task, global_batches),
-    dense=restore_dense_twin(config),
+    calibrate=_calibration(config, task, global_batches, mesh),
+    dense=restore_dense_twin(config, mesh),
+    mesh=mesh,
   )
   found = []
   if config.flexrank.budgets:
@@ -172,18 +178,20 @@ def _model_and_method(config, task: Task, global_batches) -> tuple[nnx.Module | 
   return model, build_method(config, task, config.model.max_rank, found, teacher)
 
 
-def _calibration(config, task: Task, global_batches):
+def _calibration(config, task: Task, global_batches, mesh: Mesh):
   """For `surgery.init=activation_aware` or FlexRank's profile search (`flexrank.budgets`):
   runs the dense model on the first `surgery.calibration_batches` global training batches
-  (`global_batches()`, rank None), eagerly, so each chosen layer's inputs can be recorded. None
-  otherwise."""
+  (`global_batches()`, rank None, replicated over `mesh` beside the sharded weights), eagerly,
+  so each chosen layer's inputs can be recorded. None otherwise."""
   if config.surgery.init != "activation_aware" and not config.flexrank.budgets:
     return None
+  replicated = NamedSharding(mesh, P())
 
   def calibrate(model):
     batches = global_batches()
     for step in range(config.surgery.calibration_batches):
-      task.logits(model, {k: jnp.asarray(v) for k, v in batches[step].items()}, None)
+      batch = {k: sharding.place(np.asarray(v), replicated) for k, v in batches[step].items()}
+      task.logits(model, batch, None)
 
   return calibrate
 

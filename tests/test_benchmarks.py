@@ -160,6 +160,8 @@ def test_sharded_step_benchmark_reports_memory_and_collectives(tiny_gguf, data_d
   for row in rows:
     assert _positive(row["state_mib"]) and _positive(row["temp_mib"])
     assert row["all-gather"] > 0 and row["all-to-all"] == 0  # sharded, and no resharding
+  # Block remat keeps each block's input only: the activations saved for the backward pass.
+  assert 0 < rows[1]["saved_mib"] < rows[0]["saved_mib"] / 2
 
 
 def test_generation_benchmark_counts_compiles_per_prompt_length(tmp_path):

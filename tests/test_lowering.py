@@ -17,7 +17,7 @@ from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.llm.decode import Decoder
 from nsn_jax.methods import build_method
-from nsn_jax.tasks import get_task
+from nsn_jax.tasks import config_task
 from nsn_jax.train_step import abstract_train_state, config_train_step
 
 PLATFORMS = ("tpu", "cuda")
@@ -43,7 +43,7 @@ def _lower_train_and_eval(config, encoder=None) -> None:
   """Exports the config's sharded train step (8 devices) and its evaluation program at two
   ranks (or, dense, as it is)."""
   mesh = sharding.make_mesh(MESH)
-  task = get_task(config.task)
+  task = config_task(config)
   graphdef, state, state_sharding = abstract_train_state(config, mesh)
   method = build_method(config, task, config.model.max_rank)
   placed = sharding.batch_sharding(mesh)

@@ -203,3 +203,33 @@ def test_language_modelling_scores_only_real_next_tokens():
   np.testing.assert_allclose(
     loss(model, tokens)[0], (ce * weights).sum() / weights.sum(), rtol=1e-5
   )
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+@pytest.mark.parametrize("ranks", [jnp.array([8, 2], jnp.int32), BucketPlan.auto((8, 6, 2))])
+def test_chunked_language_modelling_loss_equals_whole_logits(chunk, ranks):
+  """train.loss_chunk: scoring a few positions at a time (chunks that divide T−1 = 11 or not,
+  or exceed it) gives the losses, accuracies and gradients of the whole (B, T, vocab) logits,
+  masked-vmapped or bucketed, with padded rows."""
+  from nsn_jax.models.llama import LlamaConfig, LlamaModel
+  from nsn_jax.surgery import decompose_and_replace
+
+  config = LlamaConfig(vocab_size=40, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24)
+  model = decompose_and_replace(LlamaModel(config, rngs=nnx.Rngs(0)), max_rank=8)[0]
+  tokens = jax.random.randint(jax.random.key(1), (3, 12), 0, 40)
+  batch = {"tokens": tokens, "mask": jnp.arange(12)[None] < jnp.array([[12], [7], [3]])}
+
+  def run(task):
+    loss = lambda m: multi_rank_loss(m, RankWeights(8), Objective(), task, batch, ranks)
+    (value, aux), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+    return value, aux, grads
+
+  whole, chunked = run(get_task("language_modelling")), run(get_task("language_modelling", chunk))
+  np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-5)
+  for key in ("loss", "accuracy"):
+    np.testing.assert_allclose(chunked[1][key], whole[1][key], rtol=1e-5)
+  for ours, theirs in zip(jax.tree.leaves(chunked[2]), jax.tree.leaves(whole[2])):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+  scores = lambda task: jax.make_jaxpr(lambda: task.rank_scores(model, batch, 8))()
+  assert "scan" in str(scores(get_task("language_modelling", chunk)))  # chunks, really
+  assert "scan" not in str(scores(get_task("language_modelling")))

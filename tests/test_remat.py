@@ -11,14 +11,14 @@ from nsn_jax.build import text_encoder
 from nsn_jax.config import ConfigError, validate
 from nsn_jax.data import pipeline
 from nsn_jax.methods import build_method
-from nsn_jax.tasks import get_task
+from nsn_jax.tasks import config_task
 from nsn_jax.train_step import config_train_step, create_train_state
 
 
 def _step(config, mesh):
   """(compiled step, state, batch, ranks) of the tiny decoder's multi-rank LM step."""
   graphdef, state, state_sharding = create_train_state(config, mesh)
-  method = build_method(config, get_task(config.task), config.model.max_rank)
+  method = build_method(config, config_task(config), config.model.max_rank)
   placed = sharding.batch_sharding(mesh)
   real = pipeline.train_batches(config.data, 8, 0, encoder=text_encoder(config))[0]
   batch = {k: jax.device_put(v, placed) for k, v in real.items()}

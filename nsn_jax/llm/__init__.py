@@ -22,6 +22,7 @@ from nsn_jax.llm.gguf import (
 from nsn_jax.llm.hf import config_from_hf, load_hf_bert, minilm_path
 from nsn_jax.llm.hf_decoder import FAMILIES, config_from_hf_decoder, load_hf_decoder
 from nsn_jax.llm.tokenizer import HFTokenizer, render_chat
+from nsn_jax.sharding import Layout
 
 EXPECTED = (
   "a GGUF file (Llama family) or a Hugging Face directory with config.json and safetensors "
@@ -55,11 +56,15 @@ def pretrained_kind(path: str | os.PathLike) -> str:
   raise ValueError(f"{config} has model_type {model_type!r}; expected {EXPECTED}.")
 
 
-def load_pretrained(path: str | os.PathLike, dtype=None) -> tuple[Any, Any, Any]:
-  """(config, model, tokenizer) of a GGUF file or a Hugging Face directory (`pretrained_kind`)."""
+def load_pretrained(
+  path: str | os.PathLike, dtype=None, layout: Layout | None = None
+) -> tuple[Any, Any, Any]:
+  """(config, model, tokenizer) of a GGUF file or a Hugging Face directory (`pretrained_kind`).
+  `layout` (`nsn_jax.sharding.config_layout`) loads each parameter straight into its sharding;
+  None: onto the default device."""
   kind = pretrained_kind(path)
   load = {"gguf": load_gguf, "bert": load_hf_bert, "hf_decoder": load_hf_decoder}[kind]
-  return load(path, dtype)
+  return load(path, dtype, layout)
 
 
 __all__ = [

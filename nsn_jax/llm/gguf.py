@@ -19,12 +19,13 @@ from typing import Any
 
 from flax import nnx
 import gguf
-import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
+from nsn_jax.llm.loading import check_unexpected, fill
 from nsn_jax.llm.tokenizer import Message, render_chat, save_tokenizer
 from nsn_jax.models.llama import LlamaConfig, LlamaModel
+from nsn_jax.sharding import Layout
 
 _REQUIRED = object()
 # Our parameter (module, name) → the GGUF tensor of block N, for the seven projections.
@@ -176,9 +177,12 @@ _CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / 
 _CACHE = _CACHE / "nsn_jax" / "gguf"
 
 
-def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[LlamaConfig, LlamaModel, GGUFTokenizer]:
+def load_gguf(
+  path: str | os.PathLike, dtype=None, layout: Layout | None = None
+) -> tuple[LlamaConfig, LlamaModel, GGUFTokenizer]:
   """Reads a llama-architecture GGUF file into a LlamaModel with float32 parameters computing in
-  `dtype` (None: float32; e.g. jnp.bfloat16), with its config and tokenizer.
+  `dtype` (None: float32; e.g. jnp.bfloat16), with its config and tokenizer. `layout` places
+  each parameter straight into its sharding (`nsn_jax.llm.loading.fill`; None: one device).
 
   GGUF stores a linear map's weight W (d_out, d_in) for y = W x; Flax kernels are its transpose.
   Q/K rows stay as stored. The converter permuted each head's rows so that the pair Hugging Face
@@ -191,28 +195,25 @@ def load_gguf(path: str | os.PathLike, dtype=None) -> tuple[LlamaConfig, LlamaMo
   config = config_from_gguf(metadata)
   tensors = {t.name: t for t in reader.tensors}
   names = _tensor_names(config)
-  unexpected = sorted(set(tensors) - {name for name, _ in names.values()})
-  if unexpected:
-    raise ValueError(f"{path}: tensors {unexpected} have no place in LlamaModel.")
-  # Build the model as shapes only, then fill every parameter from the file.
-  graphdef, state = nnx.split(
-    nnx.eval_shape(lambda: LlamaModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
-  )
-  for param_path, variable in nnx.to_flat_state(state):
+  check_unexpected(str(path), tensors, (name for name, _ in names.values()), "LlamaModel")
+
+  def tensor(param_path, shape) -> np.ndarray:
     name, transpose = names[param_path]
     if name not in tensors:
       raise ValueError(
         f"{path}: tensor {name!r} is missing (for {'/'.join(map(str, param_path))})."
       )
     array = _dequantize(tensors[name])
-    expected = variable.shape[::-1] if transpose else variable.shape
+    expected = shape[::-1] if transpose else shape
     if array.shape != expected:
       raise ValueError(
         f"{path}: tensor {name!r} has shape {array.shape} (numpy order), "
         f"expected {expected} for {config}."
       )
-    variable.set_value(jnp.asarray(array.T if transpose else array))
-  return config, nnx.merge(graphdef, state), GGUFTokenizer.from_metadata(metadata)
+    return array.T if transpose else array
+
+  abstract = nnx.eval_shape(lambda: LlamaModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  return config, fill(abstract, tensor, layout), GGUFTokenizer.from_metadata(metadata)
 
 
 class GGUFTokenizer:

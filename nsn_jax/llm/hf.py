@@ -16,12 +16,13 @@ import os
 import pathlib
 
 from flax import nnx
-import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 import tokenizers
 
+from nsn_jax.llm.loading import check_unexpected, fill
 from nsn_jax.models.bert import BertConfig, BertModel
+from nsn_jax.sharding import Layout
 
 # Architectures whose files hold a BertModel (possibly under `bert.`) plus heads listed below.
 _ARCHITECTURES = {"BertModel", "BertForMaskedLM", "BertForPreTraining"}
@@ -106,10 +107,11 @@ def _hf_name(param_path: tuple) -> tuple[str, bool]:
 
 
 def load_hf_bert(
-  directory: str | os.PathLike, dtype=None
+  directory: str | os.PathLike, dtype=None, layout: Layout | None = None
 ) -> tuple[BertConfig, BertModel, tokenizers.Tokenizer]:
   """Reads a Hugging Face BERT directory into a BertModel with float32 parameters computing in
-  `dtype` (None: float32; e.g. jnp.bfloat16), with its config and tokenizer.
+  `dtype` (None: float32; e.g. jnp.bfloat16), with its config and tokenizer. `layout` places
+  each parameter straight into its sharding (`nsn_jax.llm.loading.fill`; None: one device).
 
   The tokenizer is tokenizer.json as saved, with its padding settings; it truncates where
   sentence-transformers does (`max_seq_length` of sentence_bert_config.json when the directory
@@ -119,39 +121,37 @@ def load_hf_bert(
   config = config_from_hf(json.loads((directory / "config.json").read_text()))
   path = directory / "model.safetensors"
   tensors = {name.removeprefix("bert."): array for name, array in load_file(path).items()}
-  # Build the model as shapes only, then fill every parameter from the file.
-  graphdef, state = nnx.split(
-    nnx.eval_shape(lambda: BertModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: BertModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  names = {
+    param_path: _hf_name(param_path) for param_path, _ in nnx.to_flat_state(nnx.state(abstract))
+  }
+  expected = (name for name, _ in names.values())
+  check_unexpected(
+    str(path), tensors, expected, "BertModel", lambda n: n.startswith(_IGNORED_PREFIXES)
   )
-  flat = nnx.to_flat_state(state)
-  names = {param_path: _hf_name(param_path) for param_path, _ in flat}
-  unexpected = sorted(
-    name
-    for name in set(tensors) - {name for name, _ in names.values()}
-    if not name.startswith(_IGNORED_PREFIXES)
-  )
-  if unexpected:
-    raise ValueError(f"{path}: tensors {unexpected} have no place in BertModel.")
-  for param_path, variable in flat:
+
+  def tensor(param_path, shape) -> np.ndarray:
     name, transpose = names[param_path]
     if name not in tensors:
       raise ValueError(
         f"{path}: tensor {name!r} is missing (for {'/'.join(map(str, param_path))})."
       )
     array = tensors[name]
-    expected = variable.shape[::-1] if transpose else variable.shape
+    expected = shape[::-1] if transpose else shape
     if array.shape != expected:
       raise ValueError(
         f"{path}: tensor {name!r} has shape {array.shape}, expected {expected} for {config}."
       )
-    variable.set_value(jnp.asarray((array.T if transpose else array).astype(np.float32)))
+    return array.T if transpose else array
+
+  model = fill(abstract, tensor, layout)
   tokenizer = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
   sentence_config = directory / "sentence_bert_config.json"
   if sentence_config.exists():
     length = json.loads(sentence_config.read_text()).get("max_seq_length")
     if length:
       tokenizer.enable_truncation(max_length=min(int(length), config.max_positions))
-  return config, nnx.merge(graphdef, state), tokenizer
+  return config, model, tokenizer
 
 
 def minilm_path() -> pathlib.Path:

@@ -20,13 +20,14 @@ import pathlib
 from typing import Any
 
 from flax import nnx
-import jax.numpy as jnp
 import numpy as np
 
 from nsn_jax.llm import safetensors_io
+from nsn_jax.llm.loading import check_unexpected, fill
 from nsn_jax.llm.safetensors_io import SafetensorsFiles
 from nsn_jax.llm.tokenizer import HFTokenizer
 from nsn_jax.models.llama import LlamaConfig, LlamaModel, RopeScaling
+from nsn_jax.sharding import Layout
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma")
 # Our (module, name) in block N → the HF module under `model.layers.N.`.
@@ -243,11 +244,12 @@ def save_hf_decoder(model: nnx.Module, directory: str | os.PathLike, tokenizer=N
 
 
 def load_hf_decoder(
-  directory: str | os.PathLike, dtype=None
+  directory: str | os.PathLike, dtype=None, layout: Layout | None = None
 ) -> tuple[LlamaConfig, LlamaModel, HFTokenizer | None]:
   """Reads a Hugging Face Llama / Mistral / Qwen2 / Gemma directory into a LlamaModel with
   float32 parameters computing in `dtype` (None: float32), with its config and tokenizer (None
-  without tokenizer.json)."""
+  without tokenizer.json). `layout` places each parameter straight into its sharding
+  (`nsn_jax.llm.loading.fill`; None: one device); shards are read one tensor at a time."""
   directory = pathlib.Path(directory)
   config_path = directory / "config.json"
   if not config_path.is_file():
@@ -255,32 +257,28 @@ def load_hf_decoder(
   raw = json.loads(config_path.read_text())
   config = config_from_hf_decoder(raw)
   files = SafetensorsFiles(directory)
-  graphdef, state = nnx.split(
-    nnx.eval_shape(lambda: LlamaModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
-  )
-  flat = nnx.to_flat_state(state)
-  names = {param_path: hf_name(param_path) for param_path, _ in flat}
-  unexpected = sorted(
-    n for n in set(files.names()) - set(names.values()) if not n.endswith(_IGNORED_SUFFIXES)
-  )
-  if config.tie_embeddings:  # some tied checkpoints also save the shared head
-    unexpected = [n for n in unexpected if n != "lm_head.weight"]
-  if unexpected:
-    raise ValueError(f"{directory}: tensors {unexpected} have no place in LlamaModel.")
+  abstract = nnx.eval_shape(lambda: LlamaModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  names = {path: hf_name(path) for path, _ in nnx.to_flat_state(nnx.state(abstract))}
+  # Some tied checkpoints also save the shared head.
+  tied_head = lambda n: config.tie_embeddings and n == "lm_head.weight"
+  ignored = lambda n: n.endswith(_IGNORED_SUFFIXES) or tied_head(n)
+  check_unexpected(str(directory), files.names(), names.values(), "LlamaModel", ignored)
   available = set(files.names())
-  for param_path, variable in flat:
+
+  def tensor(param_path, shape) -> np.ndarray:
     name = names[param_path]
     if name not in available:
       raise ValueError(f"{directory}: tensor {name!r} is missing.")
-    theirs = variable.shape[::-1] if param_path[-1] == "kernel" else variable.shape
+    theirs = shape[::-1] if param_path[-1] == "kernel" else shape
     if files.shape(name) != theirs:
       raise ValueError(
         f"{directory}: tensor {name!r} has shape {files.shape(name)}, expected {theirs} for "
         f"{'/'.join(map(str, param_path))} of {config}."
       )
-    array = to_ours(param_path, files.read(name), config, raw["model_type"] == "gemma")
-    variable.set_value(jnp.asarray(array))
+    return to_ours(param_path, files.read(name), config, raw["model_type"] == "gemma")
+
+  model = fill(abstract, tensor, layout)
   tokenizer = (
     HFTokenizer.from_directory(directory) if (directory / "tokenizer.json").is_file() else None
   )
-  return config, nnx.merge(graphdef, state), tokenizer
+  return config, model, tokenizer

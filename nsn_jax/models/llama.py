@@ -264,10 +264,15 @@ class LlamaModel(nnx.Module):
     positions = jnp.broadcast_to(default_positions if positions is None else positions, (b, t))
     with at_rank(rank):
       x, keys, values = self._blocks(tokens, positions, mask, cache, start)
-      logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-    logits = constrain(logits, *FEATURES)  # vocabulary-parallel, as the embedding
+      logits = self.vocab_logits(x)
     new_cache = None if cache is None else KVCache(tuple(keys), tuple(values), cache.index + t)
-    return logits.astype(jnp.float32), new_cache
+    return logits, new_cache
+
+  def vocab_logits(self, x: jax.Array) -> jax.Array:
+    """Final normed hidden states (..., dim) → float32 logits (..., vocab): the tied embedding
+    or `lm_head`. The language-modelling loss calls it a chunk of positions at a time."""
+    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+    return constrain(logits, *FEATURES).astype(jnp.float32)  # vocabulary-parallel
 
   def _blocks(self, tokens, positions, mask, cache, start):
     """The embedding, every block and the final norm → (x (B, T, dim), keys, values)."""

@@ -19,7 +19,7 @@ from nsn_jax.data.text import encode_texts
 from nsn_jax.llm.decode import Weights
 from nsn_jax.restore import Restored
 from nsn_jax.serve.engine import MAX_TEXT_CHARS, Engine, Parsed, RequestError, json_repr
-from nsn_jax.tasks import get_task
+from nsn_jax.tasks import config_task
 
 
 class Classifier(Engine):
@@ -49,7 +49,7 @@ class Classifier(Engine):
       store=store,
     )
     config = restored.config
-    self.task = get_task(config.task)
+    self.task = config_task(config)
     self.text = config.task == "text_classification"
     self.encoder = text_encoder(config) if self.text else None
     inputs = ("texts",) if self.text else ("inputs", "inputs_b64")

@@ -32,7 +32,7 @@ from nsn_jax.metrics import say
 from nsn_jax.restore import restore_model
 from nsn_jax.studies import common
 from nsn_jax.sweep import parse_ranks, run_sweep
-from nsn_jax.tasks import get_task
+from nsn_jax.tasks import config_task
 from nsn_jax.train_lib import train_and_evaluate
 
 RANKS = flags.DEFINE_string(
@@ -112,7 +112,7 @@ def _seed_rows(base, seed: int, ranks: list[int]) -> list[dict]:
 
 
 def _accuracy(config, arrays: dict, model, rank) -> float:
-  task = get_task(config.task)
+  task = config_task(config)
   evaluator = RankEvaluator(nnx.graphdef(model), config.eval.batch_size, task)
   return evaluator(nnx.state(model), arrays, rank)["accuracy"]
 
