@@ -1,23 +1,35 @@
-"""The PyTorch eager reference: the NSN layer and MLP, timed on the grid a JSON spec names.
+"""The PyTorch reference: the NSN layer and MLP, and the MLP's multi-rank train step.
 
-Runs in its own venv, never the project's (benchmarks.torch_ref starts it):
-  .venv-torch/bin/python -m benchmarks.torch_worker < spec.json > rows.json
-It imports only torch, the standard library and benchmarks.timing (the same timing helper as the
-JAX suites). The model mirrors nsn_jax: factors a (d_in, R) and b (R, d_out), rank r uses
-a[:, :r] and b[:r]; the multi-rank loss is a loop over ranks, Σ exp(−s_r)·CE_r + s_r, with s
-one learned log-variance per rank value.
+Runs in its own venv, never the project's (benchmarks.torch_ref starts it), two ways:
+  .venv-torch/bin/python -m benchmarks.torch_worker < spec.json > rows.json   # inference grid
+  .venv-torch/bin/python -m benchmarks.torch_worker --serve    # train steps, on request
+It imports only torch, numpy, the standard library and benchmarks.timing / line_worker (the same
+timing helper as the JAX suites). The model mirrors nsn_jax: factors a (d_in, R) and b (R, d_out),
+rank r uses a[:, :r] and b[:r]; the multi-rank loss is a loop over ranks, Σ exp(−s_r)·CE_r + s_r,
+with s one learned log-variance per rank value.
+
+`--serve` answers benchmarks.line_worker requests: `setup` loads the initial parameters and batches
+the JAX worker wrote, builds the AdamW step eager and under `torch.compile` (inductor) per batch
+and writes each one's loss gradients at the initial parameters on the check batch for the parent
+to compare; `time` times one of them.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
+import pathlib
 import sys
+import time
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from benchmarks import line_worker
 from benchmarks.timing import Policy, time_fn
 
 
@@ -83,7 +95,7 @@ def _inference_rows(what: str, forward, inputs: dict[int, torch.Tensor], ranks, 
 def run(spec: dict) -> dict:
   torch.manual_seed(0)
   policy = Policy(**spec["policy"])
-  layer_spec, mlp_spec, train_spec = spec["layer"], spec["mlp"], spec["train"]
+  layer_spec, mlp_spec = spec["layer"], spec["mlp"]
 
   layer = NSNLinear(layer_spec["d"], layer_spec["d"], layer_spec["max_rank"])
   rows = _inference_rows(
@@ -122,29 +134,6 @@ def run(spec: dict) -> dict:
           }
         )
 
-  optimizer = torch.optim.AdamW(
-    model.parameters(), lr=train_spec["learning_rate"], weight_decay=train_spec["weight_decay"]
-  )
-  x = torch.rand(train_spec["batch"], *mlp_spec["image_shape"])
-  labels = torch.randint(0, mlp_spec["num_classes"], (train_spec["batch"],))
-  for ranks in train_spec["rank_sets"]:
-
-    def step():
-      optimizer.zero_grad(set_to_none=True)
-      model.multi_rank_loss(x, labels, ranks).backward()
-      optimizer.step()
-
-    timing = time_fn(step, policy)
-    rows.append(
-      {
-        "what": "train",
-        "batch": train_spec["batch"],
-        "k": len(ranks),
-        "ranks": ranks,
-        "step_s": timing.median_s,
-        "step_min_s": timing.min_s,
-      }
-    )
   return {
     "torch_version": torch.__version__,
     "torch_threads": torch.get_num_threads(),
@@ -152,5 +141,109 @@ def run(spec: dict) -> dict:
   }
 
 
+# The train step, served (`--serve`): per (variant, batch) the step `setup` built.
+_SERVED: dict[tuple[str, int], object] = {}
+VARIANTS = ("eager", "compile")
+
+
+def canonical_names(model: NSNMLP) -> dict[str, tuple[nn.Parameter, bool]]:
+  """{the JAX side's name ("model/hidden/0/a"): (parameter, stored transposed)}: nn.Linear keeps
+  its weight as (out, in), nnx.Linear its kernel as (in, out)."""
+  names = {}
+  for name, parameter in model.named_parameters():
+    if name == "log_var":
+      names["rank_weights/log_var"] = (parameter, False)
+    else:
+      key = "model/" + name.replace(".", "/").replace("head/weight", "head/kernel")
+      names[key] = (parameter, name == "head.weight")
+  return names
+
+
+def _load(model: NSNMLP, arrays) -> NSNMLP:
+  """`model` with the parameters `arrays` (init.npz of the JAX worker) holds."""
+  with torch.no_grad():
+    for key, (parameter, transposed) in canonical_names(model).items():
+      value = torch.from_numpy(np.array(arrays[key]))
+      parameter.copy_(value.T if transposed else value)
+  return model
+
+
+def _trainer(model: NSNMLP, spec: dict, x, labels, variant: str):
+  """(loss_fn(x, labels) → the multi-rank loss, step() → one AdamW step on `x`, `labels`),
+  eager or compiled: under `torch.compile` the loss (forward and backward, AOTAutograd +
+  inductor) and the optimizer step are each one compiled graph, the ranks static."""
+  optimizer = torch.optim.AdamW(
+    model.parameters(), lr=spec["learning_rate"], weight_decay=spec["weight_decay"]
+  )
+  loss_fn = lambda x, labels: model.multi_rank_loss(x, labels, spec["ranks"])
+  update = optimizer.step
+  if variant == "compile":
+    loss_fn = torch.compile(loss_fn, dynamic=False)
+    update = torch.compile(optimizer.step, dynamic=False)
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    loss_fn(x, labels).backward()
+    update()
+
+  return loss_fn, step
+
+
+def _batch(directory, name: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+  """(images, int64 labels) of DIRECTORY/NAME_BATCH.npz, which the JAX worker wrote."""
+  data = np.load(pathlib.Path(directory) / f"{name}_{batch}.npz")
+  return torch.from_numpy(data["image"]), torch.from_numpy(data["label"]).long()
+
+
+def _serve_variant(model: NSNMLP, spec: dict, batch: int, variant: str, directory) -> dict:
+  """Builds one variant's step at `batch`, writes its loss's gradients at the initial parameters
+  on the check batch to DIRECTORY/grads_torch:VARIANT_BATCH.npz, then runs one step."""
+  model = copy.deepcopy(model)
+  loss_fn, step = _trainer(model, spec, *_batch(directory, "batch", batch), variant)
+  start = time.perf_counter()
+  loss = loss_fn(*_batch(directory, "check", batch))
+  loss.backward()
+  grads = {
+    key: (p.grad.T if transposed else p.grad).numpy()
+    for key, (p, transposed) in canonical_names(model).items()
+  }
+  np.savez(pathlib.Path(directory) / f"grads_torch:{variant}_{batch}.npz", **grads)
+  step()
+  _SERVED[variant, batch] = step
+  return {
+    "name": f"torch:{variant}",
+    "batch": batch,
+    "loss": loss.item(),
+    "first_step_s": time.perf_counter() - start,  # compile time included
+  }
+
+
+def serve_setup(spec: dict, threads: int, directory: str) -> dict:
+  """Builds the eager and compiled steps at every batch of `spec` on `threads` threads."""
+  torch.set_num_threads(threads)
+  model = NSNMLP(spec["input_dim"], spec["hidden"], spec["num_classes"], spec["max_rank"])
+  _load(model, np.load(pathlib.Path(directory) / "init.npz"))
+  contenders = [
+    _serve_variant(model, spec, batch, variant, directory)
+    for batch in spec["batches"]
+    for variant in VARIANTS
+  ]
+  return {
+    "contenders": contenders,
+    "torch": torch.__version__,
+    "threads": torch.get_num_threads(),
+    "cpus": sorted(os.sched_getaffinity(0)),
+    "os_threads": line_worker.process_threads(),
+  }
+
+
+def serve_time(name: str, batch: int, policy: dict) -> dict:
+  """Times the step `name` ("torch:VARIANT") at `batch` that `serve_setup` built."""
+  return line_worker.timed(_SERVED[name.removeprefix("torch:"), batch], policy)
+
+
 if __name__ == "__main__":
-  print(json.dumps(run(json.load(sys.stdin))))
+  if sys.argv[1:] == ["--serve"]:
+    line_worker.serve({"setup": serve_setup, "time": serve_time})
+  else:
+    print(json.dumps(run(json.load(sys.stdin))))
