@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import shlex
 import statistics
 import sys
 import time
@@ -472,8 +471,7 @@ def main(argv: list[str] | None = None) -> dict:
   _CLOCK["start"] = time.perf_counter()
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
-  environment = bench_run.environment(argv)
-  environment["command"] = shlex.join(["python", "-m", "benchmarks.accelerator", *argv])
+  environment = bench_run.environment(argv, "benchmarks.accelerator")
   peak, peak_note = peak_bf16(jax.devices()[0])
   policy = POLICIES[args.size]
   say(f"device: {environment['device_kind']} ({environment['platform']}); {peak_note}")

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
   report = {
     "environment": {
-      **bench_run.environment(["-m", "benchmarks.generation", *(argv or sys.argv[1:])]),
+      **bench_run.environment(argv or sys.argv[1:], "benchmarks.generation"),
       "pinned": "every worker: taskset -c 0; tokens/s: one thread each side",
     },
     "buckets": calls,

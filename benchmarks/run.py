@@ -62,8 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return args
 
 
-def environment(argv: list[str]) -> dict:
-  """Where and how the numbers were taken."""
+def environment(argv: list[str], module: str = "benchmarks.run") -> dict:
+  """Where and how the numbers were taken; the command is `python -m <module> <argv>`."""
   device = jax.devices()[0]
   return {
     "device_kind": device.device_kind,
@@ -77,7 +77,7 @@ def environment(argv: list[str]) -> dict:
     "cpu_count": os.cpu_count(),
     "cpus_usable": len(os.sched_getaffinity(0)),
     "load_average_1m": os.getloadavg()[0],  # > cpus_usable: someone else shares the CPUs
-    "command": shlex.join(["python", "-m", "benchmarks.run", *argv]),
+    "command": shlex.join(["python", "-m", module, *argv]),
     "git_commit": _git("rev-parse", "HEAD"),
     "git_dirty": bool(_git("status", "--porcelain")),
     # OMP_NUM_THREADS sets the PyTorch reference's threads (the worker inherits it).

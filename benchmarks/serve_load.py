@@ -28,7 +28,6 @@ import json
 import math
 import os
 import pathlib
-import shlex
 import signal
 import socket
 import statistics
@@ -745,16 +744,9 @@ def notes(report: dict) -> list[str]:
   ]
 
 
-def environment(argv: list[str]) -> dict:
-  """benchmarks.run's record, this command, the CPU model and the machine's load."""
-  env = bench_run.environment(argv)
-  env["command"] = shlex.join(["python", "-m", "benchmarks.serve_load", *argv])
-  models = [
-    line.split(":", 1)[1].strip()
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-    if line.startswith("model name")
-  ]
-  env["cpu_model"] = models[0] if models else None
+def environment(argv: list[str], module: str = "benchmarks.serve_load") -> dict:
+  """benchmarks.run's record (with the CPU model), this command and the machine's load."""
+  env = bench_run.environment(argv, module)
   env["load_average_before"] = list(os.getloadavg())  # 1, 5, 15 min
   env["threads"] = {"benchmark_process": threading.active_count()}
   return env

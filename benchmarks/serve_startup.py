@@ -116,8 +116,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
-  report = {"environment": environment(argv)}
-  report["environment"]["command"] = "python -m benchmarks.serve_startup " + " ".join(argv)
+  report = {"environment": environment(argv, "benchmarks.serve_startup")}
   with tempfile.TemporaryDirectory(prefix="nsn_serve_startup_") as tmp:
     report |= measure(args, pathlib.Path(tmp))
   report["environment"]["load_average_after"] = list(os.getloadavg())

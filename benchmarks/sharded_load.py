@@ -19,7 +19,6 @@ import argparse
 import collections
 import math
 import os
-import shlex
 import sys
 import threading
 import time
@@ -144,8 +143,7 @@ def main(argv: list[str]) -> dict:
   for mesh_spec in filter(None, (m.strip() for m in args.meshes.split(";"))):
     rows.append(measure(config, mesh_spec))
     print(bench_run.format_table(rows[-1:], COLUMNS), flush=True)
-  environment = bench_run.environment(argv)
-  environment["command"] = shlex.join(["python", "-m", "benchmarks.sharded_load", *argv])
+  environment = bench_run.environment(argv, "benchmarks.sharded_load")
   report = {"environment": environment, "surgery": config.surgery.init, "rows": rows}
   print(bench_run.format_table(rows, COLUMNS))
   print(f"wrote {write_report(args.out, report)}")

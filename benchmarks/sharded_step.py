@@ -20,7 +20,6 @@ import importlib.util
 import math
 import os
 import re
-import shlex
 import sys
 import time
 
@@ -200,8 +199,7 @@ def main(argv: list[str]) -> dict:
           row.update(measure(config, mesh_spec, rules.strip(), set(args.measure.split(","))))
           rows.append(row)
           print(bench_run.format_table([row], COLUMNS), flush=True)
-  environment = bench_run.environment(argv)
-  environment["command"] = shlex.join(["python", "-m", "benchmarks.sharded_step", *argv])
+  environment = bench_run.environment(argv, "benchmarks.sharded_step")
   report = {"environment": environment, "multi_rank": config.train.multi_rank, "rows": rows}
   print(bench_run.format_table(rows, COLUMNS))
   print(f"wrote {write_report(args.out, report)}")

@@ -510,8 +510,7 @@ def main(argv: list[str] | None = None) -> dict:
 
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
-  environment = bench_run.environment(argv)
-  environment["command"] = shlex.join(["python", "-m", "benchmarks.torch_ref", *argv])
+  environment = bench_run.environment(argv, "benchmarks.torch_ref")
   environment["loadavg_start"] = os.getloadavg()
   report = {"environment": environment, **compare_train(args.size, args.rounds, args.threads)}
   environment["loadavg_end"] = os.getloadavg()
