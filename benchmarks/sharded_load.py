@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import math
 import os
 import sys
@@ -68,15 +69,19 @@ class PeakSampler:
   only what was allocated since the sampler started (arrays alive before it are not ours)."""
 
   def __init__(self, interval: float = 0.02):
-    self.interval, self.peak = interval, collections.Counter()
+    self.interval, self.peak, self.error = interval, collections.Counter(), None
+    gc.collect()  # what an earlier measurement left must not be freed during this one
     self._before = device_bytes()
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, daemon=True)
 
   def _run(self) -> None:
-    while not self._stop.is_set():
-      self.sample()
-      time.sleep(self.interval)
+    try:
+      while not self._stop.is_set():
+        self.sample()
+        time.sleep(self.interval)
+    except Exception as e:  # re-raised on exit, not lost with the thread
+      self.error = e
 
   def sample(self) -> None:
     for device, held in device_bytes().items():
@@ -89,6 +94,8 @@ class PeakSampler:
   def __exit__(self, *exc) -> None:
     self._stop.set()
     self._thread.join()
+    if self.error is not None:
+      raise self.error
     self.sample()
 
 

@@ -106,12 +106,9 @@ def _restore_file_export(path: epath.Path, mesh: jax.sharding.Mesh | None) -> Re
   if metadata.get("layout") == "hf":
     config = config_lib.from_json(metadata["config"])
     dtype = {"float32": None, "bfloat16": jnp.bfloat16}[config.model.dtype]
-    model = load_hf_decoder(path, dtype)[1]
-    if mesh is not None:  # the config's layout on that mesh, as for a checkpoint
-      state = nnx.state(model)
-      layout = sharding.config_shardings(nnx.to_pure_dict(state), mesh, config.sharding)
-      nnx.replace_by_pure_dict(state, jax.device_put(nnx.to_pure_dict(state), layout))
-      nnx.update(model, state)
+    # With a mesh: straight into the config's layout there, as for a checkpoint.
+    layout = None if mesh is None else sharding.config_layout(mesh, config.sharding)
+    model = load_hf_decoder(path, dtype, layout)[1]
     return Restored(model, metadata, metadata["step"])
   model, state, layout = _target(metadata, mesh)
   files = SafetensorsFiles(path)

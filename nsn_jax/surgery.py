@@ -25,7 +25,7 @@ import numpy as np
 from nsn_jax.flexrank import activation_aware_factors, output_error
 from nsn_jax.flops import break_even_rank
 from nsn_jax.layers import NSNDense, name_nsn_layers, set_submodule, svd_factors
-from nsn_jax.sharding import Layout, to_host
+from nsn_jax.sharding import Layout, place, to_host
 
 MLP_RULES = (r"(^|/)mlp/[^/]+$",)  # every projection of a block's MLP / FFN
 ATTENTION_RULES = (r"(^|/)attn/(q|k|v|o)$",)  # the attention projections
@@ -201,8 +201,10 @@ def _factors(kernel, max_rank: int, rows, layout, name: str) -> tuple[str, list[
     init, factors = "activation_aware", activation_aware_factors(kernel, rows, max_rank)
   if layout is None:
     return init, list(factors)
+  # From the host, each process filling its own devices: a device_put across processes would
+  # first compare every process's copy, and LAPACK may differ in the last bit between hosts.
   return init, [
-    jax.device_put(f, layout(f"{name}/{leaf}", f.shape)) for f, leaf in zip(factors, "ab")
+    place(to_host(f), layout(f"{name}/{leaf}", f.shape)) for f, leaf in zip(factors, "ab")
   ]
 
 

@@ -99,7 +99,8 @@ class Task:
     tokens from a decoder they are computed `chunk` positions at a time under jax.checkpoint:
     the (B, T, vocab) logits, k× under a multi-rank vmap, never exist whole, and the backward
     pass recomputes one chunk's instead of keeping them all."""
-    if not (self.chunk and self.name == "language_modelling" and hasattr(model, "vocab_logits")):
+    chunkable = hasattr(model, "encode") and hasattr(model, "vocab_logits")  # LlamaModel's
+    if not (self.chunk and self.name == "language_modelling" and chunkable):
       return self.scores(self.logits(model, batch, rank), batch, rows)
     hidden = apply(model.encode, batch["tokens"], batch["mask"], rank=rank)[:, :-1]
     labels, weights = self.targets(batch)

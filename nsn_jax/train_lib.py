@@ -22,8 +22,7 @@ from flax import nnx
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
@@ -181,16 +180,16 @@ def model_and_method(
 def _calibration(config, task: Task, global_batches, mesh: Mesh):
   """For `surgery.init=activation_aware` or FlexRank's profile search (`flexrank.budgets`):
   runs the dense model on the first `surgery.calibration_batches` global training batches
-  (`global_batches()`, rank None, replicated over `mesh` beside the sharded weights), eagerly,
-  so each chosen layer's inputs can be recorded. None otherwise."""
+  (`global_batches()`, rank None, split over `mesh`'s batch axes beside the sharded weights),
+  eagerly, so each chosen layer's inputs can be recorded. None otherwise."""
   if config.surgery.init != "activation_aware" and not config.flexrank.budgets:
     return None
-  replicated = NamedSharding(mesh, P())
+  split = sharding.batch_sharding(mesh)
 
   def calibrate(model):
     batches = global_batches()
     for step in range(config.surgery.calibration_batches):
-      batch = {k: sharding.place(np.asarray(v), replicated) for k, v in batches[step].items()}
+      batch = {k: sharding.place(np.asarray(v), split) for k, v in batches[step].items()}
       task.logits(model, batch, None)
 
   return calibrate

@@ -21,8 +21,12 @@ def _losses(workdir):
 
 
 def _all_fail(run, code, *needles, timeout=120):
+  """Every process stops with the error: found itself (exit `code`), or, when it was already
+  waiting at a barrier, told by the process that found it ("process N stopped: ...", exit 1).
+  On a loaded machine either can come first."""
   for got, log in run.wait(timeout):
-    assert got == code, log[-3000:]
+    told = got == 1 and "stopped: " in log
+    assert got == code or told, log[-3000:]
     for needle in needles:
       assert needle in log, log[-3000:]
 
