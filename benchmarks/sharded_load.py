@@ -33,7 +33,7 @@ import jax
 
 from benchmarks import run as bench_run
 from benchmarks.common import Column, write_report
-from benchmarks.sharded_step import load_config
+from benchmarks.sharded_step import add_config_arguments, load_config
 from nsn_jax import config as config_lib
 from nsn_jax import sharding
 from nsn_jax.build import build_model, text_encoder
@@ -130,14 +130,10 @@ def measure(config, mesh_spec: str) -> dict:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.sharded_load", description=__doc__)
-  parser.add_argument("--config", required=True, help="a configs/*.py file, e.g. ...py:smoke")
+  add_config_arguments(parser)
   parser.add_argument(
     "--meshes", default="fsdp=8;data=1", help="';'-separated; data=1 is one device (the control)"
   )
-  parser.add_argument("--model_path", help="override config.model.path")
-  parser.add_argument("--data_dir", help="override config.data.data_dir")
-  parser.add_argument("--min_size", type=int, help="override config.sharding.min_size")
-  parser.add_argument("--set", action="append", default=[], help="field=value overrides")
   parser.add_argument("--out", default="runs/benchmarks/sharded_load.json")
   return parser.parse_args(argv)
 

@@ -62,19 +62,24 @@ COLUMNS = (
 )
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.sharded_step", description=__doc__)
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+  """--config and the overrides `load_config` applies (also benchmarks.sharded_load's)."""
   parser.add_argument("--config", required=True, help="a configs/*.py file, e.g. ...py:smoke")
-  parser.add_argument("--meshes", default="fsdp=8", help="';'-separated, e.g. fsdp=8;tensor=8")
-  parser.add_argument("--ranks", default="", help="';'-separated rank sets (default: config's)")
-  parser.add_argument("--remat", default="none", help="comma-separated: none,block")
-  parser.add_argument("--rules", default="default", help="comma-separated: default,legacy")
   parser.add_argument("--model_path", help="override config.model.path")
   parser.add_argument("--data_dir", help="override config.data.data_dir")
   parser.add_argument("--min_size", type=int, help="override config.sharding.min_size")
   parser.add_argument(
     "--set", action="append", default=[], help="field=value overrides, e.g. data.seq_len=256"
   )
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.sharded_step", description=__doc__)
+  add_config_arguments(parser)
+  parser.add_argument("--meshes", default="fsdp=8", help="';'-separated, e.g. fsdp=8;tensor=8")
+  parser.add_argument("--ranks", default="", help="';'-separated rank sets (default: config's)")
+  parser.add_argument("--remat", default="none", help="comma-separated: none,block")
+  parser.add_argument("--rules", default="default", help="comma-separated: default,legacy")
   parser.add_argument(
     "--measure",
     default="state,saved,compiled",

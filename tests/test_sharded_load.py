@@ -98,18 +98,24 @@ def test_peak_device_memory_while_loading_stays_below_the_whole_model(llama, dat
   assert control["peak_over_model"] > 1.0, control
 
 
-def _losses(config, mesh_spec: str, steps: int = 20) -> np.ndarray:
-  """The multi-rank LM step's total loss over `steps` steps on `mesh_spec`."""
+def _train_step(config, mesh_spec: str):
+  """(jitted multi-rank step, state, method, batch for step i) of `config` on `mesh_spec`."""
   mesh = _mesh(mesh_spec)
   graphdef, state, state_sharding = create_train_state(config, mesh)
   method = build_method(config, config_task(config), config.model.max_rank)
   placed = sharding.batch_sharding(mesh)
   step = config_train_step(config, graphdef, method.loss, state_sharding, placed)
   batches = pipeline.train_batches(config.data, 8, 0, encoder=text_encoder(config))
+  batch = lambda i: {k: jax.device_put(v, placed) for k, v in batches[i].items()}
+  return step, state, method, batch
+
+
+def _losses(config, mesh_spec: str, steps: int = 20) -> np.ndarray:
+  """The multi-rank LM step's total loss over `steps` steps on `mesh_spec`."""
+  step, state, method, batch = _train_step(config, mesh_spec)
   losses = []
   for i in range(steps):
-    batch = {k: jax.device_put(v, placed) for k, v in batches[i].items()}
-    state, metrics = step(state, batch, jnp.asarray(method.step_inputs(i)), None)
+    state, metrics = step(state, batch(i), jnp.asarray(method.step_inputs(i)), None)
     losses.append(float(metrics["total_loss"]))
   return np.asarray(losses)
 
@@ -152,14 +158,8 @@ def test_meshes_and_remat_train_the_same_losses_as_one_device(
 
 def _collectives(config, mesh_spec: str) -> list[tuple[str, str]]:
   """(result shape, op) of every collective in the compiled multi-rank step."""
-  mesh = _mesh(mesh_spec)
-  graphdef, state, state_sharding = create_train_state(config, mesh)
-  method = build_method(config, config_task(config), config.model.max_rank)
-  placed = sharding.batch_sharding(mesh)
-  batch = pipeline.train_batches(config.data, 8, 0, encoder=text_encoder(config))[0]
-  batch = {k: jax.device_put(v, placed) for k, v in batch.items()}
-  step = config_train_step(config, graphdef, method.loss, state_sharding, placed)
-  text = step.lower(state, batch, jnp.asarray(method.step_inputs(1)), None).compile().as_text()
+  step, state, method, batch = _train_step(config, mesh_spec)
+  text = step.lower(state, batch(0), jnp.asarray(method.step_inputs(1)), None).compile().as_text()
   found = re.findall(r"= (\S+) ([a-z-]+?)(?:-start)?\(", text)
   return [(shape, op) for shape, op in found if op in sharding_ops.COLLECTIVES]
 
