@@ -24,18 +24,26 @@ class RankEvaluator:
   exactly once, whatever the split size. The program returns sums, not logits, so a language
   model's (B, T, vocab) logits never leave the device. With a `mesh`, each batch is split over
   its data and fsdp axes (data-parallel evaluation; `batch_size` rounded up to a multiple of
-  them), on every process of a cluster alike.
+  them), on every process of a cluster alike. `per_row`: the sums are also kept per example
+  (`__call__` returns them as "rows"), for bootstrap intervals over examples.
   """
 
-  def __init__(self, graphdef: nnx.GraphDef, batch_size: int, task: Task, mesh: Mesh | None = None):
-    self.task = task
+  def __init__(
+    self,
+    graphdef: nnx.GraphDef,
+    batch_size: int,
+    task: Task,
+    mesh: Mesh | None = None,
+    per_row: bool = False,
+  ):
+    self.task, self.per_row = task, per_row
     self.sharding = None if mesh is None else sharding.batch_sharding(mesh)
     split = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     self.batch_size = -(-batch_size // split) * split
 
     @sharding.with_mesh(mesh)  # no mesh: a no-op
     def scores(params, batch, rows, rank):
-      return task.rank_scores(nnx.merge(graphdef, params), batch, rank, rows)
+      return task.rank_scores(nnx.merge(graphdef, params), batch, rank, rows, per_row)
 
     self._scores = jax.jit(scores, static_argnums=3)
     self._forward = jax.jit(
@@ -76,7 +84,8 @@ class RankEvaluator:
   def __call__(self, params, arrays: dict[str, np.ndarray], rank) -> dict[str, float]:
     """arrays: the split, {key: (N, ...)} for the task's keys → accuracy, loss (mean CE over
     scored examples or tokens, nats) and the median wall-clock latency of one batch in seconds
-    (compile excluded)."""
+    (compile excluded); with `per_row` also "rows": {loss, correct, weight: float64 (N,)}, each
+    example's sums (a token count as its weight for language modelling)."""
     n = len(arrays[self.task.keys[0]])
     pad = -n % self.batch_size
     padded = {
@@ -91,16 +100,21 @@ class RankEvaluator:
       return batch, batch.pop("rows")
 
     jax.block_until_ready(program(params, *batch_at(0)))  # warm-up
-    totals = {"loss": 0.0, "correct": 0.0, "weight": 0.0}
+    parts = {"loss": [], "correct": [], "weight": []}
     latencies = []
     for start in range(0, n + pad, self.batch_size):
       t0 = time.perf_counter()
-      sums = jax.device_get(program(params, *batch_at(start)))
+      sums = {k: sharding.to_host(v) for k, v in program(params, *batch_at(start)).items()}
       latencies.append(time.perf_counter() - t0)
-      for key in totals:
-        totals[key] += float(sums[key])
-    return {
+      for key, values in parts.items():
+        values.append(np.asarray(sums[key], np.float64).reshape(-1))
+    rows = {
+      key: np.concatenate(values)[: n if self.per_row else None] for key, values in parts.items()
+    }
+    totals = {key: float(np.sum(values)) for key, values in rows.items()}
+    metrics = {
       "accuracy": totals["correct"] / totals["weight"],
       "loss": totals["loss"] / totals["weight"],
       "latency_s": float(np.median(latencies)),
     }
+    return metrics | ({"rows": rows} if self.per_row else {})

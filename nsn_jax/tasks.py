@@ -51,15 +51,19 @@ def _next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
   return batch["tokens"][:, 1:], batch["mask"][:, 1:].astype(jnp.float32)
 
 
-def weighted_scores(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> dict:
+def weighted_scores(
+  logits: jax.Array, labels: jax.Array, weights: jax.Array, per_row: bool = False
+) -> dict:
   """Sums over examples (or tokens): `loss` (weighted CE, nats), `correct` and `weight` (the
-  number of scored examples or tokens), float32 scalars. logits (..., C), labels (...)."""
+  number of scored examples or tokens), float32 scalars, or (B,) sums per row (example) with
+  `per_row` (what a bootstrap over examples resamples). logits (B, ..., C), labels (B, ...)."""
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
   hits = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  total = (lambda x: jnp.sum(x, axis=tuple(range(1, x.ndim)))) if per_row else jnp.sum
   return {
-    "loss": jnp.sum(ce * weights),
-    "correct": jnp.sum(hits * weights),
-    "weight": jnp.sum(weights),
+    "loss": total(ce * weights),
+    "correct": total(hits * weights),
+    "weight": total(weights),
   }
 
 
@@ -85,15 +89,20 @@ class Task:
   chunk: int = 0
 
   def scores(
-    self, logits: jax.Array, batch: Batch, rows: jax.Array | None = None
+    self, logits: jax.Array, batch: Batch, rows: jax.Array | None = None, per_row: bool = False
   ) -> dict[str, jax.Array]:
     """`weighted_scores` of `logits` against the batch's targets. `rows` (B,) 0/1 drops padded
     rows."""
     labels, weights = self.targets(batch)
-    return weighted_scores(logits, labels, _row_weights(weights, rows))
+    return weighted_scores(logits, labels, _row_weights(weights, rows), per_row)
 
   def rank_scores(
-    self, model: Any, batch: Batch, rank: Any, rows: jax.Array | None = None
+    self,
+    model: Any,
+    batch: Batch,
+    rank: Any,
+    rows: jax.Array | None = None,
+    per_row: bool = False,
   ) -> dict[str, jax.Array]:
     """`scores` of the model's logits at `rank`, what training and evaluation read. For next
     tokens from a decoder they are computed `chunk` positions at a time under jax.checkpoint:
@@ -101,13 +110,16 @@ class Task:
     pass recomputes one chunk's instead of keeping them all."""
     chunkable = hasattr(model, "encode") and hasattr(model, "vocab_logits")  # LlamaModel's
     if not (self.chunk and self.name == "language_modelling" and chunkable):
-      return self.scores(self.logits(model, batch, rank), batch, rows)
+      return self.scores(self.logits(model, batch, rank), batch, rows, per_row)
     hidden = apply(model.encode, batch["tokens"], batch["mask"], rank=rank)[:, :-1]
     labels, weights = self.targets(batch)
-    return _chunked_scores(model, rank, hidden, labels, _row_weights(weights, rows), self.chunk)
+    weights = _row_weights(weights, rows)
+    return _chunked_scores(model, rank, hidden, labels, weights, self.chunk, per_row)
 
 
-def _chunked_scores(model, rank, hidden, labels, weights, chunk: int) -> dict[str, jax.Array]:
+def _chunked_scores(
+  model, rank, hidden, labels, weights, chunk: int, per_row: bool = False
+) -> dict[str, jax.Array]:
   """`weighted_scores` of model.vocab_logits(hidden) at `rank`, `chunk` positions at a time.
   hidden (B, T, dim); labels, weights (B, T)."""
   chunk = min(chunk, hidden.shape[1])
@@ -116,12 +128,13 @@ def _chunked_scores(model, rank, hidden, labels, weights, chunk: int) -> dict[st
   @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan: no CSE to prevent
   def scored(state, x, y, w):  # the state goes in explicitly: we may be inside a vmap
     logits = apply(nnx.merge(graphdef, state).vocab_logits, x, rank=rank)
-    return weighted_scores(logits, y, w)
+    return weighted_scores(logits, y, w, per_row)
 
   def add(total, xs):
     return jax.tree.map(jnp.add, total, scored(state, *xs)), None
 
-  zeros = dict.fromkeys(("loss", "correct", "weight"), jnp.zeros((), jnp.float32))
+  shape = labels.shape[:1] if per_row else ()
+  zeros = dict.fromkeys(("loss", "correct", "weight"), jnp.zeros(shape, jnp.float32))
   chunks = tuple(_chunks(x, chunk) for x in (hidden, labels, weights))
   return jax.lax.scan(add, zeros, chunks)[0]
 

@@ -233,3 +233,29 @@ def test_chunked_language_modelling_loss_equals_whole_logits(chunk, ranks):
   scores = lambda task: jax.make_jaxpr(lambda: task.rank_scores(model, batch, 8))()
   assert "scan" in str(scores(get_task("language_modelling", chunk)))  # chunks, really
   assert "scan" not in str(scores(get_task("language_modelling")))
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_per_row_scores_sum_to_the_batch_scores_and_score_each_row_alone(chunk):
+  """per_row=True (what bootstrap intervals resample): each row's sums are that row scored on
+  its own, they add up to the batch's sums, and a dropped (padded) row scores zero, chunked or
+  not."""
+  from nsn_jax.models.llama import LlamaConfig, LlamaModel
+  from nsn_jax.surgery import decompose_and_replace
+
+  config = LlamaConfig(vocab_size=40, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24)
+  model = decompose_and_replace(LlamaModel(config, rngs=nnx.Rngs(0)), max_rank=8)[0]
+  tokens = jax.random.randint(jax.random.key(2), (3, 12), 0, 40)
+  batch = {"tokens": tokens, "mask": jnp.arange(12)[None] < jnp.array([[12], [7], [3]])}
+  task = get_task("language_modelling", chunk)
+  rows = jnp.array([1.0, 1.0, 0.0])
+  per_row = task.rank_scores(model, batch, 4, rows, per_row=True)
+  whole = task.rank_scores(model, batch, 4, rows)
+  for key in ("loss", "correct", "weight"):
+    assert per_row[key].shape == (3,)
+    np.testing.assert_allclose(per_row[key].sum(), whole[key], rtol=1e-5)
+    assert per_row[key][2] == 0.0
+  np.testing.assert_allclose(per_row["weight"][:2], [11.0, 6.0])
+  for i in range(2):
+    alone = task.rank_scores(model, {k: v[i : i + 1] for k, v in batch.items()}, 4)
+    np.testing.assert_allclose(per_row["loss"][i], alone["loss"], rtol=1e-5)

@@ -16,10 +16,8 @@ WORKDIR/baselines.json and baselines.png and prints a table.
 
 from __future__ import annotations
 
-import json
 import os
 
-from absl import flags
 from flax import nnx
 import numpy as np
 import scipy.stats
@@ -28,49 +26,27 @@ from nsn_jax import flops
 from nsn_jax.build import nsn_from_dense
 from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
-from nsn_jax.metrics import say
 from nsn_jax.restore import restore_model
 from nsn_jax.studies import common
-from nsn_jax.sweep import parse_ranks, run_sweep
+from nsn_jax.sweep import run_sweep
 from nsn_jax.tasks import config_task
-from nsn_jax.train_lib import train_and_evaluate
 
-RANKS = flags.DEFINE_string(
-  "ranks", "1,2,4,8,12,16,24,32,48,64", "Ranks compared (those above R are dropped)."
-)
-FINETUNE_STEPS = flags.DEFINE_integer(
-  "finetune_steps", 500, "Steps of each fine-tune (dense+svd+ft at each rank, nsn from svd)."
-)
+RANKS, FINETUNE_STEPS = "1,2,4,8,12,16,24,32,48,64", 500  # defaults of --ranks, --finetune_steps
 METHODS = ("dense+svd", "dense+svd+ft", "nsn", "nsn uniform", "nsn from svd")
 
 
-def _trained(config, name: str) -> str:
-  """Trains `config` in WORKDIR/baselines/name once (a finished identical run is reused)."""
-  workdir = os.path.join(common.WORKDIR.value, "baselines", name)
-  done = os.path.join(workdir, "done.json")
-  wanted = json.loads(config.to_json_best_effort())
-  if os.path.exists(done) and json.load(open(done)) == wanted:  # noqa: SIM115 - read once
-    say(f"[{name}] reusing the finished run in {workdir}")
-    return workdir
-  say(f"[{name}] training in {workdir}")
-  train_and_evaluate(config, workdir)
-  common.write_json(wanted, done)
-  return workdir
-
-
-def _variant(base, seed: int, **changes):
-  config = base.copy_and_resolve_references()
-  config.seed = seed
-  for key, value in changes.items():
-    section, field = key.split("__")
-    config[section][field] = value
-  return config
+def _trained_in(config, name: str) -> str:
+  return common.trained(config, os.path.join("baselines", name))
 
 
 def _seed_rows(base, seed: int, ranks: list[int]) -> list[dict]:
   """Every method's (rank, flops fraction, accuracy) for one seed."""
-  finetune = dict(train__steps=FINETUNE_STEPS.value, optimizer__warmup_steps=0)
-  dense_dir = _trained(_variant(base, seed, model__dense=True, eval__ranks=()), f"dense_seed{seed}")
+  finetune = dict(
+    train__steps=common.flag(common.FINETUNE_STEPS, FINETUNE_STEPS), optimizer__warmup_steps=0
+  )
+  dense_dir = _trained_in(
+    common.variant(base, seed, model__dense=True, eval__ranks=()), f"dense_seed{seed}"
+  )
   dense = restore_model(dense_dir).model
   test = pipeline.load_split(base.data, base.data.eval_split)
   rows = [_row("dense", seed, None, dense, dense, _accuracy(base, test, dense, None))]
@@ -79,7 +55,7 @@ def _seed_rows(base, seed: int, ranks: list[int]) -> list[dict]:
     _row("dense+svd", seed, r, truncated, dense, _accuracy(base, test, truncated, r)) for r in ranks
   ]
   for r in ranks:
-    config = _variant(
+    config = common.variant(
       base,
       seed,
       model__init_from=dense_dir,
@@ -89,14 +65,14 @@ def _seed_rows(base, seed: int, ranks: list[int]) -> list[dict]:
       objective__name="uniform",
       **finetune,
     )
-    model = restore_model(_trained(config, f"dense_svd_ft_r{r}_seed{seed}")).model
+    model = restore_model(_trained_in(config, f"dense_svd_ft_r{r}_seed{seed}")).model
     rows.append(_row("dense+svd+ft", seed, r, model, dense, _accuracy(base, test, model, r)))
   for method, config in (
-    ("nsn", _variant(base, seed)),
-    ("nsn uniform", _variant(base, seed, objective__name="uniform")),
-    ("nsn from svd", _variant(base, seed, model__init_from=dense_dir, **finetune)),
+    ("nsn", common.variant(base, seed)),
+    ("nsn uniform", common.variant(base, seed, objective__name="uniform")),
+    ("nsn from svd", common.variant(base, seed, model__init_from=dense_dir, **finetune)),
   ):
-    workdir = _trained(config, f"{method.replace(' ', '_')}_seed{seed}")
+    workdir = _trained_in(config, f"{method.replace(' ', '_')}_seed{seed}")
     swept = run_sweep(workdir, ",".join(map(str, ranks)), verbose=False, out=f"{workdir}/eval/b")
     rows += [
       {
@@ -155,11 +131,14 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def run() -> dict:
   base = common.base_config()
-  parse_ranks(RANKS.value, None)  # the syntax
-  ranks = [r for r in map(int, RANKS.value.split(",")) if r <= base.model.max_rank]
+  ranks = common.ranks(RANKS, base.model.max_rank)
   seeds = [int(s) for s in common.SEEDS.value]
   rows = [row for seed in seeds for row in _seed_rows(base, seed, ranks)]
-  result = {"ranks": ranks, "seeds": seeds, "finetune_steps": FINETUNE_STEPS.value}
+  result = {
+    "ranks": ranks,
+    "seeds": seeds,
+    "finetune_steps": common.flag(common.FINETUNE_STEPS, FINETUNE_STEPS),
+  }
   result |= {"rows": rows, "summary": summarise(rows)}
   common.write_json(result, os.path.join(common.WORKDIR.value, "baselines.json"))
   plot(result, os.path.join(common.WORKDIR.value, "baselines.png"))

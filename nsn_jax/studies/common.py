@@ -12,7 +12,7 @@ import numpy as np
 
 from nsn_jax import cli
 from nsn_jax.metrics import say
-from nsn_jax.sweep import SweepRow, read_rows, run_sweep
+from nsn_jax.sweep import SweepRow, parse_ranks, read_rows, run_sweep
 from nsn_jax.train_lib import train_and_evaluate
 
 CONFIG = config_flags.DEFINE_config_file(
@@ -23,7 +23,33 @@ CONFIG = config_flags.DEFINE_config_file(
   lock_config=True,
 )
 WORKDIR = flags.DEFINE_string("workdir", "runs/studies", "Root directory shared by studies.")
-SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (ablation).")
+SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (ablation, baselines, twin_gap).")
+# Flags several studies read, each with its own default (a module's DEFAULTS): one definition,
+# so the studies can be imported together.
+RANKS = flags.DEFINE_string(
+  "ranks", None, "Ranks compared, e.g. 1,2,4 (above R: dropped). Default: the study's own."
+)
+FINETUNE_STEPS = flags.DEFINE_integer(
+  "finetune_steps", None, "Steps of each fine-tune a study trains. Default: the study's own."
+)
+EXAMPLES = flags.DEFINE_integer(
+  "examples", None, "Eval-split examples scored (0: all). Default: the study's own."
+)
+
+
+def flag(holder: flags.FlagHolder, default):
+  """A shared flag's value, or the calling study's `default` where it was not given."""
+  return default if holder.value is None else holder.value
+
+
+def ranks(default: str, max_rank: int) -> list[int]:
+  """--ranks (or `default`) as a list; a list's ranks above `max_rank` are dropped (one rank
+  list serves models of several R). ConfigError on a bad spec."""
+  spec = flag(RANKS, default).strip()
+  parse_ranks(spec, None)  # the syntax: one line naming the flag
+  if spec[0].isdigit():
+    return [r for r in map(int, spec.split(",")) if r <= max_rank]
+  return parse_ranks(spec, max_rank)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -36,22 +62,40 @@ def main(run) -> None:
   cli.run(run)
 
 
-def train_and_sweep(config: ml_collections.ConfigDict, name: str) -> list[SweepRow]:
-  """Sweep rows (every rank) of `config` trained in WORKDIR/name; reuses a finished run."""
+def trained(config: ml_collections.ConfigDict, name: str) -> str:
+  """The workdir WORKDIR/name with `config` trained in it: a finished run of the same config
+  (its done.json) is reused, anything else trains (resuming from its checkpoints)."""
   workdir = os.path.join(WORKDIR.value, name)
-  sweep = os.path.join(workdir, "eval", "all", "sweep.json")
   done = os.path.join(workdir, "done.json")
-  if os.path.exists(done) and os.path.exists(sweep):
+  wanted = json.loads(config.to_json_best_effort())
+  if os.path.exists(done):
     with open(done) as f:
-      if json.load(f) == json.loads(config.to_json_best_effort()):
+      if json.load(f) == wanted:
         say(f"[{name}] reusing the finished run in {workdir}")
-        return read_rows(sweep)
+        return workdir
   say(f"[{name}] training in {workdir}")
   train_and_evaluate(config, workdir)
-  rows = run_sweep(workdir, "all", verbose=False, out=os.path.dirname(sweep))
-  with open(done, "w") as f:
-    f.write(config.to_json_best_effort())
-  return rows
+  write_json(wanted, done)
+  return workdir
+
+
+def variant(base: ml_collections.ConfigDict, seed: int, **changes) -> ml_collections.ConfigDict:
+  """`base` with `seed` and `changes` given as section__field=value (model__dense=True)."""
+  config = base.copy_and_resolve_references()
+  config.seed = seed
+  for key, value in changes.items():
+    section, field = key.split("__")
+    config[section][field] = value
+  return config
+
+
+def train_and_sweep(config: ml_collections.ConfigDict, name: str) -> list[SweepRow]:
+  """Sweep rows (every rank) of `config` trained in WORKDIR/name; reuses a finished run."""
+  workdir = trained(config, name)
+  sweep = os.path.join(workdir, "eval", "all", "sweep.json")
+  if os.path.exists(sweep) and os.path.getmtime(sweep) >= os.path.getmtime(f"{workdir}/done.json"):
+    return read_rows(sweep)
+  return run_sweep(workdir, "all", verbose=False, out=os.path.dirname(sweep))
 
 
 def accuracy_at(rows: list[dict], ranks) -> float:
