@@ -266,8 +266,9 @@ def place(host: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array
 
 def to_host(x: Any) -> np.ndarray:
   """`x` as a numpy array on every process; an array other processes hold parts of is gathered
-  first (multihost_utils.process_allgather), where np.asarray alone would fail."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+  first (multihost_utils.process_allgather), where np.asarray alone would fail; a replicated
+  one is read from this process's copy."""
+  if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 

@@ -6,13 +6,16 @@ import json
 import os
 
 from absl import flags
+from flax import nnx
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
 from nsn_jax import cli
+from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.metrics import say
 from nsn_jax.sweep import SweepRow, parse_ranks, read_rows, run_sweep
+from nsn_jax.tasks import config_task
 from nsn_jax.train_lib import train_and_evaluate
 
 CONFIG = config_flags.DEFINE_config_file(
@@ -77,6 +80,22 @@ def trained(config: ml_collections.ConfigDict, name: str) -> str:
   train_and_evaluate(config, workdir)
   write_json(wanted, done)
   return workdir
+
+
+def example_scores(
+  config: ml_collections.ConfigDict, model, arrays: dict, point, path: str, after: str = ""
+) -> dict[str, np.ndarray]:
+  """Per-example sums {loss, correct, weight: (N,)} of `model` at `point` (a rank, a profile or
+  None) on `arrays` (RankEvaluator(per_row=True)), kept at `path` (.npz) and read from there
+  later, unless the file `after` (a trained run's done.json) is newer. Delete it to rescore."""
+  if os.path.exists(path) and not (after and os.path.getmtime(after) > os.path.getmtime(path)):
+    return dict(np.load(path))
+  graphdef, params = nnx.split(model)
+  evaluator = RankEvaluator(graphdef, config.eval.batch_size, config_task(config), per_row=True)
+  rows = evaluator(params, arrays, point)["rows"]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.savez(path, **rows)
+  return rows
 
 
 def variant(base: ml_collections.ConfigDict, seed: int, **changes) -> ml_collections.ConfigDict:

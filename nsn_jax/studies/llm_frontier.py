@@ -31,9 +31,8 @@ from nsn_jax import flops, sharding
 from nsn_jax import profiles as flexrank_profiles
 from nsn_jax.build import text_encoder
 from nsn_jax.data import pipeline
-from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.metrics import say
-from nsn_jax.restore import restore_model
+from nsn_jax.restore import Restored, restore_model
 from nsn_jax.studies import common, stats
 from nsn_jax.tasks import config_task
 from nsn_jax.train_lib import model_and_method
@@ -49,7 +48,7 @@ DENSE, DENSE_FT = "dense", "dense ft"
 
 class _Scorer:
   """Scores models on the held-out passages, each (model, rank or profile) once: the per-passage
-  sums are kept in WORKDIR/llm_frontier/scores/ (delete it to score again)."""
+  sums are kept in WORKDIR/llm_frontier/scores/ (`common.example_scores`)."""
 
   def __init__(self, config):
     self.config = config
@@ -62,20 +61,13 @@ class _Scorer:
     self.directory = os.path.join(common.WORKDIR.value, "llm_frontier", "scores")
     self.rows: list[dict] = []
 
-  def __call__(self, name: str, model: nnx.Module, point, **fields) -> None:
-    """Adds the row of `model` at `point` (a rank, a profile or None) called `name`."""
+  def __call__(self, name: str, model: nnx.Module, point, after: str = "", **fields) -> None:
+    """Adds the row of `model` at `point` (a rank, a profile or None) called `name`; `after`:
+    the done.json of the run that trained it (a newer one makes it score again)."""
     label = fields.get("budget", point)
     path = os.path.join(self.directory, f"{name.replace(' ', '_')}_{label}.npz")
-    if os.path.exists(path):
-      scores = dict(np.load(path))
-    else:
-      say(f"[{name}] scoring {'as it is' if point is None else label}")
-      evaluator = RankEvaluator(
-        nnx.graphdef(model), self.config.eval.batch_size, config_task(self.config), per_row=True
-      )
-      scores = evaluator(nnx.state(model), self.arrays, point)["rows"]
-      os.makedirs(self.directory, exist_ok=True)
-      np.savez(path, **scores)
+    say(f"[{name}] scores {'as it is' if point is None else label}")
+    scores = common.example_scores(self.config, model, self.arrays, point, path, after)
     seq_len = self.config.data.seq_len
     cost = flops.model_flops(model, point, seq_len) / flops.dense_model_flops(model, seq_len)
     rank = point if isinstance(point, int) else None
@@ -95,11 +87,14 @@ def _untrained(config, **changes) -> nnx.Module:
   return model_and_method(config, config_task(config), batches, sharding.make_mesh(config.mesh))[0]
 
 
-def _trained(config, name: str, **changes) -> nnx.Module:
+def _trained(config, name: str, **changes) -> tuple[Restored, str]:
+  """(the model, its done.json) of `config` fine-tuned for --finetune_steps in
+  WORKDIR/llm_frontier/name (cached as `common.trained` does)."""
   steps = common.flag(common.FINETUNE_STEPS, FINETUNE_STEPS)
   config = common.variant(config, config.seed, train__steps=steps, eval__every=steps, **changes)
   config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, steps // 10)
-  return restore_model(common.trained(config, f"llm_frontier/{name}"))
+  workdir = common.trained(config, f"llm_frontier/{name}")
+  return restore_model(workdir), f"{workdir}/done.json"
 
 
 def run() -> dict:
@@ -111,14 +106,14 @@ def run() -> dict:
     model = _untrained(base, surgery__init=init)
     for rank in ranks:
       score(name, model, rank)
-  dense_ft = _trained(base, "dense_ft", model__dense=True, eval__ranks=())
-  score(DENSE_FT, dense_ft.model, None)
+  dense_ft, done = _trained(base, "dense_ft", model__dense=True, eval__ranks=())
+  score(DENSE_FT, dense_ft.model, None, done)
   truncated = _untrained(base, model__init_from=_dense_ft_dir(), surgery__init="activation_aware")
   for rank in ranks:
-    score("dense ft + aa", truncated, rank)
-  nsn = _trained(base, "nsn")
+    score("dense ft + aa", truncated, rank, done)
+  nsn, done = _trained(base, "nsn")
   for rank in sorted({*ranks, *base.ranks.fixed}):
-    score("nsn", nsn.model, rank, trained=rank in base.ranks.fixed)
+    score("nsn", nsn.model, rank, done, trained=rank in base.ranks.fixed)
   _flexrank(base, score)
   result = summarise(score.rows)
   directory = os.path.join(common.WORKDIR.value, "llm_frontier")
@@ -135,7 +130,7 @@ def _dense_ft_dir() -> str:
 def _flexrank(base, score: _Scorer) -> None:
   """FlexRank distilled from the fine-tuned dense model, scored at each budget's profile."""
   budgets = tuple(float(b) for b in FLEXRANK_BUDGETS.value)
-  restored = _trained(
+  restored, done = _trained(
     base,
     "flexrank",
     objective__name="flexrank_distill",
@@ -145,7 +140,7 @@ def _flexrank(base, score: _Scorer) -> None:
     eval__ranks=(),
   )
   for budget, profile in flexrank_profiles.saved_profiles(restored.metadata).items():
-    score("flexrank", restored.model, profile, budget=budget, trained=True)
+    score("flexrank", restored.model, profile, done, budget=budget, trained=True)
 
 
 def summarise(rows: list[dict]) -> dict:

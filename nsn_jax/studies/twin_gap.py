@@ -18,29 +18,19 @@ from __future__ import annotations
 import os
 
 from absl import flags
-from flax import nnx
 import numpy as np
 
 from nsn_jax import flops
 from nsn_jax.build import text_encoder
 from nsn_jax.data import pipeline
-from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.metrics import say
 from nsn_jax.restore import restore_model
 from nsn_jax.studies import common, stats
 from nsn_jax.sweep import check_budgets
-from nsn_jax.tasks import config_task
 
 BUDGET = flags.DEFINE_float("budget", 0.5, "FLOPs budget, a fraction of the dense forward pass.")
 PAPER_GAP = flags.DEFINE_float("paper_gap", 5.0, "The paper's gap at the budget, in points.")
 RANKS, EXAMPLES = "32,64,128,192,384", 0  # defaults of the shared --ranks and --examples
-
-
-def _scores(config, model, arrays, rank) -> stats.Rows:
-  evaluator = RankEvaluator(
-    nnx.graphdef(model), config.eval.batch_size, config_task(config), None, True
-  )
-  return evaluator(nnx.state(model), arrays, rank)["rows"]
 
 
 def _seed(base, seed: int, arrays, ranks) -> dict:
@@ -51,10 +41,13 @@ def _seed(base, seed: int, arrays, ranks) -> dict:
   )
   nsn, dense = restore_model(nsn_dir).model, restore_model(dense_dir).model
   budget_rank = flops.rank_for_budget(nsn, BUDGET.value, "dense", base.data.seq_len)
-  scored = {"dense": _scores(base, dense, arrays, None)}
-  for rank in sorted({budget_rank, *ranks}):
-    say(f"[seed {seed}] scoring rank {rank}")
-    scored[rank] = _scores(base, nsn, arrays, rank)
+  n = len(next(iter(arrays.values())))
+  scores = lambda workdir, model, rank: common.example_scores(
+    base, model, arrays, rank, f"{workdir}/scores/{rank}_{n}.npz", f"{workdir}/done.json"
+  )
+  say(f"[seed {seed}] scores the dense twin and ranks {sorted({budget_rank, *ranks})}")
+  scored = {"dense": scores(dense_dir, dense, None)}
+  scored |= {rank: scores(nsn_dir, nsn, rank) for rank in sorted({budget_rank, *ranks})}
   fraction = {
     rank: flops.model_flops(nsn, rank, base.data.seq_len)
     / flops.dense_model_flops(nsn, base.data.seq_len)
