@@ -12,6 +12,8 @@ from ml_collections import config_flags
 import numpy as np
 
 from nsn_jax import cli
+from nsn_jax.build import text_encoder
+from nsn_jax.data import pipeline
 from nsn_jax.evaluate import RankEvaluator
 from nsn_jax.metrics import say
 from nsn_jax.sweep import SweepRow, parse_ranks, read_rows, run_sweep
@@ -80,6 +82,14 @@ def trained(config: ml_collections.ConfigDict, name: str) -> str:
   train_and_evaluate(config, workdir)
   write_json(wanted, done)
   return workdir
+
+
+def eval_examples(config: ml_collections.ConfigDict, examples: int) -> dict[str, np.ndarray]:
+  """The eval split's arrays: `examples` of them drawn by a fixed seed (0: all of them, whatever
+  the config's data.eval_examples caps training's evaluation at)."""
+  data = config.data.copy_and_resolve_references()
+  data.eval_examples = examples
+  return pipeline.load_split(data, data.eval_split, text_encoder(config))
 
 
 def example_scores(

@@ -52,12 +52,7 @@ class _Scorer:
 
   def __init__(self, config):
     self.config = config
-    self.arrays = pipeline.load_split(
-      config.data,
-      config.data.eval_split,
-      text_encoder(config),
-      limit=common.flag(common.EXAMPLES, EXAMPLES) or None,
-    )
+    self.arrays = common.eval_examples(config, common.flag(common.EXAMPLES, EXAMPLES))
     self.directory = os.path.join(common.WORKDIR.value, "llm_frontier", "scores")
     self.rows: list[dict] = []
 
@@ -65,7 +60,8 @@ class _Scorer:
     """Adds the row of `model` at `point` (a rank, a profile or None) called `name`; `after`:
     the done.json of the run that trained it (a newer one makes it score again)."""
     label = fields.get("budget", point)
-    path = os.path.join(self.directory, f"{name.replace(' ', '_')}_{label}.npz")
+    n = len(next(iter(self.arrays.values())))
+    path = os.path.join(self.directory, f"{name.replace(' ', '_')}_{label}_{n}.npz")
     say(f"[{name}] scores {'as it is' if point is None else label}")
     scores = common.example_scores(self.config, model, self.arrays, point, path, after)
     seq_len = self.config.data.seq_len

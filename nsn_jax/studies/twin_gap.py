@@ -21,8 +21,6 @@ from absl import flags
 import numpy as np
 
 from nsn_jax import flops
-from nsn_jax.build import text_encoder
-from nsn_jax.data import pipeline
 from nsn_jax.metrics import say
 from nsn_jax.restore import restore_model
 from nsn_jax.studies import common, stats
@@ -62,12 +60,7 @@ def run() -> dict:
   check_budgets([BUDGET.value], "--budget")
   ranks = common.ranks(RANKS, base.model.max_rank)
   seeds = [int(s) for s in common.SEEDS.value]
-  arrays = pipeline.load_split(
-    base.data,
-    base.data.eval_split,
-    text_encoder(base),
-    limit=common.flag(common.EXAMPLES, EXAMPLES) or None,
-  )
+  arrays = common.eval_examples(base, common.flag(common.EXAMPLES, EXAMPLES))
   per_seed = {seed: _seed(base, seed, arrays, ranks) for seed in seeds}
   result = summarise(per_seed, len(next(iter(arrays.values()))), PAPER_GAP.value)
   result |= {"config_steps": base.train.steps, "budget": BUDGET.value}
