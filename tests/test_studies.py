@@ -143,7 +143,7 @@ def test_llm_frontier_summary_pairs_every_model_with_both_dense_models():
   assert "| flexrank | budget 0.5 | 0.500 |" in format_table(result)
 
 
-@pytest.mark.slow  # two seeds of MiniLM's smoke config, trained and twin-trained: ~40 s
+@pytest.mark.slow  # two seeds of MiniLM's smoke config, trained and twin-trained: ~1 min alone
 def test_twin_gap_study_trains_both_twins_per_seed_and_writes_its_verdict(tmp_path, data_dir):
   proc = subprocess.run(
     [sys.executable, "-m", "nsn_jax.studies.twin_gap", f"--workdir={tmp_path}"]
@@ -164,7 +164,7 @@ def test_twin_gap_study_trains_both_twins_per_seed_and_writes_its_verdict(tmp_pa
   assert os.path.getsize(tmp_path / "twin_gap" / "twin_gap.png") > 10_000
 
 
-@pytest.mark.slow  # three tiny-decoder trainings and 13 scorings: ~60 s
+@pytest.mark.slow  # three tiny-decoder trainings, 15 scorings, run twice: ~2 min alone
 def test_llm_frontier_study_scores_every_model_once(tmp_path, data_dir, tiny_gguf):
   args = [sys.executable, "-m", "nsn_jax.studies.llm_frontier", f"--workdir={tmp_path}"]
   args += ["--config=configs/smollm2_lm.py:smoke", f"--config.model.path={tiny_gguf}"]
