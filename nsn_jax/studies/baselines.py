@@ -201,9 +201,7 @@ def plot(result: dict, path: str) -> None:
   ax.set_title("NSN vs the strongest baselines at equal FLOPs")
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right", fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

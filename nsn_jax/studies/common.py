@@ -145,6 +145,13 @@ def write_json(obj, path: str) -> None:
     json.dump(obj, f, indent=1)
 
 
+def save_figure(fig, path: str) -> None:
+  """Writes `fig` to `path` (PNG at 120 dpi, tight layout) and closes it."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  pyplot().close(fig)
+
+
 def pyplot():
   """matplotlib.pyplot on the headless Agg backend."""
   import matplotlib

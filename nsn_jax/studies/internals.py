@@ -98,9 +98,7 @@ def plot_energy(energy: dict, path: str) -> None:
     ax.set_title(f"energy profile, layer {layer}")
     ax.grid(alpha=0.3)
     ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def plot_subspaces(result: dict, pairs: list[tuple[int, int]], path: str) -> None:
@@ -130,9 +128,7 @@ def plot_subspaces(result: dict, pairs: list[tuple[int, int]], path: str) -> Non
     ax.grid(alpha=0.3)
     if ax.lines:
       ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def plot_log_variance(history: dict, path: str) -> None:
@@ -153,9 +149,7 @@ def plot_log_variance(history: dict, path: str) -> None:
   right.set_title("final s_r per rank (lower s = larger weight exp(-s))")
   for ax in (left, right):
     ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ class _Scorer:
   def __init__(self, config):
     self.config = config
     self.arrays = common.eval_examples(config, common.flag(common.EXAMPLES, EXAMPLES))
+    self.n = len(next(iter(self.arrays.values())))  # passages: a score file's name holds it
     self.directory = os.path.join(common.WORKDIR.value, "llm_frontier", "scores")
     self.rows: list[dict] = []
 
@@ -60,8 +61,7 @@ class _Scorer:
     """Adds the row of `model` at `point` (a rank, a profile or None) called `name`; `after`:
     the done.json of the run that trained it (a newer one makes it score again)."""
     label = fields.get("budget", point)
-    n = len(next(iter(self.arrays.values())))
-    path = os.path.join(self.directory, f"{name.replace(' ', '_')}_{label}_{n}.npz")
+    path = os.path.join(self.directory, f"{name.replace(' ', '_')}_{label}_{self.n}.npz")
     say(f"[{name}] scores {'as it is' if point is None else label}")
     scores = common.example_scores(self.config, model, self.arrays, point, path, after)
     seq_len = self.config.data.seq_len
@@ -205,12 +205,7 @@ def plot(result: dict, path: str) -> None:
     )
     x = [r["flops_frac_dense"] for r in rows]
     y = [r["perplexity"] for r in rows]
-    err = np.array(
-      [
-        [r["perplexity"] - r["perplexity_ci"][0], r["perplexity_ci"][1] - r["perplexity"]]
-        for r in rows
-      ]
-    ).T
+    err = stats.error_bars(y, [r["perplexity_ci"] for r in rows])
     single = len(rows) == 1
     ax.errorbar(
       x,
@@ -229,9 +224,7 @@ def plot(result: dict, path: str) -> None:
   ax.set_title("language-modelling frontier")
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

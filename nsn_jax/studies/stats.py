@@ -34,6 +34,13 @@ def interval(samples: np.ndarray) -> tuple[float, float]:
   return float(lo), float(hi)
 
 
+def error_bars(values, cis, scale: float = 1.0) -> np.ndarray:
+  """matplotlib's asymmetric `yerr` (2, n) for point values and their (lo, hi) intervals, all
+  multiplied by `scale` (100: fractions as points)."""
+  values, cis = np.asarray(values, np.float64), np.asarray(cis, np.float64)
+  return scale * np.stack([values - cis[:, 0], cis[:, 1] - values])
+
+
 def paired(a: Rows, b: Rows, name: str, idx: np.ndarray) -> dict:
   """metric(a) − metric(b) with its bootstrap interval, and each side's own value and interval."""
   sa, sb = metric(a, name, idx), metric(b, name, idx)

@@ -93,9 +93,7 @@ def plot(result: dict, path: str) -> None:
   ax.set_title("one model per rank vs truncation vs NSN")
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

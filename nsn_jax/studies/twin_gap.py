@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 
 from absl import flags
-import numpy as np
 
 from nsn_jax import flops
 from nsn_jax.metrics import say
@@ -137,18 +136,18 @@ def plot(result: dict, path: str) -> None:
   fig, ax = plt.subplots(figsize=(7, 4.5))
   x = [row["flops_frac_dense"] for row in result["rows"]]
   for i, seed in enumerate(result["seeds"]):
-    gaps = [100 * row["per_seed"][i]["gap"] for row in result["rows"]]
-    err = np.array(
-      [
-        [
-          100 * (row["per_seed"][i]["gap"] - row["per_seed"][i]["gap_ci"][0]),
-          100 * (row["per_seed"][i]["gap_ci"][1] - row["per_seed"][i]["gap"]),
-        ]
-        for row in result["rows"]
-      ]
-    ).T
+    seed_rows = [row["per_seed"][i] for row in result["rows"]]
+    err = stats.error_bars([e["gap"] for e in seed_rows], [e["gap_ci"] for e in seed_rows], 100)
     ax.errorbar(
-      x, gaps, yerr=err, fmt="o", ms=3, capsize=2, color=f"C{i}", alpha=0.6, label=f"seed {seed}"
+      x,
+      [100 * e["gap"] for e in seed_rows],
+      yerr=err,
+      fmt="o",
+      ms=3,
+      capsize=2,
+      color=f"C{i}",
+      alpha=0.6,
+      label=f"seed {seed}",
     )
   mean = [100 * row["mean_gap"]["diff"] for row in result["rows"]]
   lo, hi = zip(*([100 * v for v in row["mean_gap"]["diff_ci"]] for row in result["rows"]))
@@ -164,9 +163,7 @@ def plot(result: dict, path: str) -> None:
   ax.set_title(f"gap to the dense twin over {len(result['seeds'])} seeds")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 if __name__ == "__main__":
