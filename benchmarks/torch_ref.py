@@ -51,6 +51,7 @@ from benchmarks.common import (
 from benchmarks.line_worker import LineWorker
 from benchmarks.timing import POLICIES, Policy
 from nsn_jax import config as config_lib
+from nsn_jax import host_memory
 
 PYTHON = REPO / ".venv-torch" / "bin" / "python"
 SETUP = (
@@ -219,7 +220,23 @@ ROUNDS = 5
 ROUND_POLICIES = {"tiny": POLICIES["tiny"], "full": Policy(warmup=2, repeats=5, min_sample_s=0.05)}
 TOLERANCE = 1e-5  # the largest relative difference of losses and gradients the check allows
 ONE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-TARGETS = (("torch:compile", "largest", 1.0), ("torch:eager", "smallest", 1.5))  # issue 17
+# Issue 17's targets, against PyTorch as it runs by default and with the malloc settings the
+# JAX side runs with (train.py's --keep_host_memory, given to glibc through its environment).
+TARGETS = tuple(
+  (f"{side}:{variant}", batch, goal)
+  for variant, batch, goal in (
+    ("compile", "largest", 1.0),
+    ("compile_shared", "largest", 1.0),
+    ("eager", "smallest", 1.5),
+  )
+  for side in ("torch", "torch_malloc")
+)
+TORCH_SIDES = ("torch", "torch_malloc")
+KEEP_MEMORY_ENV = {
+  "MALLOC_MMAP_THRESHOLD_": str(host_memory.MMAP_THRESHOLD),
+  "MALLOC_TOP_PAD_": str(host_memory.TOP_PAD),
+  "MALLOC_TRIM_THRESHOLD_": str(host_memory.TRIM_THRESHOLD),
+}
 
 CONTENDER_COLUMNS = (
   Column("threads", "threads"),
@@ -270,10 +287,10 @@ def worker_commands(threads: int, with_torch: bool) -> dict[str, tuple[list[str]
     )
   }
   if with_torch:
-    commands["torch"] = (
-      [*pin, str(PYTHON), "-m", "benchmarks.torch_worker", "--serve"],
-      {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
-    )
+    torch_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    command = [*pin, str(PYTHON), "-m", "benchmarks.torch_worker", "--serve"]
+    commands["torch"] = (command, torch_env)
+    commands["torch_malloc"] = (command, {**torch_env, **KEEP_MEMORY_ENV})
   return commands
 
 
@@ -342,14 +359,14 @@ def run_config(size: str, threads: int, rounds: int, with_torch: bool) -> dict:
     ready = {
       "jax": workers["jax"].request("setup", size=size, batches=spec["batches"], directory=scratch)
     }
-    if with_torch:
-      ready["torch"] = workers["torch"].request(
-        "setup", spec=spec, threads=threads, directory=scratch
+    for side in TORCH_SIDES if with_torch else ():
+      ready[side] = workers[side].request(
+        "setup", spec=spec, threads=threads, directory=scratch, side=side
       )
     contenders = [c for side in ready.values() for c in side.pop("contenders")]
     checks = check_agreement(contenders, pathlib.Path(scratch))
     names = [c["name"] for c in contenders if c["batch"] == spec["batches"][0]]
-    sides = [[n for n in names if n.startswith(side)] for side in ("jax:", "torch:")]
+    sides = [[n for n in names if n.startswith(f"{side}:")] for side in ("jax", *TORCH_SIDES)]
     alternating = [n for pair in itertools.zip_longest(*sides) for n in pair if n]
     record["setup_s"], start = time.perf_counter() - start, time.perf_counter()
     record["timings"] = timed_rounds(
@@ -390,7 +407,7 @@ def ratio_rows(record: dict) -> list[dict]:
   default = next(c["name"] for c in record["contenders"] if c.get("default"))
   names = list(dict.fromkeys(t["name"] for t in record["timings"]))
   jax_names = [n for n in names if n.startswith("jax:")]
-  pairs = [(a, b) for a in names if a.startswith("torch:") for b in jax_names]
+  pairs = [(a, b) for a in names if a.startswith("torch") for b in jax_names]
   pairs += [(b, default) for b in jax_names if b != default]
   rows = []
   for batch in dict.fromkeys(t["batch"] for t in record["timings"]):
@@ -454,7 +471,12 @@ def compare_train(size: str, rounds: int, threads: tuple[int, ...]) -> dict:
     "jax: the library's step (build_method per train.multi_rank, config_train_step), state "
     "donated, the config's AdamW with its warm-up/cosine schedule; per-rank metrics included",
     "torch: AdamW at the config's peak learning rate, constant; torch.compile (inductor, default "
-    "mode, dynamic=False) compiles the loss (forward + backward) and optimizer.step",
+    "mode, dynamic=False) compiles the loss (forward + backward) and optimizer.step; "
+    "compile_shared: the same with the first layer run once for every rank (prefix sums over "
+    "rank segments, as nsn_jax.rank_sharing does)",
+    "torch_malloc: the same PyTorch worker with glibc's malloc set as the JAX worker's "
+    "(nsn_jax.host_memory, given as MALLOC_* environment variables): freed memory reused, "
+    "not returned to the OS; torch: glibc's defaults",
     "check: loss and gradients at the initial parameters, each contender against the JAX "
     "default, on the timed batch with each example whose float64 pre-activations come within "
     f"{train_step.KINK_MARGIN:g} of a ReLU kink replaced by another (workers.jax."

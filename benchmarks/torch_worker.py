@@ -58,20 +58,34 @@ class NSNMLP(nn.Module):
     self.head = nn.Linear(widths[-1], num_classes)
     self.log_var = nn.Parameter(torch.zeros(max_rank))  # s_r for rank r at index r − 1
 
-  def forward(self, x: torch.Tensor, rank: int) -> torch.Tensor:
-    """x: (B, ...) images → logits (B, num_classes)."""
+  def forward(self, x: torch.Tensor, rank: int, first: torch.Tensor | None = None) -> torch.Tensor:
+    """x: (B, ...) images → logits (B, num_classes); `first`: the first layer's output at
+    `rank`, when it was computed already."""
     x = x.flatten(1)
-    for layer in self.hidden:
-      x = F.relu(layer(x, rank))
+    for i, layer in enumerate(self.hidden):
+      x = F.relu(first if i == 0 and first is not None else layer(x, rank))
     return self.head(x)
 
-  def multi_rank_loss(self, x: torch.Tensor, labels: torch.Tensor, ranks: list[int]):
-    """Σ_r exp(−s_r)·CE_r + s_r, one forward pass per rank."""
+  def multi_rank_loss(self, x: torch.Tensor, labels: torch.Tensor, ranks: list[int], shared=False):
+    """Σ_r exp(−s_r)·CE_r + s_r, one forward pass per rank. `shared`: the first layer, whose
+    input every rank shares, at every rank from one product (prefix sums over rank segments, as
+    nsn_jax.rank_sharing does)."""
+    firsts = self.first_layer_outputs(x.flatten(1), ranks) if shared else {}
     loss = 0.0
     for r in ranks:
       s = self.log_var[r - 1]
-      loss = loss + torch.exp(-s) * F.cross_entropy(self(x, r), labels) + s
+      loss = loss + torch.exp(-s) * F.cross_entropy(self(x, r, firsts.get(r)), labels) + s
     return loss
+
+  def first_layer_outputs(self, x: torch.Tensor, ranks: list[int]) -> dict[int, torch.Tensor]:
+    """{r: the first layer's output at rank r}: h = x a[:, :max], then y_r += h_seg b_seg."""
+    layer, ascending = self.hidden[0], sorted(ranks)
+    h = x @ layer.a[:, : ascending[-1]]
+    y, start, outputs = layer.bias, 0, {}
+    for r in ascending:
+      y = y + h[:, start:r] @ layer.b[start:r]
+      outputs[r], start = y, r
+    return outputs
 
 
 def _inference_rows(what: str, forward, inputs: dict[int, torch.Tensor], ranks, policy):
@@ -143,7 +157,10 @@ def run(spec: dict) -> dict:
 
 # The train step, served (`--serve`): per (variant, batch) the step `setup` built.
 _SERVED: dict[tuple[str, int], object] = {}
-VARIANTS = ("eager", "compile")
+_SIDE = ["torch"]  # the name this worker's contenders carry (serve_setup's `side`)
+# eager and torch.compile of the plain loop over ranks, and torch.compile with the first layer
+# shared across ranks (`NSNMLP.multi_rank_loss(shared=True)`), nsn_jax's own algorithm.
+VARIANTS = ("eager", "compile", "compile_shared")
 
 
 def canonical_names(model: NSNMLP) -> dict[str, tuple[nn.Parameter, bool]]:
@@ -170,14 +187,15 @@ def _load(model: NSNMLP, arrays) -> NSNMLP:
 
 def _trainer(model: NSNMLP, spec: dict, x, labels, variant: str):
   """(loss_fn(x, labels) → the multi-rank loss, step() → one AdamW step on `x`, `labels`),
-  eager or compiled: under `torch.compile` the loss (forward and backward, AOTAutograd +
-  inductor) and the optimizer step are each one compiled graph, the ranks static."""
+  per `variant` (VARIANTS): under `torch.compile` the loss (forward and backward, AOTAutograd
+  + inductor) and the optimizer step are each one compiled graph, the ranks static."""
   optimizer = torch.optim.AdamW(
     model.parameters(), lr=spec["learning_rate"], weight_decay=spec["weight_decay"]
   )
-  loss_fn = lambda x, labels: model.multi_rank_loss(x, labels, spec["ranks"])
+  shared = variant.endswith("_shared")
+  loss_fn = lambda x, labels: model.multi_rank_loss(x, labels, spec["ranks"], shared)
   update = optimizer.step
-  if variant == "compile":
+  if variant.startswith("compile"):
     loss_fn = torch.compile(loss_fn, dynamic=False)
     update = torch.compile(optimizer.step, dynamic=False)
 
@@ -195,9 +213,11 @@ def _batch(directory, name: str, batch: int) -> tuple[torch.Tensor, torch.Tensor
   return torch.from_numpy(data["image"]), torch.from_numpy(data["label"]).long()
 
 
-def _serve_variant(model: NSNMLP, spec: dict, batch: int, variant: str, directory) -> dict:
+def _serve_variant(
+  model: NSNMLP, spec: dict, batch: int, variant: str, directory, side: str
+) -> dict:
   """Builds one variant's step at `batch`, writes its loss's gradients at the initial parameters
-  on the check batch to DIRECTORY/grads_torch:VARIANT_BATCH.npz, then runs one step."""
+  on the check batch to DIRECTORY/grads_SIDE:VARIANT_BATCH.npz, then runs one step."""
   model = copy.deepcopy(model)
   loss_fn, step = _trainer(model, spec, *_batch(directory, "batch", batch), variant)
   start = time.perf_counter()
@@ -207,24 +227,26 @@ def _serve_variant(model: NSNMLP, spec: dict, batch: int, variant: str, director
     key: (p.grad.T if transposed else p.grad).numpy()
     for key, (p, transposed) in canonical_names(model).items()
   }
-  np.savez(pathlib.Path(directory) / f"grads_torch:{variant}_{batch}.npz", **grads)
+  np.savez(pathlib.Path(directory) / f"grads_{side}:{variant}_{batch}.npz", **grads)
   step()
   _SERVED[variant, batch] = step
   return {
-    "name": f"torch:{variant}",
+    "name": f"{side}:{variant}",
     "batch": batch,
     "loss": loss.item(),
     "first_step_s": time.perf_counter() - start,  # compile time included
   }
 
 
-def serve_setup(spec: dict, threads: int, directory: str) -> dict:
-  """Builds the eager and compiled steps at every batch of `spec` on `threads` threads."""
+def serve_setup(spec: dict, threads: int, directory: str, side: str = "torch") -> dict:
+  """Builds the eager and compiled steps at every batch of `spec` on `threads` threads; their
+  names start with `side` (the worker's name in the comparison)."""
+  _SIDE[0] = side
   torch.set_num_threads(threads)
   model = NSNMLP(spec["input_dim"], spec["hidden"], spec["num_classes"], spec["max_rank"])
   _load(model, np.load(pathlib.Path(directory) / "init.npz"))
   contenders = [
-    _serve_variant(model, spec, batch, variant, directory)
+    _serve_variant(model, spec, batch, variant, directory, side)
     for batch in spec["batches"]
     for variant in VARIANTS
   ]
@@ -238,8 +260,8 @@ def serve_setup(spec: dict, threads: int, directory: str) -> dict:
 
 
 def serve_time(name: str, batch: int, policy: dict) -> dict:
-  """Times the step `name` ("torch:VARIANT") at `batch` that `serve_setup` built."""
-  return line_worker.timed(_SERVED[name.removeprefix("torch:"), batch], policy)
+  """Times the step `name` ("SIDE:VARIANT") at `batch` that `serve_setup` built."""
+  return line_worker.timed(_SERVED[name.removeprefix(f"{_SIDE[0]}:"), batch], policy)
 
 
 if __name__ == "__main__":

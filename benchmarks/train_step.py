@@ -40,7 +40,7 @@ from benchmarks import line_worker
 from benchmarks.common import Column, SuiteResult, mlp_config, summary_line, wide_mlp_config
 from benchmarks.timing import Policy, time_fn
 from nsn_jax import config as config_lib
-from nsn_jax import sharding
+from nsn_jax import host_memory, sharding
 from nsn_jax.methods import MultiRank, build_method
 from nsn_jax.objective import Objective
 from nsn_jax.ranks import BucketPlan, FixedRanks
@@ -55,6 +55,7 @@ MODELS = {"mlp": mlp_config, "mlp_wide": wide_mlp_config}
 # Size tiny (the smoke test) times the demo MLP only: mlp_wide runs the same code on wider shapes.
 SIZE_MODELS = {"tiny": ("mlp",), "full": tuple(MODELS)}
 MULTI = ("vmap_masked", "loop_static", "bucketed")
+KEEPS_FREED_MEMORY = [None]  # whether this worker's malloc keeps freed memory (set in __main__)
 
 COLUMNS = (
   Column("model", "model"),
@@ -382,6 +383,7 @@ def serve_setup(size: str, batches: list[int], directory: str) -> dict:
     "jax": jax.__version__,
     "cpus": sorted(os.sched_getaffinity(0)),
     "xla_flags": os.environ.get("XLA_FLAGS"),
+    "keeps_freed_memory": KEEPS_FREED_MEMORY[0],
     "os_threads": line_worker.process_threads(),
   }
 
@@ -392,4 +394,7 @@ def serve_time(name: str, batch: int, policy: dict) -> dict:
 
 
 if __name__ == "__main__":
+  # As train.py's launch does (--keep_host_memory): before JAX's CPU client starts, or it has
+  # no effect on the step.
+  KEEPS_FREED_MEMORY[0] = host_memory.keep_freed_memory()
   line_worker.serve({"setup": serve_setup, "time": serve_time})

@@ -15,7 +15,7 @@ import traceback
 from absl import app, flags, logging
 import jax
 
-from nsn_jax import distributed
+from nsn_jax import distributed, host_memory
 from nsn_jax.checkpoint import CheckpointError
 from nsn_jax.train_lib import StoppedEarly
 from nsn_jax.workdir import WorkdirLockedError
@@ -99,6 +99,13 @@ def launch_flags() -> Callable[[], None]:
     "JAX's persistent compilation cache directory (local or gs://, shared by every host): a "
     "relaunch loads its programs instead of compiling them"
   )
+  keep_memory = flags.DEFINE_bool(
+    "keep_host_memory",
+    True,
+    "Let malloc keep freed host memory for reuse instead of returning it to the OS "
+    "(nsn_jax.host_memory): XLA:CPU steps then stop page-faulting their temporaries anew "
+    "(2.2x faster on the demo's step at batch 1024); resident memory stays at its peak.",
+  )
   profiler_port = flags.DEFINE_integer(
     "profiler_port",
     0,
@@ -108,6 +115,8 @@ def launch_flags() -> Callable[[], None]:
   )
 
   def apply() -> None:
+    if keep_memory.value:
+      host_memory.keep_freed_memory()
     use_compilation_cache(cache.value)
     distributed.initialize(  # before anything starts a JAX backend (the profiler does)
       multihost.value,

@@ -147,8 +147,9 @@ def _training(c: ml_collections.ConfigDict) -> None:
   c.train.max_to_keep = 3
   c.train.trainable = ("",)  # path regexes of the parameters that train; "" = all
   # How the step runs its ranks (`multi_rank`): auto = bucketed for fixed ranks, vmap_masked for
-  # drawn ones | bucketed (buckets of similar ranks, each vmapped at its widest rank's width) |
-  # loop_static (one static slice per rank) | vmap_masked (every rank masked at full width R)
+  # drawn ones | bucketed (buckets of similar ranks, each vmapped at its widest rank's width; on
+  # CPU one rank per bucket, measured fastest) | loop_static (one rank per bucket everywhere) |
+  # vmap_masked (every rank masked at full width R)
   c.train.multi_rank = "auto"
   # Rematerialisation: none | block (each model block recomputed in the backward pass, keeping
   # what remat_policy, a jax.checkpoint_policies name, saves): trades compute for activations.

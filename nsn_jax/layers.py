@@ -11,7 +11,10 @@ A rank reaches a layer in one of four forms (see `resolve_rank`):
   rank cannot be checked at trace time, so it is clamped to [1, R].
 - a `WidthRank(width, rank)`: both. Static slices of `width` columns, masked to the traced `rank`
   (clamped to [1, width]) within them; a bucket of similar ranks vmaps over it at the cost of
-  its widest rank (`nsn_jax.ranks.BucketPlan`).
+  its widest rank (`nsn_jax.ranks.BucketPlan`), and a layer whose input every rank shares runs
+  once for the whole rank set (`nsn_jax.rank_sharing`).
+The traced forms multiply through `vmap_rules.rank_matmul` (reverse-mode autodiff only, with a
+weight gradient XLA:CPU runs without copies under vmap); static ranks use a plain matmul.
 - a mapping from layer path to rank: a per-layer *profile* (FlexRank); each layer looks up its own
   path, set by `name_nsn_layers`.
 
@@ -36,6 +39,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from nsn_jax import rank_sharing, vmap_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,10 +246,15 @@ class NSNDense(nnx.Module):
     bias = None if self.bias is None else self.bias[...]
     x, a, b, bias = nnx.nn.dtypes.promote_dtype((x, a, b, bias), dtype=self.dtype)
     width, traced = self._width_and_mask_rank(rank)
-    h = x @ a[:, :width]
-    if traced is not None:
-      h = h * (jnp.arange(width) < jnp.clip(traced, 1, width)).astype(h.dtype)
-    y = h @ b[:width]
+    if traced is None:
+      y = (x @ a[:, :width]) @ b[:width]
+      return y if bias is None else y + bias
+    shared = rank_sharing.shared_output(self, x, traced, a, b, bias)
+    if shared is not None:
+      return shared
+    h = vmap_rules.rank_matmul(x, a[:, :width])
+    h = h * (jnp.arange(width) < jnp.clip(traced, 1, width)).astype(h.dtype)
+    y = vmap_rules.rank_matmul(h, b[:width])
     return y if bias is None else y + bias
 
   def _width_and_mask_rank(self, rank) -> tuple[int, jax.Array | None]:

@@ -29,7 +29,13 @@ from nsn_jax.checkpoint import CheckpointError
 from nsn_jax.config import DISTILL
 from nsn_jax.layers import Rank
 from nsn_jax.objective import Objective, distillation_loss, multi_rank_loss
-from nsn_jax.ranks import BucketPlan, RankSource, held_out_ranks, rank_source_from_config
+from nsn_jax.ranks import (
+  BucketPlan,
+  RankSource,
+  bucket_price,
+  held_out_ranks,
+  rank_source_from_config,
+)
 from nsn_jax.tasks import Task
 
 Scalars = dict[str, float]
@@ -221,7 +227,10 @@ def build_method(
     )
     return Distill(task, found, sampler, teacher)
   source = rank_source_from_config(config)
-  plans = {"loop_static": BucketPlan.singletons, "bucketed": BucketPlan.auto}
+  plans = {
+    "loop_static": BucketPlan.singletons,
+    "bucketed": lambda ranks: BucketPlan.auto(ranks, bucket_price(jax.default_backend())),
+  }
   mode = config_lib.multi_rank(config)
   plan = plans[mode](source.ranks) if mode in plans else None  # validated: fixed ranks
   objective = Objective.named(

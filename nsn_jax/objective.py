@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nsn_jax import rank_sharing
 from nsn_jax.layers import WidthRank, nsn_layers
 from nsn_jax.ranks import BucketPlan
 from nsn_jax.tasks import Task
@@ -83,12 +84,14 @@ def per_rank(fn: Callable[[Any], Any], ranks: jax.Array | BucketPlan) -> Any:
 
   ranks: an int32 array (k,) runs the masked path at full width R vmapped over ranks (one
   program for any rank values; `train.multi_rank=vmap_masked`); a `BucketPlan` of a fixed set
-  runs each bucket at its own static width, vmapped over its masked ranks, a one-rank bucket as
-  a plain static slice (one program per plan; `bucketed`, and `loop_static` = one rank each).
+  runs each bucket at its own static width, vmapped over its masked ranks, a one-rank bucket
+  too (one program per plan; `bucketed`, and `loop_static` = one rank each), with the layers
+  whose input every rank shares computed once for the set (`rank_sharing`).
   """
   if not isinstance(ranks, BucketPlan):
     return jax.vmap(fn)(ranks)
-  parts = [_bucket(fn, bucket) for bucket in ranks.buckets]
+  with rank_sharing.sharing(ranks.ranks):
+    parts = [_bucket(fn, bucket) for bucket in ranks.buckets]
   stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
   order = ranks.order()
   if order == tuple(range(len(order))):
@@ -99,9 +102,12 @@ def per_rank(fn: Callable[[Any], Any], ranks: jax.Array | BucketPlan) -> Any:
 def _bucket(fn: Callable[[Any], Any], bucket: tuple[int, ...]) -> Any:
   """fn at a bucket's ranks (descending), (|bucket|, ...), at the static width of the first."""
   width = bucket[0]
-  if len(bucket) == 1:
-    return jax.tree.map(lambda x: x[None], fn(width))
-  return jax.vmap(lambda r: fn(WidthRank(width, r)))(jnp.asarray(bucket, jnp.int32))
+
+  def at_rank(rank, shared_rows):
+    with rank_sharing.in_bucket(bucket, shared_rows):
+      return fn(WidthRank(width, rank))
+
+  return jax.vmap(at_rank)(jnp.asarray(bucket, jnp.int32), rank_sharing.bucket_rows(bucket))
 
 
 def per_rank_logits(

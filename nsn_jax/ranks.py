@@ -102,11 +102,26 @@ class AnchorAndVariants:
 
 RankSource = FixedRanks | AnchorAndVariants
 
-# The automatic plan's price of one more bucket, in rank-width units (|b| · max b): one more
-# program step against the FLOPs it saves. Chosen by measurement (docs/benchmarks.md, "Multi-rank
-# strategies").
-BUCKET_OVERHEAD = 8
-MAX_BUCKETS = 6
+
+@dataclasses.dataclass(frozen=True)
+class BucketPrice:
+  """What the automatic plan weighs: the price of one more bucket in rank-width units
+  (|b| · max b), one more program step against the FLOPs it saves, and the most buckets."""
+
+  overhead: float
+  max_buckets: int | None  # None: no limit
+
+
+# Per JAX platform. On CPU one rank per bucket was the fastest plan measured (docs/benchmarks.md,
+# "Multi-rank train step vs PyTorch"). Elsewhere the price chosen on CPU before the shared first
+# layers and the vmapped matmul's weight gradient, not yet measured on a GPU or TPU.
+BUCKET_PRICES = {"cpu": BucketPrice(overhead=0.0, max_buckets=None)}
+DEFAULT_BUCKET_PRICE = BucketPrice(overhead=8.0, max_buckets=6)
+
+
+def bucket_price(platform: str) -> BucketPrice:
+  """The automatic plan's price on `platform` ("cpu", "gpu", "tpu")."""
+  return BUCKET_PRICES.get(platform, DEFAULT_BUCKET_PRICE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,22 +152,24 @@ class BucketPlan:
     return cls(ranks, tuple((r,) for r in ranks))
 
   @classmethod
-  def auto(
-    cls, ranks: Sequence[int], overhead: float = BUCKET_OVERHEAD, max_buckets: int = MAX_BUCKETS
-  ) -> BucketPlan:
-    """The plan of at most `max_buckets` runs of the sorted ranks minimising
-    Σ_b (|b| · max(b) + overhead); a pure function of its arguments (ties: fewer buckets)."""
+  def auto(cls, ranks: Sequence[int], price: BucketPrice = DEFAULT_BUCKET_PRICE) -> BucketPlan:
+    """The plan of at most `price.max_buckets` runs of the sorted ranks minimising
+    Σ_b (|b| · max(b) + price.overhead); a pure function of its arguments (ties: fewer
+    buckets)."""
     ranks = tuple(int(r) for r in ranks)
     if not ranks:
       raise ValueError("a bucket plan needs at least one rank.")
     desc = sorted(ranks, reverse=True)
-    k, limit = len(desc), min(max_buckets, len(desc))
+    k = len(desc)
+    limit = k if price.max_buckets is None else min(price.max_buckets, k)
     # best[m][j]: (cost, start of the last bucket) of the first j sorted ranks in m buckets.
     best = [[(math.inf, 0)] * (k + 1) for _ in range(limit + 1)]
     best[0][0] = (0.0, 0)
     for m in range(1, limit + 1):
       for j in range(1, k + 1):
-        best[m][j] = min((best[m - 1][i][0] + (j - i) * desc[i] + overhead, i) for i in range(j))
+        best[m][j] = min(
+          (best[m - 1][i][0] + (j - i) * desc[i] + price.overhead, i) for i in range(j)
+        )
     count = min(range(1, limit + 1), key=lambda m: (best[m][k][0], m))
     cuts, j = [], k
     for m in range(count, 0, -1):

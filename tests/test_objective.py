@@ -11,7 +11,7 @@ from nsn_jax import sharding
 from nsn_jax.methods import build_method
 from nsn_jax.models.mlp import NSNMLP
 from nsn_jax.objective import Objective, RankWeights, multi_rank_loss
-from nsn_jax.ranks import BucketPlan
+from nsn_jax.ranks import DEFAULT_BUCKET_PRICE, BucketPlan, BucketPrice, bucket_price
 from nsn_jax.tasks import get_task
 from nsn_jax.train_step import create_train_state, make_train_step, trainable
 
@@ -133,11 +133,12 @@ def test_automatic_bucket_plan_is_a_pure_function_of_the_rank_set():
     "multi-rank buckets: [64] [32] [16] [8,7,6,5] [4,3,2,1] — 1.08× Σr rank-width units "
     "vs 4.76× for vmap_masked"
   )
-  assert BucketPlan.auto(DEMO_RANKS, overhead=0, max_buckets=11) == BucketPlan.singletons(
-    DEMO_RANKS
-  )
-  assert BucketPlan.auto(DEMO_RANKS, overhead=1000).buckets == (DEMO_RANKS,)
-  assert len(BucketPlan.auto(range(1, 65), overhead=0).buckets) == 6  # the cap
+  free = BucketPrice(overhead=0.0, max_buckets=None)
+  assert BucketPlan.auto(DEMO_RANKS, free) == BucketPlan.singletons(DEMO_RANKS)
+  assert bucket_price("cpu") == free  # measured fastest on CPU (docs/benchmarks.md)
+  assert bucket_price("gpu") == bucket_price("tpu") == DEFAULT_BUCKET_PRICE
+  assert BucketPlan.auto(DEMO_RANKS, BucketPrice(1000.0, 6)).buckets == (DEMO_RANKS,)
+  assert len(BucketPlan.auto(range(1, 65), BucketPrice(0.0, 6)).buckets) == 6  # the cap
   assert BucketPlan.auto((2, 64, 5, 4)).order() == (3, 0, 1, 2)  # buckets run sorted
   with pytest.raises(ValueError, match="do not group"):
     BucketPlan((8, 4), ((8,),))
@@ -149,7 +150,8 @@ def test_bucketed_step_compiles_once(smoke_config):
   smoke_config.train.multi_rank = "bucketed"
   smoke_config.ranks.fixed = (2, 8, 4)
   method = build_method(smoke_config, IMAGES, smoke_config.model.max_rank)
-  assert method.plan == BucketPlan.auto((2, 8, 4)) and method.start_line().startswith("multi-rank")
+  assert method.plan == BucketPlan.auto((2, 8, 4), bucket_price(jax.default_backend()))
+  assert method.start_line().startswith("multi-rank")
   mesh = sharding.make_mesh(smoke_config.mesh, jax.devices()[:1])
   graphdef, state, state_sharding = create_train_state(smoke_config, mesh)
   traces = []

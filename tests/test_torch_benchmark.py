@@ -15,6 +15,7 @@ import pytest
 from benchmarks import torch_ref
 from benchmarks.line_worker import LineWorker
 
+TORCH_VARIANTS = ("eager", "compile", "compile_shared")
 JAX_NAMES = ["jax:bucketed", "jax:vmap_masked", "jax:loop_static"]  # the default first
 
 
@@ -41,7 +42,8 @@ def _assert_jax_side(report, rounds):
     False,
     False,
   ]
-  assert jax[0]["buckets"] == "[8,4,2]" and jax[2]["buckets"] == "[8] [4] [2]"
+  assert jax[0]["buckets"] == jax[2]["buckets"] == "[8] [4] [2]"  # on CPU, one rank per bucket
+  assert jax_worker["keeps_freed_memory"] is True  # as train.py's --keep_host_memory
   for contender in config["contenders"]:
     assert contender["loss_rel_diff"] <= 1e-5 and contender["grad_rel_diff"] <= 1e-5
     assert math.isfinite(contender["loss"]) and contender["batch"] == 32
@@ -78,10 +80,12 @@ def test_train_comparison_with_torch_checks_and_times_both_sides(tmp_path):
   report = _run(tmp_path, rounds=2)
   _assert_jax_side(report, rounds=2)
   (config,) = report["configs"]
-  assert [c["name"] for c in config["contenders"]][3:] == ["torch:eager", "torch:compile"]
+  names = [f"{side}:{variant}" for side in torch_ref.TORCH_SIDES for variant in TORCH_VARIANTS]
+  assert [c["name"] for c in config["contenders"]][3:] == names
   assert config["workers"]["torch"]["threads"] == 1 and not report["torch"]["skipped"]
+  assert config["workers"]["torch_malloc"]["env"]["MALLOC_TRIM_THRESHOLD_"] == str(2**31 - 1)
   targets = [line for line in report["summary"] if line["metric"].startswith("1 thread(s)")]
-  assert [line["target"] for line in targets] == [">= 1", ">= 1.5"]
+  assert [line["target"] for line in targets] == [">= 1"] * 4 + [">= 1.5"] * 2
   assert all(line["met"] is None and line["min"] <= line["value"] for line in targets)
 
 
