@@ -55,6 +55,7 @@ _API = {
   "restore_model": "nsn_jax.restore",
   "run_sweep": "nsn_jax.sweep",
   "save_arrays": "nsn_jax.data.arrays",
+  "keep_freed_memory": "nsn_jax.host_memory",
   # `deploy` and `export` are also submodules of this package, which Python binds here when
   # imported: these two keep distinct names.
   "deploy_model": "nsn_jax.deploy:deploy",
