@@ -222,6 +222,7 @@ TOLERANCE = 1e-5  # the largest relative difference of losses and gradients the 
 ONE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 # Issue 17's targets, against PyTorch as it runs by default and with the malloc settings the
 # JAX side runs with (train.py's --keep_host_memory, given to glibc through its environment).
+TORCH_SIDES = ("torch", "torch_malloc")
 TARGETS = tuple(
   (f"{side}:{variant}", batch, goal)
   for variant, batch, goal in (
@@ -229,14 +230,8 @@ TARGETS = tuple(
     ("compile_shared", "largest", 1.0),
     ("eager", "smallest", 1.5),
   )
-  for side in ("torch", "torch_malloc")
+  for side in TORCH_SIDES
 )
-TORCH_SIDES = ("torch", "torch_malloc")
-KEEP_MEMORY_ENV = {
-  "MALLOC_MMAP_THRESHOLD_": str(host_memory.MMAP_THRESHOLD),
-  "MALLOC_TOP_PAD_": str(host_memory.TOP_PAD),
-  "MALLOC_TRIM_THRESHOLD_": str(host_memory.TRIM_THRESHOLD),
-}
 
 CONTENDER_COLUMNS = (
   Column("threads", "threads"),
@@ -290,7 +285,7 @@ def worker_commands(threads: int, with_torch: bool) -> dict[str, tuple[list[str]
     torch_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     command = [*pin, str(PYTHON), "-m", "benchmarks.torch_worker", "--serve"]
     commands["torch"] = (command, torch_env)
-    commands["torch_malloc"] = (command, {**torch_env, **KEEP_MEMORY_ENV})
+    commands["torch_malloc"] = (command, {**torch_env, **host_memory.ENVIRONMENT})
   return commands
 
 

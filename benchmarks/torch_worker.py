@@ -155,9 +155,8 @@ def run(spec: dict) -> dict:
   }
 
 
-# The train step, served (`--serve`): per (variant, batch) the step `setup` built.
+# The train step, served (`--serve`): per (name "SIDE:VARIANT", batch) the step `setup` built.
 _SERVED: dict[tuple[str, int], object] = {}
-_SIDE = ["torch"]  # the name this worker's contenders carry (serve_setup's `side`)
 # eager and torch.compile of the plain loop over ranks, and torch.compile with the first layer
 # shared across ranks (`NSNMLP.multi_rank_loss(shared=True)`), nsn_jax's own algorithm.
 VARIANTS = ("eager", "compile", "compile_shared")
@@ -229,7 +228,7 @@ def _serve_variant(
   }
   np.savez(pathlib.Path(directory) / f"grads_{side}:{variant}_{batch}.npz", **grads)
   step()
-  _SERVED[variant, batch] = step
+  _SERVED[f"{side}:{variant}", batch] = step
   return {
     "name": f"{side}:{variant}",
     "batch": batch,
@@ -241,7 +240,6 @@ def _serve_variant(
 def serve_setup(spec: dict, threads: int, directory: str, side: str = "torch") -> dict:
   """Builds the eager and compiled steps at every batch of `spec` on `threads` threads; their
   names start with `side` (the worker's name in the comparison)."""
-  _SIDE[0] = side
   torch.set_num_threads(threads)
   model = NSNMLP(spec["input_dim"], spec["hidden"], spec["num_classes"], spec["max_rank"])
   _load(model, np.load(pathlib.Path(directory) / "init.npz"))
@@ -261,7 +259,7 @@ def serve_setup(spec: dict, threads: int, directory: str, side: str = "torch") -
 
 def serve_time(name: str, batch: int, policy: dict) -> dict:
   """Times the step `name` ("SIDE:VARIANT") at `batch` that `serve_setup` built."""
-  return line_worker.timed(_SERVED[name.removeprefix(f"{_SIDE[0]}:"), batch], policy)
+  return line_worker.timed(_SERVED[name, batch], policy)
 
 
 if __name__ == "__main__":

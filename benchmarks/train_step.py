@@ -26,6 +26,7 @@ PyTorch (`benchmarks.torch_ref`): the demo MLP's step on its own rank set, built
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import pathlib
 import time
@@ -55,7 +56,6 @@ MODELS = {"mlp": mlp_config, "mlp_wide": wide_mlp_config}
 # Size tiny (the smoke test) times the demo MLP only: mlp_wide runs the same code on wider shapes.
 SIZE_MODELS = {"tiny": ("mlp",), "full": tuple(MODELS)}
 MULTI = ("vmap_masked", "loop_static", "bucketed")
-KEEPS_FREED_MEMORY = [None]  # whether this worker's malloc keeps freed memory (set in __main__)
 
 COLUMNS = (
   Column("model", "model"),
@@ -345,10 +345,13 @@ def _serve_strategy(config, built: _Built, strategy: str, batch_size: int, direc
   }
 
 
-def serve_setup(size: str, batches: list[int], directory: str) -> dict:
+def serve_setup(
+  size: str, batches: list[int], directory: str, keeps_freed_memory: bool | None = None
+) -> dict:
   """Builds every strategy's step at every batch from the demo config (`mlp_config(size)`);
   writes what PyTorch starts from: the initial parameters (init.npz), the batches
-  (batch_B.npz) and the check batches (check_B.npz)."""
+  (batch_B.npz) and the check batches (check_B.npz). `keeps_freed_memory`: what the
+  worker's start got from `host_memory.keep_freed_memory` (recorded in the reply)."""
   config = mlp_config(size)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   graphdef, initial_state, state_sharding = create_train_state(config, mesh)
@@ -383,7 +386,7 @@ def serve_setup(size: str, batches: list[int], directory: str) -> dict:
     "jax": jax.__version__,
     "cpus": sorted(os.sched_getaffinity(0)),
     "xla_flags": os.environ.get("XLA_FLAGS"),
-    "keeps_freed_memory": KEEPS_FREED_MEMORY[0],
+    "keeps_freed_memory": keeps_freed_memory,
     "os_threads": line_worker.process_threads(),
   }
 
@@ -396,5 +399,5 @@ def serve_time(name: str, batch: int, policy: dict) -> dict:
 if __name__ == "__main__":
   # As train.py's launch does (--keep_host_memory): before JAX's CPU client starts, or it has
   # no effect on the step.
-  KEEPS_FREED_MEMORY[0] = host_memory.keep_freed_memory()
-  line_worker.serve({"setup": serve_setup, "time": serve_time})
+  setup = functools.partial(serve_setup, keeps_freed_memory=host_memory.keep_freed_memory())
+  line_worker.serve({"setup": setup, "time": serve_time})

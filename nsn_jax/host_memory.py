@@ -22,6 +22,13 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest on 64-bit: larger blocks are still mmapped
 TOP_PAD = 256 * 2**20  # heap grown ahead of need, so a step's first allocations find room
 TRIM_THRESHOLD = 2**31 - 1  # never hand freed heap back (mallopt takes an int)
+# The same settings as glibc reads them from the environment when a process starts (for one that
+# does not call `keep_freed_memory` itself, e.g. the PyTorch benchmark worker).
+ENVIRONMENT = {
+  "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+  "MALLOC_TOP_PAD_": str(TOP_PAD),
+  "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
+}
 
 
 def keep_freed_memory() -> bool:

@@ -13,10 +13,10 @@ A rank reaches a layer in one of four forms (see `resolve_rank`):
   (clamped to [1, width]) within them; a bucket of similar ranks vmaps over it at the cost of
   its widest rank (`nsn_jax.ranks.BucketPlan`), and a layer whose input every rank shares runs
   once for the whole rank set (`nsn_jax.rank_sharing`).
-The traced forms multiply through `vmap_rules.rank_matmul` (reverse-mode autodiff only, with a
-weight gradient XLA:CPU runs without copies under vmap); static ranks use a plain matmul.
 - a mapping from layer path to rank: a per-layer *profile* (FlexRank); each layer looks up its own
   path, set by `name_nsn_layers`.
+The traced forms multiply through `vmap_rules.rank_matmul` (reverse-mode autodiff only, with a
+weight gradient XLA:CPU runs without copies under vmap); static ranks use a plain matmul.
 
 A rank reaches the layers of a whole model through a *rank scope*, not through the model's code:
 inside `with at_rank(rank):` every NSNDense called without a rank of its own runs at `rank`. So
@@ -248,13 +248,13 @@ class NSNDense(nnx.Module):
     width, traced = self._width_and_mask_rank(rank)
     if traced is None:
       y = (x @ a[:, :width]) @ b[:width]
-      return y if bias is None else y + bias
-    shared = rank_sharing.shared_output(self, x, traced, a, b, bias)
-    if shared is not None:
-      return shared
-    h = vmap_rules.rank_matmul(x, a[:, :width])
-    h = h * (jnp.arange(width) < jnp.clip(traced, 1, width)).astype(h.dtype)
-    y = vmap_rules.rank_matmul(h, b[:width])
+    else:
+      shared = rank_sharing.shared_output(self, x, traced, a, b, bias)
+      if shared is not None:
+        return shared
+      h = vmap_rules.rank_matmul(x, a[:, :width])
+      h = h * (jnp.arange(width) < jnp.clip(traced, 1, width)).astype(h.dtype)
+      y = vmap_rules.rank_matmul(h, b[:width])
     return y if bias is None else y + bias
 
   def _width_and_mask_rank(self, rank) -> tuple[int, jax.Array | None]:

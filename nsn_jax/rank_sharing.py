@@ -123,10 +123,10 @@ def nested_outputs(
 ) -> list[jax.Array]:
   """y at each of `ranks` (ascending), each (..., d_out), from one pass at the largest."""
   h = x @ a[:, : ranks[-1]]
-  y = jnp.zeros((*x.shape[:-1], b.shape[-1]), h.dtype) if bias is None else bias
+  y = 0.0 if bias is None else bias  # every rank adds a segment: each y is (..., d_out)
   outputs, start = [], 0
   for r in ranks:
     y = y + h[..., start:r] @ b[start:r]
-    outputs.append(jnp.broadcast_to(y, (*x.shape[:-1], b.shape[-1])))
+    outputs.append(y)
     start = r
   return outputs

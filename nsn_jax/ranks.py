@@ -130,9 +130,9 @@ class BucketPlan:
 
   ranks: the set in step order (the order of the per-rank metrics). buckets: the ranks grouped,
   each bucket in descending order; a bucket runs at the static width of its largest rank,
-  vmapped over its ranks as prefix masks within that width (`layers.WidthRank`), and a one-rank
-  bucket is a plain static slice. Cost in rank-width units: Σ_b |b| · max(b), against Σ r for
-  one static pass per rank and k · R for the masked vmap over the full width.
+  vmapped over its ranks as prefix masks within that width (`layers.WidthRank`), a one-rank
+  bucket too. Cost in rank-width units: Σ_b |b| · max(b), against Σ r for one pass per rank and
+  k · R for the masked vmap over the full width.
   """
 
   ranks: tuple[int, ...]
@@ -147,7 +147,7 @@ class BucketPlan:
 
   @classmethod
   def singletons(cls, ranks: Sequence[int]) -> BucketPlan:
-    """One rank per bucket: a static slice per rank (`loop_static`)."""
+    """One rank per bucket: one pass per rank at its own width (`loop_static`)."""
     ranks = tuple(int(r) for r in ranks)
     return cls(ranks, tuple((r,) for r in ranks))
 
